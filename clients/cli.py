@@ -1,0 +1,98 @@
+"""The `logitfuse` command line. Each command parses and validates its options, then calls the stage
+that owns the work; a `UserError` from any stage becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from datastore.errors import UserError
+
+app = typer.Typer(
+    help="logitfuse: teacher top-k extraction, fusion, training and merging for knowledge fusion of LLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register_optional() -> None:
+    from datastore.cli import store_app
+
+    app.add_typer(store_app, name="store", help="List, show and verify logits datasets in a store.")
+    try:
+        from merge.cli import merge_command
+    except ImportError:  # the merge stage is optional at install time only in development checkouts
+        return
+    app.command("merge", help="Merge target models in parameter space (SCE, linear, TIES, DARE, ...).")(merge_command)
+
+
+@app.command()
+def extract(
+    teacher: Path = typer.Option(..., help="Teacher model directory (config, weights, tokenizer)."),
+    dataset: Path = typer.Option(..., help="Chat or plain-text dataset, .jsonl or .parquet."),
+    store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
+    k: int = typer.Option(10, help="Top-k entries stored per position."),
+    backend: str = typer.Option("hf", help="Teacher backend: hf (transformers)."),
+    name: str = typer.Option("", help="Teacher name recorded in the manifest (default: the directory name)."),
+    chat_template: str = typer.Option("model", help="'model', a shared template name, or a .jinja file."),
+    max_length: int = typer.Option(2048, help="Tokens per sample; longer samples are truncated and counted."),
+    all_positions: bool = typer.Option(False, help="Score every position, not only the trained ones."),
+    skip_invalid: bool = typer.Option(False, help="Skip invalid samples instead of rejecting the file."),
+    batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
+    shard_rows: int = typer.Option(512, help="Samples per Parquet shard."),
+    dtype: str = typer.Option("float32", help="Teacher weights dtype: float32, bfloat16, float16."),
+    device: str = typer.Option("", help="torch device (default: cuda if available, else cpu)."),
+) -> None:
+    """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
+    from datastore.chat import load_dataset
+    from teacher_server.extract import ExtractSettings
+    from teacher_server.extract import extract as run_extract
+
+    if backend != "hf":
+        raise UserError(f"--backend {backend!r}: this build supports 'hf'")
+    if k < 1:
+        raise UserError(f"--k {k}: must be at least 1")
+    data = load_dataset(dataset, skip_invalid=skip_invalid)
+    if data.skipped:
+        typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)
+    from teacher_server.backends.hf import HFBackend
+
+    model = HFBackend(teacher, dtype=dtype, device=device or None)
+    settings = ExtractSettings(
+        k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
+        batch_tokens=batch_tokens, shard_rows=shard_rows,
+    )
+    result = run_extract(model, data, store, name or teacher.name, settings)
+    typer.echo(
+        f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
+        f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "
+        f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
+    )
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo_work"), help="Where models, datasets and the store are written."),
+    steps: int = typer.Option(0, help="Training steps per tiny teacher (0: the demo's default)."),
+) -> None:
+    """The whole pipeline end to end on tiny local models (datastore in a local directory)."""
+    from clients.demo import run_demo
+
+    run_demo(workdir, steps=steps or None)
+
+
+def main() -> None:
+    _register_optional()
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Vocabulary dimension of the alignment: which pivot token stands for a source token.
+
+Owns the canonical byte form of every token of a tokenizer (`TokenTable`) and the three mappings of the
+papers: EM (exact match of canonical bytes), MinED (minimum edit distance) and MS (mapping statistics:
+pivot/source co-alignment counts over the dataset, sparse, saveable). Every mapping answers
+``map(source_ids) -> pivot_ids`` with -1 for "no pivot token"; the caller counts that mass as unmapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fusion._edit import WORD, edit_distance, pad_bytes
+
+SPECIAL_PREFIX = b"\x00"  # canonical form of added/special tokens: they only ever match each other
+_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + n).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+@dataclass
+class TokenTable:
+    """Canonical bytes of every token id of one tokenizer.
+
+    Byte-level BPE pieces (``Ġ``...) are decoded to their bytes; SentencePiece's ``▁`` becomes a space and
+    its ``<0xNN>`` byte-fallback pieces the byte; added/special tokens are ``b"\\x00" + content`` so that
+    ``</s>`` never equals the text "</s>". Two tables of the same tokenizer have the same `fingerprint`.
+    """
+
+    pieces: list[bytes]
+    is_special: np.ndarray  # bool [V]
+    is_byte_fallback: np.ndarray  # bool [V]
+    byte_level: bool
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/unk/pad -> id
+    _padded: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for p in self.pieces:
+            h.update(len(p).to_bytes(4, "little") + p)
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> TokenTable:
+        """Build (and cache per tokenizer object) the table of a fast Hugging Face tokenizer."""
+        try:
+            return _TABLES[tokenizer]
+        except (KeyError, TypeError):
+            pass
+        backend = json.loads(tokenizer.backend_tokenizer.to_str())
+        byte_level = "ByteLevel" in json.dumps(backend.get("decoder")) or "ByteLevel" in json.dumps(
+            backend.get("pre_tokenizer")
+        )
+        vocab_size = len(tokenizer)
+        tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+        added = {int(i) for i in tokenizer.added_tokens_decoder}
+        added |= {int(i) for i in tokenizer.all_special_ids if i is not None}
+        decoder = _byte_decoder()
+        pieces: list[bytes] = []
+        is_bf = np.zeros(vocab_size, dtype=bool)
+        for i, tok in enumerate(tokens):
+            tok = tok or ""
+            if i in added:
+                pieces.append(SPECIAL_PREFIX + tok.encode())
+            elif byte_level:
+                try:
+                    pieces.append(bytes(decoder[c] for c in tok))
+                except KeyError:
+                    pieces.append(tok.encode())
+            else:
+                m = _SP_BYTE.match(tok)
+                if m:
+                    pieces.append(bytes([int(m.group(1), 16)]))
+                    is_bf[i] = True
+                else:
+                    pieces.append(tok.replace("▁", " ").encode())
+        is_special = np.zeros(vocab_size, dtype=bool)
+        is_special[[i for i in added if i < vocab_size]] = True
+        special_ids = {
+            role: int(getattr(tokenizer, f"{role}_token_id"))
+            for role in ("bos", "eos", "unk", "pad")
+            if getattr(tokenizer, f"{role}_token_id", None) is not None
+        }
+        table = cls(pieces, is_special, is_bf, byte_level, special_ids)
+        try:
+            _TABLES[tokenizer] = table
+        except TypeError:
+            pass
+        return table
+
+    def nbytes(self, ids: np.ndarray) -> np.ndarray:
+        """Byte length of each token's text (0 for special tokens)."""
+        lengths = self.lengths()
+        return np.where(self.is_special[ids], 0, lengths[ids])
+
+    def lengths(self) -> np.ndarray:
+        return self.padded()[1]
+
+    def padded(self) -> tuple[np.ndarray, np.ndarray]:
+        """uint16 ``[V, 64]`` canonical bytes (truncated to 64) and their full lengths, built once."""
+        if self._padded is None:
+            self._padded = pad_bytes(self.pieces, WORD)
+        return self._padded
+
+
+class VocabMap:
+    """Source id -> pivot id (-1 when there is none). ``name`` is the CLI's ``--vocab-map`` value."""
+
+    name = "base"
+
+    def __init__(self, pivot: TokenTable, source: TokenTable):
+        self.pivot = pivot
+        self.source = source
+        self.identity = pivot.fingerprint == source.fingerprint
+        # bos/eos/unk/pad correspond by role even when their strings differ (</s> vs <|im_end|>)
+        self.special_pairs = {
+            sid: pivot.special_ids[role] for role, sid in source.special_ids.items() if role in pivot.special_ids
+        }
+
+    def __call__(self, source_ids: np.ndarray) -> np.ndarray:
+        source_ids = np.asarray(source_ids)
+        if self.identity:
+            return np.where(source_ids < self.pivot.vocab_size, source_ids, -1).astype(np.int32)
+        return self._table()[source_ids]
+
+    def _table(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ExactMatch(VocabMap):
+    """EM: the pivot token whose canonical bytes equal the source token's (whitespace markers and byte-level
+    encoding normalised away). Among equal pivot pieces, a regular token wins over a byte-fallback one, then
+    the lower id. Precomputed for the whole source vocabulary on first use (a dict lookup per token)."""
+
+    name = "em"
+
+    def __init__(self, pivot: TokenTable, source: TokenTable):
+        super().__init__(pivot, source)
+        self._map: np.ndarray | None = None
+
+    def _table(self) -> np.ndarray:
+        if self._map is None:
+            index: dict[bytes, int] = {}
+            order = np.lexsort((np.arange(self.pivot.vocab_size), self.pivot.is_byte_fallback))
+            for pid in order[::-1]:  # reverse so that the preferred id is written last
+                index[self.pivot.pieces[pid]] = int(pid)
+            m = np.fromiter((index.get(p, -1) for p in self.source.pieces), dtype=np.int32, count=self.source.vocab_size)
+            for sid, pid in self.special_pairs.items():
+                m[sid] = pid
+            self._map = m
+        return self._map
+
+
+class MinEditDistance(ExactMatch):
+    """MinED: the pivot token at minimum edit distance (over canonical bytes) from the source token.
+
+    Ties: smaller length difference, then the lower pivot id. Special tokens map only by EM / role.
+    Exact matches are taken from EM; the rest are computed lazily for the ids actually seen and cached,
+    each one vectorised against the whole pivot vocabulary (bit-parallel Levenshtein).
+    """
+
+    name = "mined"
+
+    def __init__(self, pivot: TokenTable, source: TokenTable):
+        super().__init__(pivot, source)
+        self._done: np.ndarray | None = None
+
+    def __call__(self, source_ids: np.ndarray) -> np.ndarray:
+        source_ids = np.asarray(source_ids)
+        if self.identity:
+            return super().__call__(source_ids)
+        table = self._table()
+        todo = np.unique(source_ids[~self._done[source_ids]])
+        for sid in todo:
+            table[sid] = self._nearest(int(sid))
+            self._done[sid] = True
+        return table[source_ids]
+
+    def _table(self) -> np.ndarray:
+        table = super()._table()
+        if self._done is None:
+            self._done = (table >= 0) | self.source.is_special
+        return table
+
+    def _nearest(self, sid: int) -> int:
+        piece = self.source.pieces[sid]
+        mat, lengths = self.pivot.padded()
+        if not piece:
+            return -1
+        text = np.frombuffer(piece, dtype=np.uint8).astype(np.uint16)[None, :]
+        dist, _ = edit_distance(
+            mat, lengths, np.broadcast_to(text, (mat.shape[0], text.shape[1])), np.full(mat.shape[0], len(piece))
+        )
+        dist = np.where(self.pivot.is_special | (lengths == 0), np.iinfo(np.int64).max, dist)
+        order = np.lexsort((np.arange(mat.shape[0]), np.abs(lengths - len(piece)), dist))
+        return int(order[0])
+
+
+class MappingStatistics:
+    """MS: how often each (source token, pivot token) pair is aligned, over a whole dataset.
+
+    Stored sparse as sorted keys ``source_id * pivot_vocab + pivot_id`` (uint32 when the product of the
+    vocabularies fits, as for 131k x 32k, else int64) with uint32 counts: 8 bytes per distinct pair that
+    was ever co-aligned, nothing for the 4e9 that never were. Add alignments with `add`, then `save`/`load`.
+    """
+
+    def __init__(self, pivot_vocab: int, source_vocab: int, meta: dict | None = None):
+        self.pivot_vocab = int(pivot_vocab)
+        self.source_vocab = int(source_vocab)
+        self.meta = dict(meta or {})
+        self.key_dtype = np.uint32 if self.pivot_vocab * self.source_vocab <= 2**32 else np.int64
+        self.keys = np.zeros(0, dtype=self.key_dtype)
+        self.counts = np.zeros(0, dtype=np.uint32)
+        self._pending: list[np.ndarray] = []
+        self._pending_size = 0
+        self._best: np.ndarray | None = None
+
+    def add(self, alignment, pivot_input_ids: np.ndarray, source_input_ids: np.ndarray, *, many_to_many=False):
+        """Count every (pivot token, source token) pair inside each group of ``alignment`` (n-m groups are
+        skipped unless ``many_to_many``, their pairs being mostly noise)."""
+        pi, si = alignment.token_pairs(many_to_many=many_to_many)
+        keys = source_input_ids[si].astype(np.int64) * self.pivot_vocab + pivot_input_ids[pi].astype(np.int64)
+        self._pending.append(keys)
+        self._pending_size += keys.size
+        self._best = None
+        if self._pending_size > 4_000_000:
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold pending pairs into the sorted arrays (called automatically; cheap to call again)."""
+        if not self._pending:
+            return
+        new_keys, new_counts = np.unique(np.concatenate(self._pending), return_counts=True)
+        self._pending, self._pending_size = [], 0
+        keys = np.concatenate([self.keys.astype(np.int64), new_keys])
+        counts = np.concatenate([self.counts.astype(np.int64), new_counts])
+        ukeys, inv = np.unique(keys, return_inverse=True)
+        self.keys = ukeys.astype(self.key_dtype)
+        self.counts = np.bincount(inv, weights=counts, minlength=ukeys.size).astype(np.uint32)
+
+    @property
+    def nbytes(self) -> int:
+        self.compact()
+        best = 0 if self._best is None else self._best.nbytes
+        return int(self.keys.nbytes + self.counts.nbytes + best)
+
+    @property
+    def num_pairs(self) -> int:
+        self.compact()
+        return int(self.keys.size)
+
+    def count(self, pivot_ids: np.ndarray, source_ids: np.ndarray) -> np.ndarray:
+        """Co-alignment counts of the pairs ``(pivot_ids[i], source_ids[i])`` (0 when never seen)."""
+        self.compact()
+        q = np.asarray(source_ids, dtype=np.int64) * self.pivot_vocab + np.asarray(pivot_ids, dtype=np.int64)
+        if self.keys.size == 0:
+            return np.zeros(q.shape, dtype=np.int64)
+        q = q.astype(self.key_dtype)
+        pos = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+        return np.where(self.keys[pos] == q, self.counts[pos], 0).astype(np.int64)
+
+    def best_pivot(self) -> np.ndarray:
+        """int32 ``[source_vocab]``: most frequent pivot partner of each source id (ties: lower pivot id),
+        -1 for source ids never aligned."""
+        self.compact()
+        if self._best is None:
+            keys = self.keys.astype(np.int64)
+            src, piv = keys // self.pivot_vocab, keys % self.pivot_vocab
+            order = np.lexsort((piv, -self.counts.astype(np.int64), src))
+            src, piv = src[order], piv[order]
+            first = np.flatnonzero(np.r_[True, src[1:] != src[:-1]]) if src.size else np.zeros(0, np.int64)
+            best = np.full(self.source_vocab, -1, dtype=np.int32)
+            best[src[first]] = piv[first]
+            self._best = best
+        return self._best
+
+    def save(self, path: str | Path) -> None:
+        self.compact()
+        meta = json.dumps({**self.meta, "pivot_vocab": self.pivot_vocab, "source_vocab": self.source_vocab})
+        with open(path, "wb") as f:
+            np.savez_compressed(f, keys=self.keys, counts=self.counts, meta=np.frombuffer(meta.encode(), np.uint8))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MappingStatistics:
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            stats = cls(meta.pop("pivot_vocab"), meta.pop("source_vocab"), meta)
+            stats.keys = z["keys"].astype(stats.key_dtype)
+            stats.counts = z["counts"].astype(np.uint32)
+        return stats
+
+
+class StatisticsMap(VocabMap):
+    """MS: each source id maps to its most frequent co-aligned pivot token; ids the statistics never saw
+    fall back to ``fallback`` (EM by default, MinED, or None for unmapped)."""
+
+    name = "ms"
+
+    def __init__(self, pivot: TokenTable, source: TokenTable, stats: MappingStatistics, fallback: str | None = "em"):
+        super().__init__(pivot, source)
+        if (stats.pivot_vocab, stats.source_vocab) != (pivot.vocab_size, source.vocab_size):
+            raise ValueError(
+                f"mapping statistics are for vocabularies {stats.pivot_vocab}x{stats.source_vocab}, "
+                f"not {pivot.vocab_size}x{source.vocab_size}: rebuild them for this pivot and source"
+            )
+        self.stats = stats
+        self.fallback = {"em": ExactMatch, "mined": MinEditDistance, None: None}[fallback]
+        self.fallback = self.fallback(pivot, source) if self.fallback else None
+
+    def __call__(self, source_ids: np.ndarray) -> np.ndarray:
+        source_ids = np.asarray(source_ids)
+        if self.identity:
+            return super().__call__(source_ids)
+        out = self.stats.best_pivot()[source_ids].copy()
+        for sid, pid in self.special_pairs.items():
+            out[source_ids == sid] = pid
+        if self.fallback is not None and (out < 0).any():
+            miss = out < 0
+            out[miss] = self.fallback(source_ids[miss])
+        return out
+
+
+def build_vocab_map(
+    method: str, pivot: TokenTable, source: TokenTable, stats: MappingStatistics | None = None
+) -> VocabMap:
+    """The `VocabMap` named by ``--vocab-map`` (``em``, ``mined`` or ``ms``; ``ms`` needs ``stats``)."""
+    if method == "em":
+        return ExactMatch(pivot, source)
+    if method == "mined":
+        return MinEditDistance(pivot, source)
+    if method == "ms":
+        if stats is None:
+            raise ValueError("--vocab-map ms needs mapping statistics: build them with MappingStatistics.add")
+        return StatisticsMap(pivot, source, stats)
+    raise ValueError(f"unknown vocabulary mapping {method!r}: expected em, mined or ms")
