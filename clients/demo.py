@@ -25,12 +25,15 @@ class DemoTeacher:
     tokenizer: str
     template: str  # the model's own chat template, saved with its tokenizer
     steps: int
+    batch_size: int
 
 
 TEACHERS = [
-    DemoTeacher("pivot-mistral", "mistral", "spm32k", "inst", 120),
-    DemoTeacher("source-mixtral", "mixtral", "spm32k", "chatml", 120),
-    DemoTeacher("source-qwen2", "qwen2", "bpe131k", "chatml", 80),
+    # The real Mixtral-8x7B uses the 32k SentencePiece vocabulary; the Qwen2-style source brings a
+    # second tokenizer (131k byte-level BPE), whose 4x larger softmax is why it trains on smaller batches.
+    DemoTeacher("pivot-mistral", "mistral", "spm32k", "inst", 120, 8),
+    DemoTeacher("source-mixtral", "mixtral", "spm32k", "chatml", 120, 8),
+    DemoTeacher("source-qwen2", "qwen2", "bpe131k", "chatml", 100, 4),
 ]
 
 
@@ -59,7 +62,7 @@ def run_demo(workdir: Path, steps: int | None = None, n_samples: int = 96, k: in
         t0 = time.perf_counter()
         template = (TEMPLATE_DIR / f"{t.template}.jinja").read_text(encoding="utf-8")
         teacher_dirs[t.name] = make_teacher(
-            workdir / "models" / t.name, t.arch, t.tokenizer, template, steps=steps or t.steps, seed=i,
+            workdir / "models" / t.name, t.arch, t.tokenizer, template, steps=steps or t.steps, seed=i, batch_size=t.batch_size,
             log=lambda m, name=t.name: _say(f"      {name}: {m}"),
         )
         _say(f"[2/3] teacher {t.name} ({t.arch}, {t.tokenizer}, template {t.template}) ready in "

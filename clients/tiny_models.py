@@ -136,7 +136,7 @@ def train_lm(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if log and (step % 20 == 0 or step == steps - 1):
             log(f"step {step + 1}/{steps} loss {losses[-1]:.3f}")
     model.eval()
@@ -150,6 +150,8 @@ def make_teacher(
     chat_template: str | None = None,
     steps: int = 150,
     seed: int = 0,
+    batch_size: int = 8,
+    lr: float = 3e-3,
     log: Callable[[str], None] | None = None,
     **config_overrides,
 ) -> Path:
@@ -166,6 +168,8 @@ def make_teacher(
         "template": chat_template,
         "steps": steps,
         "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
         "overrides": config_overrides,
         "version": 1,
     }
@@ -176,7 +180,9 @@ def make_teacher(
     tok = load_tokenizer(tokenizer_kind, chat_template)
     model = build_model(arch, tok, seed=seed, **config_overrides)
     t0 = time.perf_counter()
-    losses = train_lm(model, tok, training_texts(400, seed=seed + 1), steps=steps, seed=seed, log=log)
+    losses = train_lm(
+        model, tok, training_texts(400, seed=seed + 1), steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log
+    )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)

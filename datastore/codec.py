@@ -1,18 +1,19 @@
 """The compact encoding of top-k distributions: `ScoredSample`s <-> one Parquet shard's bytes.
 
-Log-probabilities. ``q = rint(-logprob * 2**step_log2)``; with the default ``step_log2 = 5`` the step is
-1/32 nat and every stored logprob is within 1/64 = 0.015625 nat of its fp32 input (round to nearest;
-``q / 32`` is exact in fp32 for |logprob| < 2**19, the largest magnitude accepted). There is no floor
-and no coarser step for the tail: the bound holds for every entry, -80 included. A position stores the
-top-1's ``q`` and the k-1 differences to the next rank (non-negative because ranks are sorted), one byte
-each with an escape (255) to a uint32 overflow list.
+Log-probabilities. ``q = rint(-logprob / step)`` with ``step = 5/128 = 0.0390625`` nat by default: every
+stored logprob is within ``step / 2 = 5/256 = 0.01953125`` nat of its fp32 input (round to nearest; the
+quotient is computed in float64, which can add at most 1e-11 nat; the decoded value ``-5q/128`` is exact
+in fp32 for |logprob| <= 2**16, the largest magnitude accepted). There is no floor and no coarser step for the tail: the bound holds for every
+entry, -80 included. `CodecConfig(step_units=1, step_log2=5)` gives 1/32 nat (bound 1/64) at ~0.04 B/entry
+more. A position stores the top-1's ``q`` and the k-1 differences to the next rank (non-negative because
+ranks are sorted), one byte each with an escape (255) to wider values (`datastore.schema`).
 
 Ids (lossless). The gold next token ``input_ids[t + 1]`` is usually in the top-k: a one-byte `gold_rank`
 says where, and its id (and logprob) are not stored again. The other ids are coded per shard against a
-context table: for each current token ``c = input_ids[t]``, the ids seen after ``c`` in the shard's
-top-k, most frequent first; an id is stored as its index in its context's list (small numbers: the top-k
-of a context repeats). The table holds each distinct (context, id) pair once, ids as ranks in the shard
-vocabulary (ids by frequency), which also codes `input_ids`. zstd (Parquet) does the entropy coding.
+context table: for each current token ``c = input_ids[t]``, the ids seen after ``c`` at least twice in
+the shard's top-k, most frequent first; an id is stored as 1 + its index in its context's list (small
+numbers: the top-k of a context repeats), or 0 followed by its rank in the shard vocabulary (ids by
+frequency, which also codes `input_ids`) in `id_escapes`. zstd (Parquet) does the entropy coding.
 
 Encoding and decoding are vectorised numpy over a whole shard. `datastore.schema` names the columns.
 """
@@ -29,23 +30,28 @@ import pyarrow.parquet as pq
 import zstandard
 
 from datastore.sample import ScoredSample
-from datastore.schema import CODEC_KEY, OVERFLOW_COLUMNS, SHARD_SCHEMA, STAT_COLUMNS, TABLE_KEY
+from datastore.schema import CODEC_KEY, SHARD_SCHEMA, STAT_COLUMNS, STREAM_COLUMNS, TABLE_KEY, TOPK_COLUMNS
 
 CODEC_NAME = "logitfuse-topk-v1"
 ESCAPE = 255
-MAX_ABS_LOGPROB = float(2**19)
+MAX_ABS_LOGPROB = float(2**16)  # keeps step_units * q < 2**24: the decoded value is exact in fp32
 
 
 @dataclass(frozen=True)
 class CodecConfig:
     """How shards are encoded. The defaults meet the contract's bound (|error| <= 1/64 nat)."""
 
-    step_log2: int = 5  # quantisation step 2**-step_log2 nat; the bound is half a step
-    zstd_level: int = 9  # Parquet zstd level of every column (measured in bench/bench_codec.py)
+    step_units: int = 5  # quantisation step = step_units / 2**step_log2 nat; the bound is half a step
+    step_log2: int = 7
+    zstd_level: int = 17  # Parquet zstd level of every column (size vs speed in bench/bench_codec.py)
+
+    def __post_init__(self):
+        if not (1 <= self.step_units <= 7 and 0 <= self.step_log2 <= 8):
+            raise ValueError("step_units must be in [1, 7] and step_log2 in [0, 8]")
 
     @property
     def step(self) -> float:
-        return 2.0**-self.step_log2
+        return self.step_units / 2.0**self.step_log2
 
     @property
     def max_abs_error(self) -> float:
@@ -54,9 +60,11 @@ class CodecConfig:
     def describe(self) -> dict:
         return {
             "codec": CODEC_NAME,
+            "step_units": self.step_units,
+            "step_log2": self.step_log2,
             "logprob_step": self.step,
             "logprob_max_abs_error": self.max_abs_error,
-            "rounding": "round-to-nearest on -logprob, exact in fp32, every entry (no floor)",
+            "rounding": "round-to-nearest on -logprob/step; decoded -q*step exact in fp32; every entry, no floor",
             "ids": "lossless",
             "zstd_level": self.zstd_level,
         }
@@ -65,19 +73,35 @@ class CodecConfig:
 # ---------------------------------------------------------------- small vectorised helpers
 
 
-def _escape(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Non-negative ints -> (uint8 bytes, 255 meaning 'see overflow'; uint32 overflow = value - 255)."""
+ESCAPE16 = 65535
+
+
+def _escape(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-negative ints -> one byte each (255 = escape), a uint16 of ``v - 255`` per escape (65535 =
+    escape again) and a uint32 of ``v - 255 - 65535`` per second escape."""
     v = np.asarray(values, dtype=np.int64).ravel()
-    big = v >= ESCAPE
-    return np.minimum(v, ESCAPE).astype(np.uint8), (v[big] - ESCAPE).astype(np.uint32)
+    wide = v[v >= ESCAPE] - ESCAPE
+    huge = wide[wide >= ESCAPE16] - ESCAPE16
+    if huge.size and huge.max() >= 2**32:
+        raise ValueError("value too large for the escape code")
+    return (
+        np.minimum(v, ESCAPE).astype(np.uint8),
+        np.minimum(wide, ESCAPE16).astype("<u2"),
+        huge.astype("<u4"),
+    )
 
 
-def _unescape(small: np.ndarray, overflow: np.ndarray) -> np.ndarray:
+def _unescape(small: np.ndarray, wide: np.ndarray, huge: np.ndarray) -> np.ndarray:
     out = small.astype(np.int64)
     big = small == ESCAPE
-    if int(big.sum()) != len(overflow):
-        raise ValueError(f"corrupt stream: {int(big.sum())} escapes but {len(overflow)} overflow values")
-    out[big] += overflow
+    if int(big.sum()) != len(wide):
+        raise ValueError(f"corrupt stream: {int(big.sum())} escapes but {len(wide)} uint16 values")
+    w = wide.astype(np.int64)
+    bigger = wide == ESCAPE16
+    if int(bigger.sum()) != len(huge):
+        raise ValueError(f"corrupt stream: {int(bigger.sum())} escapes but {len(huge)} uint32 values")
+    w[bigger] += huge
+    out[big] += w
     return out
 
 
@@ -165,7 +189,7 @@ def validate(sample: ScoredSample, k: int) -> None:
     gold = np.asarray(sample.gold_logprob, dtype=np.float32)
     for name, a in (("topk_logprobs", lp), ("gold_logprob", gold)):
         if a.size and not (np.all(np.isfinite(a)) and a.max() <= 0.0 and a.min() >= -MAX_ABS_LOGPROB):
-            raise ValueError(f"{sid}: {name} must be finite log-probabilities in [-2**19, 0]")
+            raise ValueError(f"{sid}: {name} must be finite log-probabilities in [-2**16, 0]")
     if k > 1 and n and np.any(lp[:, 1:] > lp[:, :-1]):
         raise ValueError(f"{sid}: topk_logprobs must be sorted by descending log-probability")
     spans = np.asarray(sample.assistant_spans)
@@ -176,27 +200,30 @@ def validate(sample: ScoredSample, k: int) -> None:
 # ---------------------------------------------------------------- encode
 
 
-def quantise(logprobs: np.ndarray, step_log2: int) -> np.ndarray:
-    """fp32 logprobs -> int64 q = rint(-logprob * 2**step_log2) (exact: float64 arithmetic)."""
-    return np.rint(-np.asarray(logprobs, dtype=np.float64) * (1 << step_log2)).astype(np.int64)
+def quantise(logprobs: np.ndarray, units: int, step_log2: int) -> np.ndarray:
+    """fp32 logprobs -> int64 ``q = rint(-logprob / step)``, step = units / 2**step_log2."""
+    return np.rint(-np.asarray(logprobs, dtype=np.float64) * (1 << step_log2) / units).astype(np.int64)
 
 
-def dequantise(q: np.ndarray, step_log2: int) -> np.ndarray:
-    return (-np.asarray(q, dtype=np.float64) / (1 << step_log2)).astype(np.float32)
+def dequantise(q: np.ndarray, units: int, step_log2: int) -> np.ndarray:
+    """int q -> fp32 ``-q * step``, exact (units * q < 2**24 and the division is by a power of two)."""
+    return (-(np.asarray(q, dtype=np.float64) * units) / (1 << step_log2)).astype(np.float32)
 
 
 def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = CodecConfig()) -> bytes:
     """Encode samples (already validated) into one Parquet file's bytes."""
-    sl = config.step_log2
+    sl = (config.step_units, config.step_log2)
     n_pos = np.array([len(s.positions) for s in samples], dtype=np.int64)
     n_tok = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
-    input_ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)])
+    input_ids = np.concatenate(
+        [np.asarray(s.input_ids, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)]
+    )
     tok_start = np.cumsum(n_tok) - n_tok
     pos = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)])
     pos_abs = pos + np.repeat(tok_start, n_pos)  # index into the shard's concatenated input_ids
     topk_ids = np.concatenate([np.asarray(s.topk_ids, dtype=np.int64).reshape(-1, k) for s in samples])
-    q = quantise(np.concatenate([np.asarray(s.topk_logprobs).reshape(-1, k) for s in samples]), sl)
-    gold_q = quantise(np.concatenate([np.asarray(s.gold_logprob).ravel() for s in samples]), sl)
+    q = quantise(np.concatenate([np.asarray(s.topk_logprobs).reshape(-1, k) for s in samples]), *sl)
+    gold_q = quantise(np.concatenate([np.asarray(s.gold_logprob).ravel() for s in samples]), *sl)
     n = len(pos)
 
     # gold rank: the first rank holding the gold id, if its stored logprob is also the gold's
@@ -219,16 +246,19 @@ def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = Code
     def vocab_rank(ids: np.ndarray) -> np.ndarray:
         return rank_of[np.searchsorted(vocab_ids, ids)]
 
-    # context table: (rank of current token, rank of id) pairs; per context, most frequent first
+    # context table: (rank of current token, rank of id) pairs seen twice or more; per context, most
+    # frequent first. Code 0 escapes to `id_escapes` (a pair seen once costs less there than in the table).
     ctx = vocab_rank(np.repeat(input_ids[pos_abs], k).reshape(n, k)[keep]) if n else np.zeros(0, np.int64)
     idr = vocab_rank(topk_ids[keep])
     pairs, pair_inv, pair_counts = np.unique(ctx * len(vocab) + idr, return_inverse=True, return_counts=True)
-    pair_ctx, pair_id = pairs // len(vocab), pairs % len(vocab)
-    order = np.lexsort((-pair_counts, pair_ctx))
+    repeated = np.flatnonzero(pair_counts > 1)
+    pair_ctx, pair_id = pairs[repeated] // max(len(vocab), 1), pairs[repeated] % max(len(vocab), 1)
+    order = np.lexsort((-pair_counts[repeated], pair_ctx))
     ctx_keys, ctx_sizes = np.unique(pair_ctx, return_counts=True)
-    index_in_ctx = np.empty(len(pairs), dtype=np.int64)
-    index_in_ctx[order] = _segment_index(ctx_sizes)
-    codes = index_in_ctx[pair_inv]
+    code_of_pair = np.zeros(len(pairs), dtype=np.int64)
+    code_of_pair[repeated[order]] = _segment_index(ctx_sizes) + 1
+    codes = code_of_pair[pair_inv]
+    escaped_ids = idr[codes == 0]
 
     table = _pack_arrays(
         {
@@ -245,6 +275,7 @@ def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = Code
     tok_bounds = np.concatenate([[0], np.cumsum(n_tok)])
     kept_per_pos = keep.sum(axis=1)
     code_bounds = np.concatenate([[0], np.cumsum(kept_per_pos)])[pos_bounds]
+    escape_bounds = np.concatenate([[0], np.cumsum(codes == 0)])[code_bounds]
     # a gold outside the top-k sits below its last rank: store the (zigzag) distance to it
     below = gold_q[~in_topk] - q[~in_topk, -1]
     extra_bounds = np.concatenate([[0], np.cumsum(~in_topk)])[pos_bounds]
@@ -253,10 +284,16 @@ def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = Code
         "lp_top1": (_escape(q[:, 0]), pos_bounds),
         "lp_delta": (_escape(np.diff(q, axis=1)), pos_bounds * (k - 1)),
         "id_codes": (_escape(codes), code_bounds),
+        "id_escapes": (_escape(escaped_ids), escape_bounds),
+        "gold_rank": (_escape(rank), pos_bounds),
         "gold_extra": (_escape(np.where(below >= 0, 2 * below, -2 * below - 1)), extra_bounds),
     }
+    cuts = {}  # per stream: row bounds in each of its three levels
+    for name, ((small, wide, _huge), bounds) in streams.items():
+        b1 = np.concatenate([[0], np.cumsum(small == ESCAPE)])[bounds]
+        b2 = np.concatenate([[0], np.cumsum(wide == ESCAPE16)])[b1]
+        cuts[name] = (bounds, b1, b2)
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    gold_rank_bytes = rank.astype(np.uint8)
     for i, s in enumerate(samples):
         columns["sample_id"].append(s.sample_id)
         columns["num_tokens"].append(int(n_tok[i]))
@@ -266,16 +303,9 @@ def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = Code
         columns["assistant_spans"].append(np.asarray(s.assistant_spans, dtype=np.int32).ravel())
         columns["loss_spans"].append(_runs(np.asarray(s.loss_mask)))
         columns["position_spans"].append(_positions_runs(np.asarray(s.positions, dtype=np.int64)))
-        a, b = pos_bounds[i], pos_bounds[i + 1]
-        columns["gold_rank"].append(gold_rank_bytes[a:b].tobytes())
-        for name, ((small, over), bounds) in streams.items():
-            lo, hi = bounds[i], bounds[i + 1]
-            # the overflow of row i: escapes before row i's start are skipped by counting them
-            columns[name].append(small[lo:hi].tobytes())
-            columns[name + "_overflow"].append((lo, hi))
-    for name, ((small, over), _bounds) in streams.items():
-        cum = np.concatenate([[0], np.cumsum(small == ESCAPE)])
-        columns[name + "_overflow"] = [over[cum[lo] : cum[hi]] for lo, hi in columns[name + "_overflow"]]
+        for name, (levels, _bounds) in streams.items():
+            for suffix, level, b in zip(("", "_u16", "_u32"), levels, cuts[name], strict=True):
+                columns[name + suffix].append(level[b[i] : b[i + 1]].tobytes())
 
     arrays = [pa.array(columns[f.name], type=f.type) for f in SHARD_SCHEMA]
     tbl = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
@@ -287,13 +317,19 @@ def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = Code
         compression="zstd",
         compression_level=config.zstd_level,
         use_dictionary=STAT_COLUMNS,
-        column_encoding={c: "BYTE_STREAM_SPLIT" for c in OVERFLOW_COLUMNS},
+        # lengths apart from the bytes: zstd then sees each stream as one contiguous run
+        column_encoding={c: "DELTA_LENGTH_BYTE_ARRAY" for c in STREAM_COLUMNS},
         write_statistics=STAT_COLUMNS,
         store_schema=False,
     ) as writer:
         writer.write_table(tbl, row_group_size=max(1, len(samples)))
         writer.add_key_value_metadata(
-            {CODEC_KEY: json.dumps({"k": k, "step_log2": sl, "codec": CODEC_NAME}).encode(), TABLE_KEY: table}
+            {
+                CODEC_KEY: json.dumps(
+                    {"codec": CODEC_NAME, "k": k, "step_units": sl[0], "step_log2": sl[1]}
+                ).encode(),
+                TABLE_KEY: table,
+            }
         )
     return buf.getvalue()
 
@@ -328,6 +364,7 @@ class ContextTable:
     """A shard's vocabulary and context table, decoded once per shard."""
 
     k: int
+    step_units: int
     step_log2: int
     vocab: np.ndarray  # int64 token ids, most frequent first
     ctx_keys: np.ndarray  # ascending vocab ranks of contexts
@@ -345,6 +382,7 @@ class ContextTable:
         sizes = t["ctx_sizes"]
         return cls(
             k=int(codec["k"]),
+            step_units=int(codec["step_units"]),
             step_log2=int(codec["step_log2"]),
             vocab=t["vocab"],
             ctx_keys=np.cumsum(t["ctx_key_deltas"]),
@@ -361,13 +399,17 @@ def read_shard_bytes(data: bytes) -> tuple[pa.Table, ContextTable]:
 
 def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     """Decode every row of a shard table (or any slice of one) into ScoredSamples."""
-    k, sl = ctx.k, ctx.step_log2
+    k, sl = ctx.k, (ctx.step_units, ctx.step_log2)
     n_pos = np.asarray(table.column("num_positions").to_numpy(), dtype=np.int64)
     n_tok = np.asarray(table.column("num_tokens").to_numpy(), dtype=np.int64)
     n = int(n_pos.sum())
 
     def stream(name: str) -> np.ndarray:
-        return _unescape(_flat_binary(table.column(name)), _flat_list(table.column(name + "_overflow"), np.int64))
+        return _unescape(
+            _flat_binary(table.column(name)),
+            _flat_binary(table.column(name + "_u16")).view("<u2"),
+            _flat_binary(table.column(name + "_u32")).view("<u4"),
+        )
 
     input_ranks = stream("input_ids")
     if len(input_ranks) != n_tok.sum():
@@ -380,7 +422,7 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     spans = _flat_list(table.column("position_spans"), np.int64)
     pos_rows = np.split(spans, np.cumsum(span_lens)[:-1]) if len(span_lens) else []
     positions = [_expand_runs(r) for r in pos_rows]
-    if any(len(p) != c for p, c in zip(positions, n_pos)):
+    if any(len(p) != c for p, c in zip(positions, n_pos, strict=True)):
         raise ValueError("corrupt shard: position spans disagree with num_positions")
     pos = np.concatenate(positions + [np.zeros(0, np.int32)]).astype(np.int64)
     pos_abs = pos + np.repeat(tok_start, n_pos)
@@ -389,9 +431,9 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     q[:, 0] = stream("lp_top1")
     q[:, 1:] = stream("lp_delta").reshape(n, k - 1)
     np.cumsum(q, axis=1, out=q)
-    logprobs = dequantise(q, sl)
+    logprobs = dequantise(q, *sl)
 
-    rank = _flat_binary(table.column("gold_rank")).astype(np.int64)
+    rank = stream("gold_rank")
     if len(rank) != n:
         raise ValueError(f"corrupt shard: {len(rank)} gold ranks, expected {n}")
     in_topk = rank < k
@@ -401,7 +443,7 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     zz = stream("gold_extra")
     if len(zz) != n - len(hit_rows):
         raise ValueError("corrupt shard: gold_extra length disagrees with gold_rank")
-    gold[~in_topk] = dequantise(q[~in_topk, -1] + np.where(zz % 2 == 0, zz // 2, -(zz + 1) // 2), sl)
+    gold[~in_topk] = dequantise(q[~in_topk, -1] + np.where(zz % 2 == 0, zz // 2, -(zz + 1) // 2), *sl)
 
     keep = np.ones((n, k), dtype=bool)
     keep[hit_rows, rank[hit_rows]] = False
@@ -411,8 +453,15 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     topk_ids = np.empty((n, k), dtype=np.int64)
     if len(codes):
         cur_rank = input_ranks[np.repeat(pos_abs, k).reshape(n, k)[keep]]
-        ci = np.searchsorted(ctx.ctx_keys, cur_rank)
-        topk_ids[keep] = ctx.pair_ids[ctx.ctx_starts[ci] + codes]
+        ci = np.minimum(np.searchsorted(ctx.ctx_keys, cur_rank), max(len(ctx.ctx_keys) - 1, 0))
+        escaped = codes == 0
+        ids = np.empty(len(codes), dtype=np.int64)
+        ids[~escaped] = ctx.pair_ids[ctx.ctx_starts[ci[~escaped]] + codes[~escaped] - 1]
+        esc_ranks = stream("id_escapes")
+        if len(esc_ranks) != int(escaped.sum()):
+            raise ValueError("corrupt shard: id_escapes length disagrees with id_codes")
+        ids[escaped] = ctx.vocab[esc_ranks]
+        topk_ids[keep] = ids
     topk_ids[hit_rows, rank[hit_rows]] = input_ids[pos_abs[hit_rows] + 1]
 
     topk_ids32 = topk_ids.astype(np.int32)
@@ -447,3 +496,15 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         )
         p0 = p1
     return out
+
+
+def topk_bytes(data: bytes) -> int:
+    """Compressed bytes of a shard's top-k part: its top-k columns plus its context table."""
+    md = pq.ParquetFile(pa.BufferReader(data)).metadata
+    total = len(md.metadata.get(TABLE_KEY, b""))
+    for rg in range(md.num_row_groups):
+        group = md.row_group(rg)
+        for j in range(group.num_columns):
+            if group.column(j).path_in_schema in TOPK_COLUMNS:
+                total += group.column(j).total_compressed_size
+    return total

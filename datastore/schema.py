@@ -7,18 +7,22 @@ One row per sample. The logical columns of DESIGN.md ("Stored logits") map to ph
 - `loss_spans`: flat ``[start, end)`` runs where `loss_mask` is True (a mask is mostly a few runs).
 - `position_spans`: flat ``[start, end)`` runs of consecutive scored positions.
 - `num_tokens`, `num_positions`: lengths, so counts never need a decode (and `scan()` can sum them).
-- `input_ids`: one byte per token, the token's rank in the shard vocabulary (ids by frequency), 255 =
-  escape to `input_ids_overflow` (rank - 255).
-- `lp_top1`, `lp_delta`: quantised ``-logprob / step`` of the top-1, then the non-negative differences
-  between consecutive ranks, one byte each with the same 255 escape.
-- `gold_rank`: one byte per position, the rank of the gold next token in the top-k (its id is then not
-  stored again, and its logprob is the top-k one), or k when the gold logprob is stored in `gold_extra`
-  (zigzag distance in steps below the last rank's, same escape).
-- `id_codes`: the remaining top-k ids, each as its index in the shard's candidate list for the current
-  token ``input_ids[t]`` (the context table, in the file's key-value metadata), 255 escape as above.
+- Byte streams (`datastore.codec` owns their meaning), each three binary columns: ``NAME`` one byte per
+  value (255 = escape), ``NAME_u16`` one little-endian uint16 of ``value - 255`` per escape (65535 =
+  escape again), ``NAME_u32`` one little-endian uint32 of ``value - 255 - 65535`` per second escape:
 
-The shard's context table and codec parameters live in the Parquet key-value metadata under
-`TABLE_KEY` and `CODEC_KEY`; `datastore.codec` owns the byte layout of both.
+  - `input_ids`: each token's rank in the shard vocabulary (token ids, most frequent first).
+  - `lp_top1`, `lp_delta`: quantised ``-logprob / step`` of the top-1, then the non-negative
+    differences between consecutive ranks.
+  - `gold_rank`: the rank of the gold next token in the top-k (its id is then not stored again, and its
+    logprob is the top-k one), or k when the gold logprob is in `gold_extra` (zigzag distance in steps
+    below the last rank's).
+  - `id_codes`: the remaining top-k ids, each as 1 + its index in the shard's candidate list for the
+    current token ``input_ids[t]`` (the context table), or 0 when the id is in `id_escapes` as its
+    shard vocabulary rank.
+
+The shard's vocabulary, context table and codec parameters are in the Parquet key-value metadata under
+`TABLE_KEY` and `CODEC_KEY`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,19 @@ import pyarrow as pa
 CODEC_KEY = b"logitfuse.codec"
 TABLE_KEY = b"logitfuse.context_table"
 
+STREAMS = ("input_ids", "lp_top1", "lp_delta", "gold_rank", "gold_extra", "id_codes", "id_escapes")
+TOPK_STREAMS = ("lp_top1", "lp_delta", "gold_rank", "gold_extra", "id_codes", "id_escapes")
+
 _SPANS = pa.list_(pa.int32())
-_OVERFLOW = pa.list_(pa.uint32())
+
+
+def _stream(name: str) -> list[pa.Field]:
+    return [
+        pa.field(name, pa.binary(), nullable=False),
+        pa.field(name + "_u16", pa.binary(), nullable=False),
+        pa.field(name + "_u32", pa.binary(), nullable=False),
+    ]
+
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -41,34 +56,20 @@ SHARD_SCHEMA = pa.schema(
         pa.field("assistant_spans", _SPANS, nullable=False),
         pa.field("loss_spans", _SPANS, nullable=False),
         pa.field("position_spans", _SPANS, nullable=False),
-        pa.field("input_ids", pa.binary(), nullable=False),
-        pa.field("input_ids_overflow", _OVERFLOW, nullable=False),
-        pa.field("lp_top1", pa.binary(), nullable=False),
-        pa.field("lp_top1_overflow", _OVERFLOW, nullable=False),
-        pa.field("lp_delta", pa.binary(), nullable=False),
-        pa.field("lp_delta_overflow", _OVERFLOW, nullable=False),
-        pa.field("gold_rank", pa.binary(), nullable=False),
-        pa.field("gold_extra", pa.binary(), nullable=False),
-        pa.field("gold_extra_overflow", _OVERFLOW, nullable=False),
-        pa.field("id_codes", pa.binary(), nullable=False),
-        pa.field("id_codes_overflow", _OVERFLOW, nullable=False),
+        *_stream("input_ids"),
+        *_stream("lp_top1"),
+        *_stream("lp_delta"),
+        *_stream("gold_rank"),
+        *_stream("gold_extra"),
+        *_stream("id_codes"),
+        *_stream("id_escapes"),
     ]
 )
 
-# Columns whose bytes are the top-k distributions (the rest is the sample itself: tokens, text, masks).
-TOPK_COLUMNS = (
-    "lp_top1",
-    "lp_top1_overflow",
-    "lp_delta",
-    "lp_delta_overflow",
-    "gold_rank",
-    "gold_extra",
-    "gold_extra_overflow",
-    "id_codes",
-    "id_codes_overflow",
-)
+STREAM_COLUMNS = tuple(c for s in STREAMS for c in (s, s + "_u16", s + "_u32"))
 
-OVERFLOW_COLUMNS = [n for n in SHARD_SCHEMA.names if n.endswith("_overflow")]
+# Columns whose bytes are the top-k distributions (the rest is the sample itself: tokens, text, masks).
+TOPK_COLUMNS = tuple(c for s in TOPK_STREAMS for c in (s, s + "_u16", s + "_u32"))
 
 # Small columns worth Parquet statistics and dictionary pages; the byte streams are not.
 STAT_COLUMNS = ["sample_id", "num_tokens", "num_positions", "truncated"]

@@ -1,0 +1,55 @@
+"""fusion: token alignment of source distributions to the pivot's tokenization and vocabulary, and their
+fusion (MinCE / AvgCE) into training targets. Pure functions over `datastore.sample.ScoredSample`; the
+``logitfuse fuse`` command reads and writes the shards around them."""
+
+from fusion._sparse import SparseDist
+from fusion.align import (
+    ALIGN_METHODS,
+    AlignedDistributions,
+    Alignment,
+    AlignmentError,
+    align_sample,
+    align_distributions,
+    align_dtw,
+    align_spans,
+    byte_spans,
+    token_offsets,
+)
+from fusion.fuse import FUSION_METHODS, FusionResult, cross_entropy, fuse, fuse_sample, gold_ids, response_mask
+from fusion.vocab import (
+    ExactMatch,
+    MappingStatistics,
+    MinEditDistance,
+    StatisticsMap,
+    TokenTable,
+    VocabMap,
+    build_vocab_map,
+)
+
+__all__ = [
+    "ALIGN_METHODS",
+    "FUSION_METHODS",
+    "AlignedDistributions",
+    "Alignment",
+    "AlignmentError",
+    "ExactMatch",
+    "FusionResult",
+    "MappingStatistics",
+    "MinEditDistance",
+    "SparseDist",
+    "StatisticsMap",
+    "TokenTable",
+    "VocabMap",
+    "align_sample",
+    "align_distributions",
+    "align_dtw",
+    "align_spans",
+    "build_vocab_map",
+    "byte_spans",
+    "cross_entropy",
+    "fuse",
+    "fuse_sample",
+    "gold_ids",
+    "response_mask",
+    "token_offsets",
+]

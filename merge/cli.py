@@ -34,7 +34,7 @@ def merge_command(
     dtype: str | None = typer.Option(None, "--dtype", help="Output dtype: bfloat16 | float16 | float32."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB."),
 ) -> None:
-    """Merge target models onto the pivot in parameter space (SCE by default in FuseChat), tensor by tensor."""
+    """Merge target models onto the pivot in parameter space (FuseChat uses sce), streaming tensor by tensor."""
     targets = [*(models or []), *(more_models or [])]
     flags: dict[str, Any] = {"select_topk": select_topk, "variant": sce_variant, "normalize": normalize, "seed": seed}
     flags = {k: v for k, v in flags.items() if v is not None}

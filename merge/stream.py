@@ -27,12 +27,18 @@ class Chunk:
     name: str
     start: int
     pivot: torch.Tensor  # (n,)
-    targets: torch.Tensor  # (N, n), one row per target model
+    _targets: torch.Tensor  # (N, n), one row per target model; becomes the fusion vectors in place
+
+    @property
+    def targets(self) -> torch.Tensor:
+        if "deltas" in self.__dict__:
+            raise RuntimeError("a method read chunk.targets after chunk.deltas, which reuses their memory")
+        return self._targets
 
     @cached_property
     def deltas(self) -> torch.Tensor:
-        """The fusion vectors: target - pivot, (N, n)."""
-        return self.targets - self.pivot
+        """The fusion vectors, target - pivot, (N, n), computed in place over the targets to save a copy."""
+        return self._targets.sub_(self.pivot)
 
     @property
     def size(self) -> int:
@@ -90,13 +96,17 @@ class ParameterStream:
         targets: list[Reader],
         compute_dtype: torch.dtype,
         chunk_elements: int,
+        block: int = 1024,
     ):
         self.name, self.shape = name, tuple(shape)
         self.numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         self.n_targets = len(targets)
         self.compute_dtype = compute_dtype
         self._pivot, self._targets = pivot, targets
-        self._step = max(1, chunk_elements)
+        # Chunks start at multiples of `block`, and `total` sums whole blocks first, so every statistic, and
+        # hence the output, is bitwise the same whatever the chunk size (and in memory: one chunk).
+        self._block = block
+        self._step = -(-max(1, chunk_elements) // block) * block
 
     def chunks(self) -> Iterator[Chunk]:
         """One pass over the matrix, in ascending element order."""
@@ -108,13 +118,21 @@ class ParameterStream:
                 targets[j].copy_(read(start, end))
             yield Chunk(self.name, start, pivot, targets)
 
-    def total(self, per_chunk: Callable[[Chunk], torch.Tensor]) -> torch.Tensor:
-        """The sum over all chunks of `per_chunk(chunk)` (a fixed-shape tensor), accumulated in float64."""
-        acc = None
+    def total(self, per_element: Callable[[Chunk], torch.Tensor]) -> torch.Tensor:
+        """Sum over the whole matrix of `per_element(chunk)` (shape (..., n)) along its last axis.
+
+        Summed per block of `block` elements at fixed positions (in the compute dtype), then once over all
+        block sums in float64, so the result does not depend on the chunk size.
+        """
+        parts = []
+        b = self._block
         for chunk in self.chunks():
-            value = per_chunk(chunk).to(torch.float64)
-            acc = value if acc is None else acc + value
-        return acc
+            v = per_element(chunk)
+            full = v.shape[-1] // b * b
+            parts.append(v[..., :full].reshape(*v.shape[:-1], -1, b).sum(-1).to(torch.float64))
+            if full < v.shape[-1]:
+                parts.append(v[..., full:].sum(-1, keepdim=True).to(torch.float64))
+        return torch.cat(parts, dim=-1).sum(-1)
 
     def select_top(
         self, score: Score, fraction: float, *, among: Literal["all", "nonzero"] = "all"

@@ -19,6 +19,7 @@ from datastore.manifest import LogitsMeta, logits_id
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
 from teacher_server.backends.base import Backend
+from teacher_server.batching import plan_batches
 from teacher_server.render import TokenizedSample, resolve_template, tokenize_sample, tokenizer_fingerprint
 
 
@@ -49,25 +50,6 @@ class ExtractResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def plan_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size fits `batch_tokens`.
-
-    Longest first, so the first batch shows the peak memory early rather than at the end.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * width > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def logits_meta(backend: Backend, dataset: Dataset, teacher_name: str, settings: ExtractSettings) -> LogitsMeta:

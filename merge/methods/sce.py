@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from merge.methods.common import agrees_with_majority, mix
+from merge.methods.common import agrees_with_majority, mix, variance
 from merge.registry import Combine, Fraction, ParameterStream, merge_method
 
 
@@ -31,12 +31,16 @@ def sce(
 ) -> Combine:
     selection = None
     if select_topk < 1:
-        selection = param.select_top(lambda c: c.deltas.var(0, correction=0), select_topk, among="nonzero")
+        selection = param.select_top(lambda c: variance(c.deltas), select_topk, among="nonzero")
 
     def selected(chunk) -> torch.Tensor:
         return chunk.deltas if selection is None else chunk.deltas * selection.mask(chunk)
 
-    energy = param.total(lambda c: (selected(c) ** 2).sum(1))
+    def squares(chunk) -> torch.Tensor:
+        d = selected(chunk)
+        return d.square() if selection is None else d.square_()  # the masked copy is ours to overwrite
+
+    energy = param.total(squares)
     eta = energy / energy.sum() if energy.sum() > 0 else torch.full_like(energy, 1 / param.n_targets)
 
     def combine(chunk):

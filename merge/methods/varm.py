@@ -11,7 +11,7 @@ from merge.registry import Combine, ParameterStream, merge_method
 
 @merge_method("varm", paper="https://arxiv.org/abs/2402.16107")
 def varm(param: ParameterStream) -> Combine:
-    variation = param.total(lambda c: (c.deltas**2).sum(1))
+    variation = param.total(lambda c: c.deltas**2)
     total = variation.sum()
     weights = variation / total if total > 0 else torch.full_like(variation, 1 / param.n_targets)
 

@@ -1,0 +1,117 @@
+"""`logitfuse store ls|show|verify URI`: the catalog and integrity commands of the datastore.
+
+Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad URIs raise `UserError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import typer
+
+from datastore import codec, fs
+from datastore.reader import LogitsReader
+
+store_app = typer.Typer(help="Inspect and check logits datasets in a store (local directory or s3://).")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@store_app.command("ls")
+def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucket/prefix")) -> None:
+    """List the logits datasets in a store."""
+    manifests = fs.list_logits(uri)
+    if not manifests:
+        typer.echo(f"no logits datasets in {uri}")
+        return
+    typer.echo(f"{'id':16}  {'teacher':24} {'k':>3} {'samples':>8} {'tokens':>10} {'bytes':>10}  complete")
+    for m in manifests:
+        typer.echo(
+            f"{m.logits_id:16}  {m.meta.teacher_name[:24]:24} {m.meta.k:>3} {m.num_samples:>8} "
+            f"{m.num_tokens:>10} {_size(m.num_bytes):>10}  {'yes' if m.complete else 'no'}"
+        )
+
+
+@store_app.command("show")
+def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id>")) -> None:
+    """Print one logits dataset's manifest summary."""
+    m = LogitsReader(uri).manifest
+    meta = m.meta
+    topk = sum(s.topk_bytes for s in m.shards)
+    entries = m.num_positions * meta.k
+    lines = [
+        f"logits id     {m.logits_id}  ({'complete' if m.complete else 'INCOMPLETE'})",
+        f"dataset       {meta.dataset_id}",
+        f"teacher       {meta.teacher_name} @ {meta.teacher_revision}  tokenizer {meta.tokenizer_fingerprint}",
+        f"k             {meta.k}   template {meta.chat_template}   max_length {meta.max_length}   "
+        f"all_positions {meta.all_positions}",
+        f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
+        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards"
+        + (f"   {m.num_bytes / entries:.3f} B/entry ({topk / entries:.3f} top-k only)" if entries else ""),
+        f"encoding      {m.encoding.get('codec')}  step {m.encoding.get('logprob_step')} nat  "
+        f"max |error| {m.encoding.get('logprob_max_abs_error')} nat  ids {m.encoding.get('ids')}",
+        f"written by    logitfuse {m.code_version}   created {m.created}   updated {m.updated}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@store_app.command("verify")
+def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id>")) -> None:
+    """Re-read every shard: checksum, row count, and a full decode. Exit 1 on any problem."""
+    reader = LogitsReader(uri)
+    m = reader.manifest
+    problems: list[str] = []
+    seen: set[str] = set()
+    rows = positions = tokens = 0
+    for shard in m.shards:
+        path = reader.shard_path(shard)
+        try:
+            data = fs.read_bytes(reader._fs, path)
+        except (FileNotFoundError, OSError) as e:
+            problems.append(f"{shard.file}: missing or unreadable ({e})")
+            continue
+        if len(data) != shard.bytes:
+            problems.append(f"{shard.file}: {len(data)} bytes, manifest says {shard.bytes}")
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            problems.append(f"{shard.file}: sha256 mismatch")
+        try:
+            n_rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            if n_rows != shard.rows:
+                problems.append(f"{shard.file}: {n_rows} rows, manifest says {shard.rows}")
+            table, ctx = codec.read_shard_bytes(data)
+            samples = codec.decode_rows(table, ctx)
+        except Exception as e:  # noqa: BLE001 - any failure to decode is a finding, not a crash
+            problems.append(f"{shard.file}: does not decode ({type(e).__name__}: {e})")
+            continue
+        n_pos = sum(len(s.positions) for s in samples)
+        n_tok = sum(len(s.input_ids) for s in samples)
+        if (n_pos, n_tok) != (shard.positions, shard.tokens):
+            problems.append(
+                f"{shard.file}: {n_pos} positions/{n_tok} tokens, manifest says "
+                f"{shard.positions}/{shard.tokens}"
+            )
+        for s in samples:
+            if s.sample_id in seen:
+                problems.append(f"{shard.file}: duplicate sample id {s.sample_id!r}")
+            seen.add(s.sample_id)
+            if len(s.positions) and not np.all(np.isfinite(s.topk_logprobs)):
+                problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
+        rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
+    if problems:
+        for p in problems:
+            typer.echo(f"FAIL {p}")
+        typer.echo(f"{len(problems)} problem(s) in {uri}")
+        raise typer.Exit(1)
+    state = "complete" if m.complete else "incomplete (writer not closed)"
+    typer.echo(
+        f"OK {uri}: {len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens, {state}"
+    )

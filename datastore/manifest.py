@@ -1,0 +1,108 @@
+"""What a logits dataset is (`LogitsMeta`, hashed into its id) and what it holds (`Manifest`).
+
+`manifest.json` is the dataset's only source of truth: a shard file it does not list does not exist for
+readers. The writer rewrites it atomically after each shard commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+FORMAT = "logitfuse.logits/1"
+
+
+class LogitsMeta(BaseModel):
+    """Identity of a logits dataset: one per (dataset, teacher, k, template, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset_id: str
+    teacher_name: str
+    teacher_revision: str
+    tokenizer_fingerprint: str
+    k: int = Field(ge=1, le=1024)
+    chat_template: str
+    max_length: int = Field(ge=1)
+    all_positions: bool
+    extra: dict = Field(default_factory=dict)
+
+
+def logits_id(meta: LogitsMeta) -> str:
+    """Stable 16-hex id: sha256 of the canonical JSON (sorted keys, no spaces) of the meta."""
+    canonical = json.dumps(meta.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def meta_differences(a: LogitsMeta, b: LogitsMeta) -> list[str]:
+    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    return [f"{name}: {da[name]!r} != {db[name]!r}" for name in da if da[name] != db[name]]
+
+
+def code_version() -> str:
+    try:
+        return importlib.metadata.version("logitfuse")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (logitfuse not installed)"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ShardInfo(BaseModel):
+    file: str  # name relative to the dataset directory
+    rows: int
+    bytes: int
+    sha256: str
+    positions: int
+    tokens: int
+    topk_bytes: int  # compressed bytes of the top-k columns and the context table (see bench)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: str = FORMAT
+    logits_id: str
+    meta: LogitsMeta
+    encoding: dict
+    code_version: str = Field(default_factory=code_version)
+    created: str = Field(default_factory=now)
+    updated: str = Field(default_factory=now)
+    complete: bool = False
+    shards: list[ShardInfo] = Field(default_factory=list)
+
+    @computed_field
+    @property
+    def num_samples(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @computed_field
+    @property
+    def num_positions(self) -> int:
+        return sum(s.positions for s in self.shards)
+
+    @computed_field
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @computed_field
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @computed_field
+    @property
+    def bytes_per_entry(self) -> float | None:
+        """All shard bytes / (positions x k): the honest storage cost of one (id, logprob) entry."""
+        entries = self.num_positions * self.meta.k
+        return round(self.num_bytes / entries, 4) if entries else None
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()

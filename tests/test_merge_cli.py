@@ -1,0 +1,161 @@
+"""End to end: tiny Llama / Qwen2 checkpoints saved sharded by transformers, merged, loaded back; the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.core import TyperGroup
+from typer.testing import CliRunner
+
+from datastore.errors import UserError
+from merge import parse_config, run_merge
+from merge.cli import merge_command
+
+TINY = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+}
+
+
+def build_family(root: Path, kind: str, n_targets: int = 3) -> tuple[Path, list[Path]]:
+    """A tiny pivot and targets (pivot + noise), each saved by `save_pretrained` in several shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        **TINY[kind], vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(root / "pivot", max_shard_size="20KB")
+    targets = []
+    for j in range(n_targets):
+        torch.manual_seed(j + 1)
+        with torch.no_grad():
+            target = AutoModelForCausalLM.from_config(cfg)
+            target.load_state_dict(model.state_dict())
+            for p in target.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        target.save_pretrained(root / f"target{j}", max_shard_size="20KB")
+        targets.append(root / f"target{j}")
+    return root / "pivot", targets
+
+
+def assert_loads_with_finite_logits(out: Path, kind: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == kind
+    logits = model(torch.arange(12)[None] % 96).logits
+    assert logits.shape == (1, 12, 96) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_merged_tiny_model_loads_with_transformers(tmp_path, kind):
+    pivot, targets = build_family(tmp_path, kind)
+    assert len(list(pivot.glob("*.safetensors"))) > 1
+    cfg = parse_config(
+        {"merge_method": "sce", "base_model": str(pivot), "models": [{"model": str(t)} for t in targets],
+         "parameters": {"select_topk": 0.1}}
+    )
+    run_merge(cfg, tmp_path / "out", chunk_elements=1000, max_shard_size="30KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert ("lm_head.weight" in index["weight_map"]) == (kind == "llama")  # qwen2 ties its head
+    assert_loads_with_finite_logits(tmp_path / "out", kind)
+
+
+class UserErrorsExit2(TyperGroup):
+    """What the logitfuse CLI does with a UserError: one line on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(cls=UserErrorsExit2)
+    app.command("merge")(merge_command)
+
+    @app.command("version")
+    def version() -> None:  # a second command, so `merge` is a subcommand as in the real CLI
+        typer.echo("0")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("cli"), "qwen2")
+
+
+def test_cli_with_a_config_file(tmp_path, family):
+    pivot, targets = family
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "sce",
+        "base_model": str(pivot),
+        "models": [{"model": str(pivot)}] + [{"model": str(t)} for t in targets],
+        "parameters": {"select_topk": 0.1},
+        "dtype": "bfloat16",
+    }))
+    result = CliRunner().invoke(
+        make_app(), ["merge", "--config", str(config), "--out", str(tmp_path / "out"), "--max-shard-size", "20KB"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "[1/" in result.output and "wrote" in result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_loads_with_finite_logits(tmp_path / "out", "qwen2")
+
+
+def test_cli_with_flags(tmp_path, family):
+    pivot, targets = family
+    args = ["merge", "--method", "ties", "--base", str(pivot), "--models", *map(str, targets),
+            "--density", "0.5", "--weight", "1", "--weight", "0.5", "--weight", "0.25", "--out", str(tmp_path / "out"),
+            "--max-shard-size", "20KB"]
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    assert "merging 3 model(s)" in result.output
+    assert_loads_with_finite_logits(tmp_path / "out", "qwen2")
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ({"merge_method": "sce", "models": []}, "base_model: Field required"),
+        ({"merge_method": "sce", "base_model": "{pivot}", "models": [{"model": "{t}"}],
+          "parameters": {"select_topk": 2}}, "select_topk: Input should be less than or equal to 1"),
+        ("merge_method: [unclosed", "not valid YAML"),
+    ],
+)
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, family, content, message):
+    pivot, targets = family
+    config = tmp_path / "merge.yaml"
+    if isinstance(content, dict):
+        content = yaml.safe_dump(content).replace("'{pivot}'", str(pivot)).replace("'{t}'", str(targets[0]))
+    config.write_text(content)
+    result = CliRunner().invoke(make_app(), ["merge", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_rejects_config_mixed_with_flags_and_missing_inputs(tmp_path, family):
+    pivot, targets = family
+    runner = CliRunner()
+    result = runner.invoke(make_app(), ["merge", "--config", "x.yaml", "--method", "sce", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--config cannot be combined with --method" in result.output
+    result = runner.invoke(make_app(), ["merge", "--method", "sce", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--method, --base and --models" in result.output
+    result = runner.invoke(make_app(), ["merge", "--method", "sce", "--base", str(pivot), "--models", *map(str, targets),
+                                        "--weight", "1", "--weight", "2", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--weight: give one value or one per model (3), not 2" in result.output
