@@ -8,10 +8,25 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from datastore.errors import UserError
 
+
+class _Group(TyperGroup):
+    """Turns a `UserError` raised by any command into one line on stderr and exit status 2 (also under
+    typer's CliRunner, which calls the group directly rather than `main()`)."""
+
+    def invoke(self, ctx):  # noqa: ANN001 (a typer/click Context)
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     help="logitfuse: teacher top-k extraction, fusion, training and merging for knowledge fusion of LLMs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -19,15 +34,34 @@ app = typer.Typer(
 )
 
 
+# Stage commands live with their stage; a stage whose module is absent (or fails to import because an
+# optional dependency is missing) simply has no command. (module, attribute, command name, help)
+_STAGE_COMMANDS = [
+    ("merge.cli", "merge_command", "merge", "Merge target models in parameter space (SCE, linear, TIES, DARE, ...)."),
+    ("fusion.cli", "fuse_command", "fuse", "Align source logits to the pivot and fuse them into training targets."),
+    ("trainer.cli", "train_command", "train", "Train a pivot-shaped model on fused targets (λ·SFT + fusion loss)."),
+    ("teacher_server.cli", "serve_command", "serve", "Run the teacher service (FastAPI jobs API)."),
+    ("clients.submit", "submit_command", "submit", "Upload a dataset to a teacher service and submit a job."),
+]
+
+
 def _register_optional() -> None:
+    import importlib
+
     from datastore.cli import store_app
 
-    app.add_typer(store_app, name="store", help="List, show and verify logits datasets in a store.")
-    try:
-        from merge.cli import merge_command
-    except ImportError:  # the merge stage is optional at install time only in development checkouts
+    if getattr(app, "_stages_registered", False):
         return
-    app.command("merge", help="Merge target models in parameter space (SCE, linear, TIES, DARE, ...).")(merge_command)
+    app._stages_registered = True
+    app.add_typer(store_app, name="store", help="List, show and verify logits datasets in a store.")
+    for module, attr, name, help_text in _STAGE_COMMANDS:
+        try:
+            command = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == module or module.startswith(e.name + ".")):
+                continue  # the stage is not in this checkout yet
+            raise
+        app.command(name, help=help_text)(command)
 
 
 @app.command()
@@ -85,11 +119,13 @@ def demo(
     run_demo(workdir, steps=steps or None)
 
 
+_register_optional()
+
+
 def main() -> None:
-    _register_optional()
     try:
         app()
-    except UserError as e:
+    except UserError as e:  # raised outside a command (e.g. while parsing): same one-line contract
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
 
