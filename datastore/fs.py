@@ -136,3 +136,43 @@ def list_logits(store_uri: str):
         if exists(fs, path):
             out.append(Manifest.model_validate_json(read_bytes(fs, path)))
     return out
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_tokenizer(dataset_uri: str, tokenizer) -> None:
+    """Store the teacher's tokenizer files under ``<dataset>/tokenizer/`` (once), so a logits dataset is
+    self-contained: fusion re-tokenises and aligns from the store alone."""
+    fs, root = resolve(dataset_uri)
+    target = join(root, TOKENIZER_DIR)
+    if list_files(fs, target):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                write_atomic(fs, join(target, name), f.read())
+
+
+def load_tokenizer(dataset_uri: str):
+    """The tokenizer stored with a logits dataset (`save_tokenizer`), copied to a local cache when remote."""
+    from transformers import AutoTokenizer
+
+    fs, root = resolve(dataset_uri)
+    source = join(root, TOKENIZER_DIR)
+    names = list_files(fs, source)
+    if not names:
+        raise UserError(f"{dataset_uri} has no stored tokenizer ({TOKENIZER_DIR}/): re-run extract to add it")
+    if is_local(fs):
+        return AutoTokenizer.from_pretrained(source)
+    import hashlib
+
+    cache = os.path.join(tempfile.gettempdir(), "logitfuse-tokenizers-remote",
+                         hashlib.sha256(dataset_uri.encode()).hexdigest()[:16])
+    os.makedirs(cache, exist_ok=True)
+    for name in names:
+        local = os.path.join(cache, name)
+        if not os.path.exists(local):
+            write_atomic(pafs.LocalFileSystem(), local, read_bytes(fs, join(source, name)))
+    return AutoTokenizer.from_pretrained(cache)

@@ -33,6 +33,10 @@ class LogitsReader:
     def __len__(self) -> int:
         return self.manifest.num_samples
 
+    def tokenizer(self):
+        """The teacher's tokenizer, stored with the dataset at extraction (`datastore.fs.save_tokenizer`)."""
+        return fs.load_tokenizer(self.uri)
+
     def shard_path(self, shard: ShardInfo) -> str:
         return fs.join(self._root, shard.file)
 

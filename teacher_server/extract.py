@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from datastore.chat import Dataset
 from datastore.errors import UserError
+from datastore.fs import save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
@@ -90,6 +91,7 @@ def extract(
     result = ExtractResult(uri=uri, logits_id=lid)
     t0 = time.perf_counter()
     with LogitsWriter(uri, meta, shard_rows=settings.shard_rows) as writer:
+        save_tokenizer(uri, tok)
         done = writer.done_ids
         todo = [s for s in dataset.samples if s.id not in done]
         result.samples_already_stored = len(dataset.samples) - len(todo)
