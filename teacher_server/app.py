@@ -1,0 +1,315 @@
+"""The HTTP layer of the teacher service: FastAPI routes that translate requests into `JobService` calls
+and errors into one JSON shape, `{"error": "<one line naming the problem>"}`. Nothing here scores,
+stores or schedules; see `teacher_server.jobs` (state) and `teacher_server.worker` (teacher processes).
+
+Status codes: 400 a request that names something wrong (unknown teacher or dataset, k above max_k,
+invalid samples), 401 no or unknown token, 403 a read token asking to write, 404 unknown job or route,
+413 an upload over `max_upload_bytes`, 422 a body that does not match the schema, 504 a `/v1/topk`
+that the teacher did not answer in time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from datastore.errors import UserError
+from teacher_server import metrics
+from teacher_server.auth import Authenticator, AuthError, Principal
+from teacher_server.config import ServiceConfig
+from teacher_server.jobs import JobService, UploadTooLarge
+
+# ------------------------------------------------------------------------------------------ schemas
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=64, description="dataset id from POST /v1/datasets")
+    teacher: str = Field(min_length=1, max_length=64)
+    k: int = Field(10, ge=1, le=1024, description="top-k entries per position (at most the teacher's max_k)")
+    chat_template: str | None = Field(None, max_length=64, description="'model' or a shared template name")
+    max_length: int | None = Field(None, ge=2, description="tokens per sample (default: the teacher's)")
+    all_positions: bool = False
+
+
+class TopKRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field(min_length=1, max_length=64)
+    samples: list[dict[str, Any]] = Field(min_length=1, description="samples as in a dataset line")
+    k: int = Field(10, ge=1, le=1024)
+    chat_template: str | None = Field(None, max_length=64)
+    max_length: int | None = Field(None, ge=2)
+    all_positions: bool = False
+
+
+class DatasetOut(BaseModel):
+    id: str
+    format: str
+    samples: int
+    skipped: int
+    bytes: int
+    problems: list[str] = []
+
+
+class JobOut(BaseModel):
+    id: str
+    state: str
+    teacher: str
+    dataset: str
+    k: int
+    chat_template: str
+    max_length: int
+    all_positions: bool
+    samples_done: int
+    samples_total: int
+    tokens: int
+    tokens_per_s: float
+    eta_s: float | None
+    truncated: int
+    logits_id: str | None
+    uri: str | None
+    errors: list[str]
+    attempts: int
+    created: float
+    started: float | None
+    finished: float | None
+    existing: bool = False
+
+
+class TopKSample(BaseModel):
+    id: str
+    input_ids: list[int]
+    positions: list[int]
+    targets: list[str]
+    topk_ids: list[list[int]]
+    topk_tokens: list[list[str]]
+    topk_logprobs: list[list[float]]
+    gold_logprob: list[float]
+
+
+class TopKOut(BaseModel):
+    teacher: str
+    k: int
+    results: list[TopKSample]
+
+
+ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 422)}
+
+
+# ------------------------------------------------------------------------------------------ middleware
+
+
+class _CountErrors:
+    """Pure ASGI middleware: counts error responses for /metrics without touching request bodies."""
+
+    def __init__(self, app, counter: metrics.HttpErrors):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.counter.add(message["status"])
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+# ------------------------------------------------------------------------------------------ app
+
+
+def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
+    """The FastAPI app of one service; `start_workers=False` gives the API alone (no teacher processes)."""
+    from teacher_server.worker import Supervisor
+
+    service = JobService(config)
+    supervisor = Supervisor(config, service.db) if start_workers else None
+    service.supervisor = supervisor
+    auth = Authenticator(config.tokens)
+    http_errors = metrics.HttpErrors()
+    bearer = HTTPBearer(auto_error=False, description="team token from teachers.yaml (sha256 stored)")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if supervisor is not None:
+            supervisor.start()
+        yield
+        if supervisor is not None:
+            await run_in_threadpool(supervisor.stop)
+
+    app = FastAPI(
+        title="logitfuse teacher service",
+        version="1",
+        description="Top-k logit extraction jobs over uploaded datasets, for knowledge fusion (FuseLLM/FuseChat).",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(_CountErrors, counter=http_errors)
+
+    def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
+        return f"Bearer {creds.credentials}" if creds is not None else None
+
+    def reader(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        return auth.require(_header(creds), "read")
+
+    def writer(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        return auth.require(_header(creds), "write")
+
+    # -------------------------------------------------------------- errors
+
+    @app.exception_handler(UserError)
+    async def _user_error(_req: Request, exc: UserError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(LookupError)
+    async def _lookup_error(_req: Request, exc: LookupError):
+        return _error(404, str(exc.args[0]) if exc.args else "not found")
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(_req: Request, exc: AuthError):
+        return _error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(_req: Request, exc: UploadTooLarge):
+        return _error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(TimeoutError)
+    async def _timeout(_req: Request, exc: TimeoutError):
+        return _error(504, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, exc: Exception):
+        traceback.print_exception(exc, file=sys.stderr)
+        return _error(500, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    # -------------------------------------------------------------- routes
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        workers = service.db.workers()
+        return {"status": "ok", "teachers": {t.name: workers.get(t.name, {}).get("state", "stopped")
+                                             for t in config.teachers}}
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def get_metrics() -> str:
+        resident = supervisor.resident() if supervisor is not None else []
+        return metrics.render(service.db, [t.name for t in config.teachers], resident, http_errors)
+
+    @app.get("/v1/teachers", tags=["teachers"], responses=ERRORS)
+    def teachers(_p: Principal = Depends(reader)) -> list[dict]:
+        return service.teachers()
+
+    @app.post(
+        "/v1/datasets", tags=["datasets"], status_code=201, response_model=DatasetOut,
+        responses={**ERRORS, 413: {"model": ErrorBody}},
+        openapi_extra={"requestBody": {"required": True, "description": "a JSONL or Parquet dataset file",
+                                       "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    async def upload_dataset(request: Request, skip_invalid: bool = False, _p: Principal = Depends(writer)):
+        """Stream a JSONL or Parquet dataset to the server; it is validated as `logitfuse extract` does."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > config.max_upload_bytes:
+            raise UploadTooLarge(f"upload of {declared} bytes exceeds the limit of {config.max_upload_bytes} bytes")
+        rec, problems = await service.datasets.ingest(request.stream(), config.max_upload_bytes, skip_invalid)
+        return {**rec.public(), "problems": problems}
+
+    @app.get("/v1/datasets/{dataset_id}", tags=["datasets"], response_model=DatasetOut, responses=ERRORS)
+    def get_dataset(dataset_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)):
+        rec = service.db.dataset(dataset_id)
+        if rec is None:
+            raise LookupError(f"unknown dataset id {dataset_id!r}")
+        return rec.public()
+
+    @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=JobOut,
+              responses={**ERRORS, 200: {"model": JobOut, "description": "the existing job for these settings"}})
+    def create_job(req: JobRequest, p: Principal = Depends(writer)):
+        """Queue an extraction job; the same dataset, teacher and settings return the existing job."""
+        job, created = service.submit(req.dataset, req.teacher, req.k, req.chat_template, req.max_length,
+                                      req.all_positions, p.team)
+        body = {**job.public(), "existing": not created}
+        return JSONResponse(body, status_code=201 if created else 200)
+
+    @app.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=ERRORS)
+    def list_jobs(state: str | None = None, teacher: str | None = None, limit: int = 100,
+                  _p: Principal = Depends(reader)):
+        return [j.public() for j in service.db.jobs(state, teacher, max(1, min(limit, 1000)))]
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+    def get_job(job_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)):
+        return service.job(job_id).public()
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+    def cancel_job(job_id: str = PathParam(max_length=64), _p: Principal = Depends(writer)):
+        """Cancel a queued or running job (committed shards stay; resubmitting resumes them)."""
+        return service.cancel(job_id).public()
+
+    @app.get("/v1/jobs/{job_id}/manifest", tags=["jobs"], responses=ERRORS)
+    def job_manifest(job_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)) -> dict:
+        """The manifest of the job's logits dataset (as written so far)."""
+        from datastore import fs
+
+        job = service.job(job_id)
+        if not job.uri:
+            raise LookupError(f"job {job_id} has no logits dataset yet (state {job.state})")
+        filesystem, root = fs.resolve(job.uri)
+        path = fs.join(root, fs.MANIFEST)
+        if not fs.exists(filesystem, path):
+            raise LookupError(f"job {job_id}: no manifest at {job.uri} yet")
+        return json.loads(fs.read_bytes(filesystem, path))
+
+    @app.post("/v1/topk", tags=["teachers"], response_model=TopKOut, responses={**ERRORS, 504: {"model": ErrorBody}})
+    async def topk(req: TopKRequest, _p: Principal = Depends(writer)):
+        """Score a few samples synchronously (at most `max_topk_samples`; longer ones are refused, not cut)."""
+        from datastore.chat import parse_record
+
+        service.check_settings(req.teacher, req.k, req.chat_template, req.max_length)
+        for i, rec in enumerate(req.samples):
+            try:
+                parse_record(rec)
+            except ValueError as e:
+                raise UserError(f"samples[{i}]: {e}") from None
+        results = await run_in_threadpool(service.topk, req.teacher, req.samples, req.k, req.chat_template,
+                                          req.max_length, req.all_positions)
+        return {"teacher": req.teacher, "k": req.k, "results": results}
+
+    return app

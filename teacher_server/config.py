@@ -1,0 +1,149 @@
+"""`teachers.yaml`: the service's typed configuration, validated once at the edge (`load_config`).
+
+The keys of DESIGN.md (`store`, `teachers[].name/model/backend/max_k/max_length/chat_template`, `tokens`)
+plus the service's own: where job state lives, upload and `/v1/topk` limits, how many teachers may be
+resident at once (`max_resident`), and per teacher its devices, dtype, tensor-parallel size and the
+extraction knobs (`batch_tokens`, `shard_rows`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from datastore.errors import UserError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TeacherConfig(BaseModel):
+    """One teacher model the service can run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model: str  # local directory or hub id
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    devices: list[str] = Field(default_factory=list)  # e.g. ["cuda:0", "cuda:1"]; empty: backend default
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_k: int = Field(20, ge=1, le=1024)
+    max_length: int = Field(2048, ge=2)
+    chat_template: str = "model"
+    batch_tokens: int = Field(16384, ge=1)
+    shard_rows: int = Field(512, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _devices(self) -> TeacherConfig:
+        if self.devices and self.backend == "vllm" and len(self.devices) != self.tensor_parallel_size:
+            raise ValueError(
+                f"vllm teacher {self.name!r}: {len(self.devices)} devices for tensor_parallel_size "
+                f"{self.tensor_parallel_size}; give as many devices as the parallel size"
+            )
+        return self
+
+
+class TokenConfig(BaseModel):
+    """A team's bearer token, stored as the hex sha256 of the token (the token itself is never stored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    team: str
+    sha256: str
+    scope: Literal["read", "write"] = "read"
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not _HEX64.match(v):
+            raise ValueError("must be the 64 hex digits of sha256(token)")
+        return v
+
+
+class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = "./store"
+    #: job database and uploaded datasets (default: `<config dir>/.logitfuse-service`)
+    state_dir: str | None = None
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    tokens: list[TokenConfig] | None = None  # absent: no auth (local use)
+    #: teachers whose worker processes may hold a model at the same time; a worker whose queue is empty
+    #: releases its model when another teacher has queued work. None: all teachers stay resident.
+    max_resident: int | None = Field(None, ge=1)
+    max_upload_bytes: int = Field(1 << 30, ge=1)
+    max_topk_samples: int = Field(8, ge=1)
+    #: seconds a worker keeps an idle model loaded before releasing it when `max_resident` is set
+    idle_release_s: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServiceConfig:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def teacher(self, name: str) -> TeacherConfig | None:
+        return next((t for t in self.teachers if t.name == name), None)
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (and {e.error_count() - 3} more)" if e.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def parse_config(data: object, where: str = "config") -> ServiceConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping with 'store' and 'teachers'")
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_one_line(e)}") from None
+
+
+def load_config(path: str | Path, store: str | None = None) -> ServiceConfig:
+    """Read and validate `teachers.yaml`; relative local paths are taken relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = parse_config(data, str(path))
+    base = path.resolve().parent
+    if store:
+        cfg.store = store
+    elif "://" not in cfg.store and not Path(cfg.store).is_absolute():
+        cfg.store = str(base / cfg.store)
+    if cfg.state_dir is None:
+        cfg.state_dir = str(base / ".logitfuse-service")
+    elif not Path(cfg.state_dir).is_absolute():
+        cfg.state_dir = str(base / cfg.state_dir)
+    for t in cfg.teachers:
+        local = base / t.model
+        if not Path(t.model).is_absolute() and local.exists():
+            t.model = str(local)
+        tpl = base / t.chat_template
+        if t.chat_template.endswith(".jinja") and not Path(t.chat_template).is_absolute() and tpl.is_file():
+            t.chat_template = str(tpl)
+    return cfg

@@ -1,0 +1,222 @@
+"""The teacher service through a real `logitfuse serve` process on a free port (httpx): auth, bad input
+(4xx JSON naming the problem, never a 500, nothing partial stored), a job end to end, the same job on
+resubmission, `/v1/topk`, `/metrics`, and `logitfuse submit`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from clients.cli import app as cli_app
+from clients.client import TeacherClient, run_local_service
+from clients.corpus import chat_samples, write_jsonl
+
+WRITE_TOKEN, READ_TOKEN = "write-token-research", "read-token-viewers"
+TEACHER_STEPS = 40
+
+
+def tiny_teacher() -> Path:
+    """A tiny trained Llama on the 32k SentencePiece tokenizer with the [INST] template (cached on disk)."""
+    from clients.tiny_models import make_teacher
+    from teacher_server.render import TEMPLATE_DIR
+
+    return make_teacher(Path(tempfile.gettempdir()) / "logitfuse-test-teachers" / "llama-spm", "llama", "spm32k",
+                        (TEMPLATE_DIR / "inst.jinja").read_text(encoding="utf-8"), steps=TEACHER_STEPS)
+
+
+def service_config(root: Path, teachers: list[dict], **extra) -> dict:
+    return {
+        "store": str(root / "store"),
+        "state_dir": str(root / "state"),
+        "teachers": teachers,
+        **extra,
+    }
+
+
+def teacher_entry(name: str, model: Path, **extra) -> dict:
+    return {"name": name, "model": str(model), "backend": "hf", "max_k": 16, "max_length": 256,
+            "shard_rows": 8, "batch_tokens": 2048, **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    cfg = service_config(
+        root, [teacher_entry("tiny", tiny_teacher())], max_upload_bytes=100_000, max_topk_samples=3,
+        tokens=[{"team": "research", "sha256": hashlib.sha256(WRITE_TOKEN.encode()).hexdigest(), "scope": "write"},
+                {"team": "viewers", "sha256": hashlib.sha256(READ_TOKEN.encode()).hexdigest(), "scope": "read"}],
+    )
+    with run_local_service(cfg, log_path=root / "serve.log") as url:
+        yield url, root
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    url, _ = server
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {WRITE_TOKEN}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def good_dataset(tmp_path_factory) -> Path:
+    return write_jsonl(chat_samples(24, seed=5), tmp_path_factory.mktemp("data") / "chat.jsonl")
+
+
+def _err(r: httpx.Response, status: int, *words: str) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    for w in words:
+        assert w.lower() in body["error"].lower(), (w, body["error"])
+    return body["error"]
+
+
+def _stored(root: Path) -> tuple[list[str], list[str]]:
+    datasets = sorted(p.name for p in (root / "state" / "datasets").iterdir())
+    logits = sorted(p.name for p in (root / "store" / "logits").iterdir()) if (root / "store" / "logits").exists() else []
+    return datasets, logits
+
+
+# ------------------------------------------------------------------------------------------ service
+
+
+def test_health_docs_and_openapi(server):
+    url, _ = server
+    assert httpx.get(f"{url}/healthz").json()["teachers"] == {"tiny": "ready"}
+    assert httpx.get(f"{url}/docs").status_code == 200
+    spec = httpx.get(f"{url}/openapi.json").json()
+    for route in ("/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/topk", "/v1/teachers"):
+        assert route in spec["paths"]
+
+
+def test_auth(server):
+    url, _ = server
+    _err(httpx.get(f"{url}/v1/teachers"), 401, "bearer")
+    _err(httpx.get(f"{url}/v1/teachers", headers={"Authorization": "Bearer nope"}), 401, "unknown")
+    read = {"Authorization": f"Bearer {READ_TOKEN}"}
+    teachers = httpx.get(f"{url}/v1/teachers", headers=read)
+    assert teachers.status_code == 200 and teachers.json()[0]["name"] == "tiny"
+    _err(httpx.post(f"{url}/v1/datasets", headers=read, content=b'{"id": 1, "text": "x"}\n'), 403, "write")
+    _err(httpx.post(f"{url}/v1/jobs", headers=read, json={"dataset": "x", "teacher": "tiny"}), 403, "write")
+    _err(httpx.delete(f"{url}/v1/jobs/abc", headers=read), 403, "write")
+    _err(httpx.get(f"{url}/v1/jobs/abc", headers=read), 404, "abc")
+
+
+def test_bad_uploads_store_nothing(server, http):
+    _, root = server
+    before = _stored(root)
+    good = json.dumps(chat_samples(1, seed=1)[0])
+    _err(http.post("/v1/datasets", content=f"{good}\n{{not json\n".encode()), 400, "line 2", "json")
+    no_assistant = json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]})
+    _err(http.post("/v1/datasets", content=no_assistant.encode()), 400, "assistant")
+    empty_turn = json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "  "}]})
+    _err(http.post("/v1/datasets", content=empty_turn.encode()), 400, "empty")
+    _err(http.post("/v1/datasets", content=b""), 400, "empty upload")
+    dup = f"{good}\n{good}\n".encode()
+    _err(http.post("/v1/datasets", content=dup), 400, "duplicate id")
+    _err(http.post("/v1/datasets", content=b"PAR1 this is no parquet"), 400, "parquet")
+    big = (good + "\n") * (200_000 // len(good))
+    _err(http.post("/v1/datasets", content=big.encode()), 413, "limit")
+
+    def streamed():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(40):
+            yield (good + "\n").encode() * 10
+
+    _err(http.post("/v1/datasets", content=streamed()), 413, "limit")
+    assert _stored(root) == before
+    assert not list((root / "state" / "datasets").glob(".upload-*"))
+
+
+def test_bad_job_requests(server, http, good_dataset):
+    ds = http.post("/v1/datasets", content=good_dataset.read_bytes())
+    assert ds.status_code == 201, ds.text
+    did = ds.json()["id"]
+    _, root = server
+    before = _stored(root)
+    _err(http.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}), 422, "json")
+    _err(http.post("/v1/jobs", json=["a list"]), 422)
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "colour": "red"}), 422, "colour")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": "many"}), 422, "k")
+    _err(http.post("/v1/jobs", json={"dataset": did}), 422, "teacher")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "gpt-9"}), 400, "unknown teacher", "gpt-9", "tiny")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 17}), 400, "k=17", "max_k=16")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 0}), 422, "k")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "max_length": 100000}), 400, "max_length")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "chat_template": "/etc/passwd"}), 400,
+         "chat_template")
+    _err(http.post("/v1/jobs", json={"dataset": "0123456789abcdef", "teacher": "tiny"}), 400, "unknown dataset")
+    _err(http.get("/v1/jobs/does-not-exist"), 404, "does-not-exist")
+    _err(http.delete("/v1/jobs/does-not-exist"), 404, "does-not-exist")
+    _err(http.get("/v1/jobs/does-not-exist/manifest"), 404)
+    _err(http.get("/v1/no-such-route"), 404)
+    assert http.get("/v1/jobs").json() == []  # no job was created by any of these
+    assert _stored(root) == before
+
+
+def test_topk(server, http):
+    sample = chat_samples(1, seed=3)[0]
+    r = http.post("/v1/topk", json={"teacher": "tiny", "samples": [sample], "k": 4})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["id"] == str(sample["id"]) and len(res["topk_ids"]) == len(res["positions"]) > 0
+    for row in res["topk_logprobs"]:
+        assert len(row) == 4 and row == sorted(row, reverse=True) and row[0] <= 0
+    long_text = {"id": "long", "text": "the cat sat on the mat. " * 200}
+    _err(http.post("/v1/topk", json={"teacher": "tiny", "samples": [long_text]}), 400, "above max_length=256")
+    _err(http.post("/v1/topk", json={"teacher": "tiny", "samples": [{"id": "e", "text": ""}]}), 400, "samples[0]")
+    _err(http.post("/v1/topk", json={"teacher": "tiny", "samples": []}), 422, "samples")
+    _err(http.post("/v1/topk", json={"teacher": "tiny", "samples": [sample] * 4}), 400, "at most 3")
+    _err(http.post("/v1/topk", json={"teacher": "tiny", "samples": [sample], "k": 99}), 400, "max_k")
+
+
+def test_job_end_to_end_and_resubmission(server, good_dataset):
+    from datastore.reader import LogitsReader
+
+    url, root = server
+    with TeacherClient(url, WRITE_TOKEN) as client:
+        ds = client.upload(good_dataset)
+        job = client.submit(ds["id"], "tiny", k=5)
+        done = client.wait(job["id"], progress=False, timeout=300)
+        assert done["state"] == "done", done
+        assert done["samples_done"] == done["samples_total"] == 24 and done["errors"] == []
+        again = client.submit(ds["id"], "tiny", k=5)
+        assert again["id"] == job["id"] and again["existing"] is True
+        manifest = client.manifest(job["id"])
+        assert manifest["complete"] and sum(s["rows"] for s in manifest["shards"]) == 24
+        assert len(manifest["shards"]) == 3  # shard_rows 8
+    reader = LogitsReader(done["uri"])
+    ids = [s.sample_id for s in reader.iter_samples()]
+    assert sorted(ids) == sorted(str(s["id"]) for s in chat_samples(24, seed=5))
+    verify = CliRunner().invoke(cli_app, ["store", "verify", done["uri"]])
+    assert verify.exit_code == 0, verify.output
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'logitfuse_samples_done_total{teacher="tiny"} 24' in metrics
+    assert 'logitfuse_queue_depth{teacher="tiny"} 0' in metrics
+    assert "logitfuse_http_errors_total" in metrics
+
+
+def test_submit_command_and_cancel(server, tmp_path):
+    url, _ = server
+    data = write_jsonl(chat_samples(10, seed=9), tmp_path / "small.jsonl")
+    out = CliRunner().invoke(cli_app, ["submit", "--server", url, "--dataset", str(data), "--teacher", "tiny",
+                                       "--k", "3", "--wait", "--token", WRITE_TOKEN])
+    assert out.exit_code == 0, out.output
+    job = json.loads(out.stdout.strip().splitlines()[-1])
+    assert job["state"] == "done" and job["samples_done"] == 10
+    bad = CliRunner().invoke(cli_app, ["submit", "--server", url, "--dataset", str(data), "--teacher", "nope",
+                                       "--token", WRITE_TOKEN])
+    assert bad.exit_code == 2 and "unknown teacher" in bad.output
+    with TeacherClient(url, WRITE_TOKEN) as client:
+        ds = client.upload(data)
+        job = client.submit(ds["id"], "tiny", k=2)
+        cancelled = client.cancel(job["id"])
+        assert cancelled["state"] in ("cancelled", "done")
+        final = client.wait(job["id"], progress=False, timeout=120)
+        assert final["state"] == cancelled["state"]
