@@ -90,6 +90,9 @@ def extract(
         raise UserError(f"--backend {backend!r}: this build supports 'hf'")
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
+    from datastore.fs import resolve
+
+    resolve(store)  # a bad store URI fails before any model is loaded
     data = load_dataset(dataset, skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)

@@ -6,6 +6,7 @@ readers. The writer rewrites it atomically after each shard commit.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.metadata
 import json
@@ -54,6 +55,32 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _bloom_hashes(sample_id: str, num_bits: int) -> list[int]:
+    digest = hashlib.blake2b(sample_id.encode(), digest_size=16).digest()
+    return [int.from_bytes(digest[4 * i : 4 * i + 4], "little") % num_bits for i in range(BLOOM_HASHES)]
+
+
+BLOOM_BITS_PER_ID = 10  # with 4 hashes: about 1% false positives
+BLOOM_HASHES = 4
+
+
+def id_bloom(sample_ids: list[str]) -> str:
+    """A Bloom filter of a shard's sample ids, base64 in the manifest: `LogitsReader.get` reads only the
+    shards whose filter admits the id (about 1% false positives) instead of every shard."""
+    num_bits = max(64, BLOOM_BITS_PER_ID * len(sample_ids))
+    bits = bytearray((num_bits + 7) // 8)
+    for sid in sample_ids:
+        for h in _bloom_hashes(sid, num_bits):
+            bits[h >> 3] |= 1 << (h & 7)
+    return base64.b64encode(bytes(bits)).decode()
+
+
+def bloom_admits(bloom: str, sample_id: str) -> bool:
+    bits = base64.b64decode(bloom)
+    num_bits = 8 * len(bits)
+    return all(bits[h >> 3] >> (h & 7) & 1 for h in _bloom_hashes(sample_id, num_bits))
+
+
 class ShardInfo(BaseModel):
     file: str  # name relative to the dataset directory
     rows: int
@@ -62,6 +89,7 @@ class ShardInfo(BaseModel):
     positions: int
     tokens: int
     topk_bytes: int  # compressed bytes of the top-k columns and the context table (see bench)
+    id_bloom: str = ""  # `id_bloom` of the shard's sample ids; empty: unknown, `get` reads the shard
 
 
 class Manifest(BaseModel):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from datastore import codec, fs
 from datastore.errors import UserError
-from datastore.manifest import Manifest, ShardInfo
+from datastore.manifest import Manifest, ShardInfo, bloom_admits
 from datastore.sample import ScoredSample
 
 
@@ -28,7 +28,8 @@ class LogitsReader:
                 f"no logits dataset at {uri} (no {fs.MANIFEST}): expected STORE/logits/<logits_id>"
             )
         self.manifest = Manifest.model_validate_json(fs.read_bytes(self._fs, path))
-        self._index: dict[str, tuple[int, int]] | None = None
+        self._index: dict[str, dict[str, int]] = {}  # shard file -> sample id -> row, filled lazily
+        self.shards_indexed = 0  # how many shards `get` had to open (see tests)
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -68,18 +69,24 @@ class LogitsReader:
             yield batch
 
     def get(self, sample_id: str) -> ScoredSample:
-        """One sample by id. The first call builds an id -> (shard, row) index from each shard's
-        `sample_id` column alone (a small column read, no decode); then only that row is decoded."""
-        if self._index is None:
-            self._index = {}
-            for i, shard in enumerate(self.manifest.shards):
-                with self._fs.open_input_file(self.shard_path(shard)) as f:
-                    ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
-                self._index.update((sid, (i, row)) for row, sid in enumerate(ids))
-        if sample_id not in self._index:
-            raise KeyError(sample_id)
-        i, row = self._index[sample_id]
-        return self.read_shard(self.manifest.shards[i], rows=[row])[0]
+        """One sample by id. Each shard's Bloom filter in the manifest says whether it may hold the id, so
+        only the admitted shards (the right one, plus about 1% false positives) have their small
+        `sample_id` column read; then only the matching row is decoded. Raises KeyError when absent."""
+        for shard in self.manifest.shards:
+            if shard.id_bloom and not bloom_admits(shard.id_bloom, sample_id):
+                continue
+            row = self._shard_ids(shard).get(sample_id)
+            if row is not None:
+                return self.read_shard(shard, rows=[row])[0]
+        raise KeyError(sample_id)
+
+    def _shard_ids(self, shard: ShardInfo) -> dict[str, int]:
+        if shard.file not in self._index:
+            with self._fs.open_input_file(self.shard_path(shard)) as f:
+                ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
+            self._index[shard.file] = {sid: row for row, sid in enumerate(ids)}
+            self.shards_indexed += 1
+        return self._index[shard.file]
 
     def scan(self):
         """A polars LazyFrame over the listed shards' physical columns (`datastore.schema`): useful ones

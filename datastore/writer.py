@@ -13,7 +13,7 @@ import re
 
 from datastore import codec, fs
 from datastore.errors import UserError
-from datastore.manifest import LogitsMeta, Manifest, ShardInfo, logits_id, meta_differences, now
+from datastore.manifest import LogitsMeta, Manifest, ShardInfo, id_bloom, logits_id, meta_differences, now
 from datastore.sample import ScoredSample
 
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.parquet$")
@@ -98,6 +98,7 @@ class LogitsWriter:
                 positions=sum(len(s.positions) for s in self._buffer),
                 tokens=sum(len(s.input_ids) for s in self._buffer),
                 topk_bytes=codec.topk_bytes(data),
+                id_bloom=id_bloom([s.sample_id for s in self._buffer]),
             )
         )
         self._save_manifest()

@@ -97,6 +97,19 @@ def test_write_read_get_scan(uri):
     assert df["sample_id"].to_list() == [s.sample_id for s in samples]
 
 
+def test_get_opens_only_the_shard_that_holds_the_id(uri):
+    samples = [sample(i) for i in range(40)]
+    with LogitsWriter(uri, meta(), shard_rows=2) as w:  # 20 shards
+        for s in samples:
+            w.write(s)
+    r = LogitsReader(uri)
+    check(samples[33], r.get("sample-033"))
+    assert r.shards_indexed <= 2  # the right shard, plus at most one Bloom false positive
+    with pytest.raises(KeyError):
+        r.get("sample-999")
+    assert r.shards_indexed <= 4
+
+
 def test_logits_id_is_stable_and_canonical():
     a = meta(extra={"a": 1, "b": 2})
     b = meta(extra={"b": 2, "a": 1})

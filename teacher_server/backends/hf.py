@@ -48,6 +48,9 @@ class HFBackend(Backend):
         tokenizer=None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the extract bar is the progress; keep stderr to one line per event
 
         if dtype not in DTYPES:
             raise UserError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -57,7 +60,8 @@ class HFBackend(Backend):
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
             self.model = model_obj or AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype])
         except OSError as e:
-            raise UserError(f"teacher {model}: cannot load a model and tokenizer from it ({e})") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"teacher {model}: cannot load a model and tokenizer from it ({first})") from e
         self.model.to(self.device).eval()
         self.chunk_positions = chunk_positions
         self._revision = weights_revision(model)

@@ -1,0 +1,171 @@
+"""`logitfuse extract` end to end: values through the datastore against float64, resume after kill -9,
+and the CLI's error contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clients.cli import app
+from clients.corpus import chat_samples, text_samples, write_jsonl
+from clients.tiny_models import build_model
+from datastore.codec import CodecConfig
+from datastore.fs import list_logits
+from datastore.reader import LogitsReader
+from teacher_server.backends.hf import HFBackend
+from teacher_server.extract import ExtractSettings, extract
+from tests.test_hf_backend import check_against_float64
+
+BOUND = CodecConfig().max_abs_error + 1e-4  # quantisation bound + fp32 forward vs float64
+K = 6
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, spm_tokenizer, inst_template) -> Path:
+    """A tiny Mistral-shaped teacher saved like a real checkpoint (config, safetensors, tokenizer with its
+    own chat template)."""
+    out = tmp_path_factory.mktemp("teacher")
+    model = build_model("mistral", spm_tokenizer, seed=5, initializer_range=0.2)
+    model.save_pretrained(out)
+    tok = copy.deepcopy(spm_tokenizer)
+    tok.chat_template = inst_template
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    records = chat_samples(16, seed=21, max_turns=3) + text_samples(4, seed=4)
+    return write_jsonl(records, tmp_path_factory.mktemp("data") / "chats.jsonl")
+
+
+def _run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
+                          env=env, **kw)
+
+
+def test_stored_values_match_float64_and_batching_changes_nothing(tmp_path, teacher_dir, dataset):
+    from datastore.chat import load_dataset
+    from teacher_server.render import resolve_template, tokenize_sample
+
+    data = load_dataset(dataset)
+    backend = HFBackend(teacher_dir, device="cpu")
+    big = extract(backend, data, str(tmp_path / "a"), "t", ExtractSettings(k=K, batch_tokens=8192), progress=False)
+    small = extract(backend, data, str(tmp_path / "b"), "t",
+                    ExtractSettings(k=K, batch_tokens=64, shard_rows=5), progress=False)
+    assert big.logits_id == small.logits_id and big.samples_scored == len(data.samples) == 20
+    ra, rb = LogitsReader(big.uri), LogitsReader(small.uri)
+    assert ra.manifest.complete and len(rb.manifest.shards) == 4
+    model64 = copy.deepcopy(backend.model).double()
+    template = resolve_template("model", backend.tokenizer)
+    by_id = {s.id: s for s in data.samples}
+    for stored in ra.iter_samples():
+        ts = tokenize_sample(by_id[stored.sample_id], backend.tokenizer, template, 2048, False)
+        np.testing.assert_array_equal(stored.input_ids, ts.input_ids)
+        np.testing.assert_array_equal(stored.loss_mask, ts.loss_mask)
+        np.testing.assert_array_equal(stored.positions, ts.positions)
+        with torch.no_grad():
+            logits = model64(torch.from_numpy(ts.input_ids.astype(np.int64))[None]).logits[0]
+        ref = torch.log_softmax(logits, dim=-1).numpy()[ts.positions]
+        check_against_float64(ref, ts.input_ids[ts.positions + 1], stored.topk_ids, stored.topk_logprobs,
+                              stored.gold_logprob, atol=BOUND)
+        other = rb.get(stored.sample_id)  # other batch composition, other shard layout
+        np.testing.assert_allclose(other.topk_logprobs, stored.topk_logprobs, atol=CodecConfig().step + 1e-6)
+        tied = np.abs(np.diff(stored.topk_logprobs, axis=1)) < 2 * BOUND
+        untied = np.ones_like(stored.topk_ids, dtype=bool)
+        untied[:, :-1] &= ~tied
+        untied[:, 1:] &= ~tied
+        assert np.array_equal(other.topk_ids[untied], stored.topk_ids[untied])
+    # The tokenizer travels with the logits: fusion re-tokenises from the store alone.
+    assert ra.tokenizer().encode("hello world") == backend.tokenizer.encode("hello world")
+
+
+def test_kill_9_mid_run_then_rerun_stores_every_sample_once(tmp_path, teacher_dir):
+    records = chat_samples(400, seed=3, max_turns=2)
+    data = write_jsonl(records, tmp_path / "big.jsonl")
+    store = tmp_path / "store"
+    args = ["extract", "--teacher", str(teacher_dir), "--dataset", str(data), "--store", str(store),
+            "--k", str(K), "--shard-rows", "4", "--batch-tokens", "256", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clients.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    manifest = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(store.glob("logits/*/manifest.json"))
+        if found and json.loads(found[0].read_text())["shards"]:
+            manifest = found[0]
+            break
+        time.sleep(0.02)
+    assert manifest is not None and proc.poll() is None, "extract finished or failed before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = json.loads(manifest.read_text())
+    assert not first["complete"] and 0 < sum(s["rows"] for s in first["shards"]) < len(records)
+
+    again = _run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "already stored" in again.stdout
+    reader = LogitsReader(str(manifest.parent))
+    ids = [s.sample_id for s in reader.iter_samples()]
+    assert sorted(ids) == sorted(r["id"] for r in records)  # every sample, exactly once
+    assert reader.manifest.complete and [s["file"] for s in first["shards"]] == \
+        [s.file for s in reader.manifest.shards[: len(first["shards"])]]  # committed shards untouched
+    verify = _run_cli("store", "verify", str(manifest.parent))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # Same values as an uninterrupted run (compared on a sample of ids).
+    clean = _run_cli(*args[:6], str(tmp_path / "clean"), *args[7:])
+    assert clean.returncode == 0, clean.stderr
+    ref = LogitsReader(str(tmp_path / "clean" / "logits" / manifest.parent.name))
+    for sid in ids[::37]:
+        a, b = reader.get(sid), ref.get(sid)
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=CodecConfig().step + 1e-6)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, teacher_dir, dataset):
+    runner = CliRunner()
+    store = str(tmp_path / "store")
+
+    def run(*args: str):
+        return runner.invoke(app, ["extract", *args])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}, '
+                   '{"role": "assistant", "content": "hello there"}]}\n{"id": "b"}\n')
+    cases = [
+        (["--teacher", str(teacher_dir), "--dataset", str(tmp_path / "missing.jsonl"), "--store", store],
+         "not found"),
+        (["--teacher", str(tmp_path / "no-model"), "--dataset", str(dataset), "--store", store], "no-model"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--k", "0"], "--k"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", "ftp://x/y"], "ftp://x/y"),
+        (["--teacher", str(teacher_dir), "--dataset", str(bad), "--store", store], "line 2"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--chat-template",
+          "nosuch"], "nosuch"),
+    ]
+    for args, needle in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
+    assert list_logits(store) == []  # nothing stored by a rejected run
+
+    ok = run("--teacher", str(teacher_dir), "--dataset", str(bad), "--store", store, "--skip-invalid",
+             "--k", "3")
+    assert ok.exit_code == 0, ok.output
+    assert "skipped 1 invalid sample" in ok.output
+    (m,) = list_logits(store)
+    assert m.num_samples == 1 and m.complete
