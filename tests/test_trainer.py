@@ -1,0 +1,128 @@
+"""trainer.train and `logitfuse train`: exact resume, from_pretrained-loadable checkpoints, logs and plot,
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer_data import write_targets
+from typer.testing import CliRunner
+
+from datastore.errors import UserError
+from trainer.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def pivot_dir(tmp_path_factory, spm_tokenizer):
+    from clients.tiny_models import build_model
+
+    out = tmp_path_factory.mktemp("pivot")
+    model = build_model("llama", spm_tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    model.save_pretrained(out)
+    spm_tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def targets_uri(tmp_path_factory, spm_tokenizer):
+    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer))
+    return uri
+
+
+def config(pivot_dir, targets_uri, out, **kw) -> TrainConfig:
+    base = dict(targets=targets_uri, model=pivot_dir, out=str(out), max_steps=6, batch_size=2, micro_batch_size=1,
+                max_length=48, lr=3e-3, warmup_ratio=0.2, shuffle_buffer=8, chunk_rows=16, tensorboard=True)
+    base.update(kw)
+    return TrainConfig.parse(**base)
+
+
+def test_resume_continues_exactly(pivot_dir, targets_uri, tmp_path):
+    straight = train(config(pivot_dir, targets_uri, tmp_path / "a"))
+    first = train(config(pivot_dir, targets_uri, tmp_path / "b", stop_after=3))
+    assert first.steps == 3
+    resumed = train(config(pivot_dir, targets_uri, tmp_path / "b"))
+    assert straight.steps == resumed.steps == 6
+    wa = load_file(f"{straight.final_dir}/model.safetensors")
+    wb = load_file(f"{resumed.final_dir}/model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-6, atol=1e-7)
+    assert [r["loss"] for r in straight.losses] == pytest.approx([r["loss"] for r in resumed.losses], rel=1e-6)
+    # weights moved, and the log / plot / tensorboard files are there
+    w0 = load_file(f"{pivot_dir}/model.safetensors")
+    assert not torch.equal(w0["model.norm.weight"], wa["model.norm.weight"])
+    lines = (tmp_path / "b" / "logs" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+    assert any((tmp_path / "b" / "logs" / "tensorboard").iterdir())
+
+
+def test_checkpoint_loads_with_transformers(pivot_dir, targets_uri, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train(config(pivot_dir, targets_uri, tmp_path / "c", max_steps=2, loss="jsd", tail="bucket",
+                          temperature=2.0, bf16=True))
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    tok = AutoTokenizer.from_pretrained(result.final_dir)
+    assert model.config.vocab_size == len(tok)
+    ids = tok("the small fox", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["sft"], r["fusion"]])).all() for r in result.losses)
+
+
+def test_loss_goes_down_and_sft_only_ignores_targets(pivot_dir, targets_uri, tmp_path):
+    result = train(config(pivot_dir, targets_uri, tmp_path / "d", max_steps=8, plot=False))
+    losses = [r["loss"] for r in result.losses]
+    assert losses[-1] < losses[0]
+    sft_only = train(config(pivot_dir, targets_uri, tmp_path / "e", max_steps=1, plot=False, **{"lambda": 1.0}))
+    assert sft_only.losses[0]["loss"] == pytest.approx(sft_only.losses[0]["sft"])
+
+
+def test_resume_with_other_settings_is_refused(pivot_dir, targets_uri, tmp_path):
+    train(config(pivot_dir, targets_uri, tmp_path / "f", max_steps=1, plot=False))
+    with pytest.raises(UserError, match="other settings.*lr"):
+        train(config(pivot_dir, targets_uri, tmp_path / "f", max_steps=1, lr=1e-4))
+
+
+def test_preset_fills_only_what_is_not_given():
+    cfg = TrainConfig.parse(targets="t", model="m", out="o", preset="fusechat", lr=1e-4)
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.max_length, cfg.lambda_, cfg.warmup_ratio) == (
+        1e-4, 3.0, 128, 2048, 0.9, 0.03)
+
+
+def _cli(args):
+    from clients.cli import app
+
+    return CliRunner().invoke(app, ["train", *args])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss", "mse"], "--loss"),
+        (["--lambda", "1.5"], "--lambda"),
+        (["--batch-size", "3", "--micro-batch-size", "2"], "multiple of --micro-batch-size"),
+        (["--preset", "llama"], "--preset"),
+    ],
+)
+def test_cli_bad_options_exit_2(pivot_dir, targets_uri, tmp_path, extra, message):
+    result = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "o"), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_bad_paths_exit_2(pivot_dir, targets_uri, tmp_path):
+    r = _cli(["--targets", targets_uri, "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no config.json" in r.output
+    r = _cli(["--targets", str(tmp_path / "none"), "--model", pivot_dir, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no targets dataset" in r.output
+
+
+def test_cli_trains(pivot_dir, targets_uri, tmp_path):
+    r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "o"), "--max-steps", "1",
+              "--batch-size", "1", "--max-length", "32", "--loss", "kl"])
+    assert r.exit_code == 0, r.output
+    assert "step 1, loss" in r.output

@@ -1,0 +1,407 @@
+"""The thin trainer: a pivot-shaped causal LM trained on fused targets with ``λ·SFT + (1-λ)·fusion``.
+
+`train(TrainConfig) -> TrainResult` is the whole job (the CLI and the demo call it). The loop below reads top
+to bottom: batches from `trainer.data`, the loss from `trainer.losses`, accelerate for devices (CPU, one
+GPU, DDP, FSDP via ``accelerate launch --config_file``) and bf16, AdamW with warmup + cosine decay.
+
+Output directory::
+
+    OUT/train_config.json                 the run's config (a resume must match it)
+    OUT/checkpoints/step-NNNNNN/          model.safetensors + config + the pivot's tokenizer (from_pretrained),
+                                          trainer_state.pt (optimizer, scheduler, RNG, data stream states)
+    OUT/logs/train.jsonl, OUT/logs/tensorboard/, OUT/loss.png
+
+Resume is exact: weights, AdamW moments, schedule position, RNG and every rank's `StreamState` are in the
+checkpoint, so N steps straight and N/2 + resume + N/2 give the same weights (tests/test_trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from datastore.errors import UserError
+from trainer.data import DataConfig, StreamState, TargetStream, estimate_rows_per_epoch
+from trainer.losses import LossConfig, chunked_head_loss
+
+PRESETS: dict[str, dict] = {
+    # FuseChat (Wan et al., 2024) / FuseLLM training setup
+    "fusechat": dict(lr=5e-6, warmup_ratio=0.03, epochs=3.0, batch_size=128, max_length=2048, lambda_=0.9),
+}
+STATE_FILE = "trainer_state.pt"
+# fields that may change between a run and its resume without changing the trajectory
+_RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot"}
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs; validated here, trusted below."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    targets: str = Field(description="targets dataset URI (local directory or s3://)")
+    model: str = Field(description="pivot model directory: config, weights, tokenizer")
+    out: str = Field(description="output directory (local)")
+    preset: Literal["fusechat"] | None = None
+    lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0)
+    loss: Literal["ce", "kl", "rkl", "jsd"] = "ce"
+    temperature: float = Field(1.0, gt=0)
+    tail: Literal["renormalise", "bucket"] = "renormalise"
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    lr: float = Field(1e-5, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0: from epochs")
+    batch_size: int = Field(8, ge=1, description="packed sequences per optimizer step, all ranks together")
+    micro_batch_size: int = Field(1, ge=1, description="packed sequences per forward, per rank")
+    max_length: int = Field(2048, ge=2)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, ge=0, description="0: no clipping")
+    seed: int = 0
+    shuffle_buffer: int = Field(1024, ge=1)
+    chunk_rows: int = Field(1024, ge=1, description="loss rows whose logits are built at once")
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    cpu: bool = False
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    stop_after: int = Field(0, ge=0, description="stop after N steps of this invocation (as if interrupted)")
+    resume: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset"):
+            preset = PRESETS.get(data["preset"])
+            if preset is None:
+                return data  # the Literal check reports it
+            given = {k for k, v in data.items() if v is not None}
+            if "lambda" in given:
+                given.add("lambda_")
+            data = {**{k: v for k, v in preset.items() if k not in given}, **data}
+        return data
+
+    @classmethod
+    def parse(cls, **kwargs) -> TrainConfig:
+        """Build from keyword options (None = not given); a bad value is one UserError line."""
+        try:
+            return cls(**{k: v for k, v in kwargs.items() if v is not None})
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "config"
+            raise UserError(f"--{where.replace('_', '-').rstrip('-')}: {err['msg']}") from None
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(loss=self.loss, temperature=self.temperature, tail=self.tail, jsd_beta=self.jsd_beta)
+
+
+class TrainResult(BaseModel):
+    final_dir: str  # the last checkpoint: loadable with from_pretrained
+    steps: int
+    losses: list[dict]  # one record per logged step (step, loss, sft, fusion, lr, ...)
+    log_path: str
+    plot_path: str | None = None
+
+
+class FusionLM(torch.nn.Module):
+    """The pivot model plus the loss, so that accelerate/DDP/FSDP see one module whose forward is the loss."""
+
+    def __init__(self, model, loss_cfg: LossConfig, chunk_rows: int):
+        super().__init__()
+        self.model, self.loss_cfg, self.chunk_rows = model, loss_cfg, chunk_rows
+
+    def forward(self, input_ids, position_ids, row_index, gold, topk_ids, topk_probs, w_sft, w_fusion):
+        base = getattr(self.model, self.model.base_model_prefix)
+        # no attention mask and restarting position ids: transformers builds the block-diagonal mask
+        hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, row_index)
+        weight = self.model.get_output_embeddings().weight
+        return chunked_head_loss(rows, weight, gold, topk_ids, topk_probs, self.loss_cfg, w_sft, w_fusion,
+                                 self.chunk_rows)
+
+
+def load_pivot(model_dir: str):
+    """The pivot model and tokenizer; UserError when the directory is not a causal LM we can train."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {model_dir}: cannot load a causal LM and tokenizer ({e})") from None
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        raise UserError(f"--model {model_dir}: logit soft-capping/scaling ({cfg.model_type}) is not supported")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise UserError(f"--model {model_dir}: needs a bias-free linear LM head")
+    return model, tokenizer
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    path = out / "train_config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        new = json.loads(cfg.model_dump_json(by_alias=True))
+        diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
+        if diffs:
+            raise UserError(
+                f"{out} holds a run with other settings ({'; '.join(diffs)}): use another --out or --no-resume"
+            )
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) one training job. Returns the final checkpoint directory and the logged losses."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = Path(cfg.out)
+    if "://" in cfg.out:
+        raise UserError(f"--out {cfg.out}: must be a local directory")
+    accelerator = _accelerator(Accelerator, cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size} "
+            f"x {world} process(es)"
+        )
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+
+    checkpoints = _checkpoints(out) if cfg.resume else []
+    if checkpoints:
+        _check_resume_config(out, cfg)
+    elif accelerator.is_main_process and out.exists() and cfg.resume is False:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "logs", ignore_errors=True)
+    resume_dir = checkpoints[-1] if checkpoints else None
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_pivot(str(resume_dir or cfg.model))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    stream_state = StreamState()
+    state = None
+    if resume_dir is not None:
+        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        stream_state = StreamState.from_dict(state["data"][rank])
+    data_cfg = DataConfig(seq_len=cfg.max_length, batch_size=cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                          seed=cfg.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_token_id or 0)
+    stream = TargetStream(cfg.targets, data_cfg, stream_state)
+    stream.check_vocab(vocab)
+    total_steps = cfg.max_steps or max(
+        1, math.ceil(cfg.epochs * estimate_rows_per_epoch(cfg.targets, cfg.max_length) / cfg.batch_size)
+    )
+
+    wrapped = FusionLM(model, cfg.loss_config(), cfg.chunk_rows)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+
+    log_dir = out / "logs"
+    log_path = log_dir / "train.jsonl"
+    history = _load_history(log_path, start_step)
+    tb = None
+    if accelerator.is_main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(cfg.model_dump_json(by_alias=True, indent=2))
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        tb = _tensorboard(log_dir / "tensorboard", cfg.tensorboard)
+        accelerator.print(f"training {total_steps} steps ({accum} micro-batch(es) x {cfg.micro_batch_size} x "
+                          f"{world} process(es) per step) from step {start_step}")
+
+    batches = iter(stream)
+    lam = cfg.lambda_
+    step = start_step
+    ran = 0
+    t_start = time.perf_counter()
+    wrapped.train()
+    while step < total_steps and not (cfg.stop_after and ran >= cfg.stop_after):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        counts = torch.tensor([sum(len(b.gold) for b in micro), sum(b.num_targets for b in micro)],
+                              dtype=torch.float64, device=accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum")  # means over the whole global batch
+        n_sft, n_fus = float(counts[0]), float(counts[1])
+        # DDP averages gradients over ranks, hence the factor `world`
+        w_sft = lam * world / n_sft if n_sft else 0.0
+        w_fus = (1 - lam) * world / n_fus if n_fus else 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        tokens = 0
+        for i, batch in enumerate(micro):
+            batch.to(accelerator.device)
+            sync = accelerator.no_sync(wrapped) if i < accum - 1 else _nullcontext()
+            with sync, accelerator.autocast():
+                total, sft_sum, fus_sum = wrapped(batch.input_ids, batch.position_ids, batch.row_index, batch.gold,
+                                                  batch.topk_ids, batch.topk_probs, w_sft, w_fus)
+                accelerator.backward(total)
+            sums += torch.stack([sft_sum.double(), fus_sum.double()])
+            tokens += batch.num_tokens
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ran += 1
+
+        sums = accelerator.reduce(sums, reduction="sum")
+        sft = float(sums[0]) / n_sft if n_sft else 0.0
+        fus = float(sums[1]) / n_fus if n_fus else 0.0
+        seconds = time.perf_counter() - t0
+        record = {"step": step, "loss": lam * sft + (1 - lam) * fus, "sft": sft, "fusion": fus,
+                  "lr": scheduler.get_last_lr()[0], "tokens": tokens * world, "targets": int(n_fus),
+                  "seconds": round(seconds, 4), "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
+                  "epoch": micro[-1].state.epoch}
+        if step % cfg.log_every == 0 or step == total_steps:
+            history.append(record)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if tb is not None:
+                    for key in ("loss", "sft", "fusion", "lr", "tokens_per_s"):
+                        tb.add_scalar(f"train/{key}", record[key], step)
+                accelerator.print(f"step {step}/{total_steps} loss {record['loss']:.4f} sft {sft:.4f} "
+                                  f"fusion {fus:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
+        if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or (
+            cfg.stop_after and ran >= cfg.stop_after
+        ):
+            _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out,
+                             cfg.keep_checkpoints)
+
+    final = _checkpoints(out)[-1] if _checkpoints(out) else None
+    plot_path = None
+    if accelerator.is_main_process:
+        if tb is not None:
+            tb.close()
+        if cfg.plot and history:
+            plot_path = str(plot_losses(history, out / "loss.png"))
+        accelerator.print(f"done: {step} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return TrainResult(final_dir=str(final) if final else "", steps=step, losses=history, log_path=str(log_path),
+                       plot_path=plot_path)
+
+
+def _accelerator(accelerator_cls, cfg: TrainConfig):
+    precision = "bf16" if cfg.bf16 else "no"
+    try:
+        return accelerator_cls(mixed_precision=precision, cpu=cfg.cpu)
+    except ValueError:
+        # accelerate keeps one state per process; a second in-process run (tests, the demo) with another
+        # precision resets it. Never reached under `accelerate launch`, where one run owns the process.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return accelerator_cls(mixed_precision=precision, cpu=cfg.cpu)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out: Path, keep: int):
+    """Model (safetensors, from_pretrained-loadable) + tokenizer + trainer state, written to a temporary
+    directory and renamed, so a checkpoint directory with trainer_state.pt in it is always whole."""
+    states = [None] * accelerator.num_processes
+    mine = stream.state.to_dict()
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(states, mine)
+    else:
+        states = [mine]
+    state_dict = accelerator.get_state_dict(wrapped)
+    prefix = "model."
+    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    if accelerator.is_main_process:
+        root = out / "checkpoints"
+        final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model = accelerator.unwrap_model(wrapped).model
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "data": states}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_history(path: Path, upto: int) -> list[dict]:
+    """Logged records of steps <= upto (a resumed run rewrites the log from its checkpoint on)."""
+    if upto == 0 or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r["step"] <= upto:
+                out.append(r)
+    return out
+
+
+def _tensorboard(path: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(str(path))
+
+
+def plot_losses(history: list[dict], path: Path) -> Path:
+    """Total, SFT and fusion loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "total λ·SFT + (1-λ)·fusion"), ("sft", "SFT"), ("fusion", "fusion")):
+        ax.plot(steps, [r[key] for r in history], label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
