@@ -9,7 +9,6 @@ import importlib
 import re
 from pathlib import Path
 
-import click
 import pytest
 import typer
 import yaml
@@ -54,11 +53,11 @@ def test_service_command_parses_with_the_cli(service):
     assert name in group.commands, f"{service}: `logitfuse {name}` is not a command ({', '.join(group.commands)})"
     command = group.commands[name]
     rest = args[1:]
-    while isinstance(command, click.Group):  # e.g. `logitfuse store verify URI`
+    while isinstance(command, Group):  # e.g. `logitfuse store verify URI`
         command, rest = command.commands[rest[0]], rest[1:]
     try:
         command.make_context(name, list(rest))
-    except click.UsageError as e:
+    except UsageError as e:
         pytest.fail(f"compose service {service!r}: `logitfuse {' '.join(args)}` does not parse: {e.format_message()}")
 
 
