@@ -15,6 +15,12 @@ import yaml
 
 from clients.cli import _STAGE_COMMANDS, app
 
+try:  # recent typer vendors its own click: its commands are that click's classes and raise its exceptions
+    from typer._click.core import Group
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - typer on the real click
+    from click import Group, UsageError
+
 COMPOSE = yaml.safe_load((Path(__file__).resolve().parents[1] / "compose.yaml").read_text())
 _VAR = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
 
