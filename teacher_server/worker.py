@@ -32,6 +32,10 @@ from teacher_server.jobs import JobDB
 POLL_S = 0.1
 
 
+class TeacherUnavailable(Exception):
+    """The teacher could not answer (its model failed to load, or its worker failed mid-request)."""
+
+
 class _Cancelled(Exception):
     pass
 
@@ -50,7 +54,7 @@ def make_backend(t: TeacherConfig):
 
         return VLLMBackend(t.model, dtype=t.dtype, tensor_parallel_size=t.tensor_parallel_size,
                            max_model_len=t.max_length, max_logprobs=t.max_k,
-                           gpu_memory_utilization=t.gpu_memory_utilization)
+                           gpu_memory_utilization=t.gpu_memory_utilization, **t.vllm_args)
     from teacher_server.backends.hf import HFBackend
 
     device = t.devices[0] if t.devices else None
@@ -388,7 +392,7 @@ class Supervisor:
                     if rid != req_id:
                         continue  # a late answer to a request that timed out
                     if "error" in result:
-                        raise UserError(result["error"]) if result["status"] == 400 else RuntimeError(result["error"])
+                        raise UserError(result["error"]) if result["status"] == 400 else TeacherUnavailable(result["error"])
                     return result["results"]
             raise TimeoutError(f"teacher {teacher!r} did not answer within {timeout:.0f}s")
         finally:
