@@ -245,12 +245,27 @@ class _Worker:
 def worker_main(teacher_json: str, store: str, db_path: str, requests, responses, parent_pid: int) -> None:
     """Entry point of a teacher worker process (spawned)."""
     _die_with_parent(parent_pid)
+    # A process group of its own: vLLM starts engine processes that would outlive a killed worker; the
+    # supervisor kills the whole group (now, or at the next start after a crash) so no model stays loaded.
+    os.setpgid(0, 0)
     t = TeacherConfig.model_validate_json(teacher_json)
     _assign_devices(t)
     _Worker(t, store, db_path, requests, responses).main()
 
 
 # ---------------------------------------------------------------------------------------------- supervisor
+
+
+def kill_group(pgid: int | None) -> None:
+    """SIGKILL what is left of a worker's process group (never our own group)."""
+    import signal
+
+    if not pgid or pgid == os.getpgid(0):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @dataclass
@@ -279,6 +294,8 @@ class Supervisor:
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        for w in self.db.workers().values():  # leftovers of a server that was killed
+            kill_group(w.get("pid"))
         n = self.db.requeue_running()
         if n:
             print(f"resuming {n} job(s) left running by a previous server", file=sys.stderr)
@@ -301,6 +318,7 @@ class Supervisor:
                 if h.process.is_alive():
                     h.process.kill()
                     h.process.join(2)
+                kill_group(h.process.pid)
             self.workers.clear()
 
     def wake(self) -> None:
@@ -331,6 +349,7 @@ class Supervisor:
             for name, h in list(self.workers.items()):
                 if not h.process.is_alive():
                     h.process.join(0)
+                    kill_group(h.process.pid)
                     del self.workers[name]
                     if h.process.exitcode not in (0, None):
                         # a crashed worker (OOM, segfault): its running job goes back to the queue

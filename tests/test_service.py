@@ -220,3 +220,44 @@ def test_submit_command_and_cancel(server, tmp_path):
         assert cancelled["state"] in ("cancelled", "done")
         final = client.wait(job["id"], progress=False, timeout=120)
         assert final["state"] == cancelled["state"]
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, ["not found"]),
+    ("store: [unclosed", ["not valid yaml"]),
+    ("- a list", ["expected a mapping"]),
+    ("store: ./s\nteachers: []", ["teachers", "at least 1"]),
+    ("teachers:\n  - {name: a, model: m, backend: tensorrt}", ["teachers.0.backend"]),
+    ("teachers:\n  - {name: a, model: m, max_k: 0}", ["teachers.0.max_k"]),
+    ("teachers:\n  - {name: a, model: m}\n  - {name: a, model: n}", ["unique", "a"]),
+    ("teachers:\n  - {name: 'a b', model: m}", ["teachers.0.name"]),
+    ("teachers:\n  - {name: a, model: m, colour: red}", ["colour"]),
+    ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: abc, scope: write}", ["sha256"]),
+    ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: " + "0" * 64 + ", scope: admin}",
+     ["scope"]),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, content, words):
+    path = tmp_path / "teachers.yaml"
+    if content is not None:
+        path.write_text(content)
+    out = CliRunner().invoke(cli_app, ["serve", "--config", str(path)])
+    assert out.exit_code == 2, out.output
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.output
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def test_config_paths_are_relative_to_the_file(tmp_path):
+    from teacher_server.config import load_config
+
+    (tmp_path / "models" / "t").mkdir(parents=True)
+    path = tmp_path / "teachers.yaml"
+    path.write_text("store: ./store\nteachers:\n  - {name: t, model: models/t}\n")
+    cfg = load_config(path)
+    assert cfg.store == str(tmp_path / "store") and cfg.teachers[0].model == str(tmp_path / "models" / "t")
+    assert cfg.state_dir == str(tmp_path / ".logitfuse-service") and cfg.tokens is None
+    assert load_config(path, store="s3://bucket/prefix").store == "s3://bucket/prefix"
