@@ -8,14 +8,22 @@ from fusion.align import (
     AlignedDistributions,
     Alignment,
     AlignmentError,
-    align_sample,
     align_distributions,
     align_dtw,
+    align_sample,
     align_spans,
     byte_spans,
     token_offsets,
 )
-from fusion.fuse import FUSION_METHODS, FusionResult, cross_entropy, fuse, fuse_sample, gold_ids, response_mask
+from fusion.fuse import (
+    FUSION_METHODS,
+    FusionResult,
+    cross_entropy,
+    fuse,
+    fuse_sample,
+    gold_ids,
+    response_mask,
+)
 from fusion.vocab import (
     ExactMatch,
     MappingStatistics,

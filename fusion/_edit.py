@@ -16,7 +16,9 @@ _PAD_B = 257
 _POW2 = np.left_shift(np.uint64(1), np.arange(WORD, dtype=np.uint64))
 
 
-def pad_bytes(pieces: list[bytes], width: int | None = None, pad: int = _PAD_A) -> tuple[np.ndarray, np.ndarray]:
+def pad_bytes(
+    pieces: list[bytes], width: int | None = None, pad: int = _PAD_A
+) -> tuple[np.ndarray, np.ndarray]:
     """``pieces`` as a uint16 matrix ``[P, width]`` padded with ``pad``, and their (untruncated) lengths."""
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
     w = int(lengths.max(initial=0)) if width is None else width
@@ -86,6 +88,40 @@ def _step(eq, pv, mv, full, high, shift_in):
     ph = (ph << np.uint64(1)) | shift_in
     mh = mh << np.uint64(1)
     return (mh | ~(xv | ph)) & full, (ph & xv) & full, d
+
+
+def distances_to_table(query: bytes, table_t: np.ndarray, table_len: np.ndarray) -> np.ndarray:
+    """Levenshtein distance of one byte string to every row of a table, in one pass over the table's columns.
+
+    ``table_t`` is the table transposed (``[width, R]``, uint16, rows sorted by descending length, see
+    `TokenTable.by_length`) and ``table_len`` the rows' lengths (same order). The query (its first 64
+    bytes) is the bit-vector pattern; step j reads byte j of every row still longer than j, so the work
+    is the table's total length, not rows x width. Rows longer than the table's width (64 bytes: 8 of
+    the 131k byte-level BPE tokens) count their extra bytes as insertions, an upper bound.
+    """
+    q = np.frombuffer(query[:WORD], dtype=np.uint8)
+    m = q.size
+    lengths = np.asarray(table_len, dtype=np.int64)
+    if m == 0:
+        return lengths.copy()
+    peq = np.zeros(258, dtype=np.uint64)
+    np.bitwise_or.at(peq, q, _POW2[:m])
+    full = ~np.uint64(0) if m == WORD else np.uint64((1 << m) - 1)
+    high = np.uint64(1 << (m - 1))
+    one = np.uint64(1)
+    r = lengths.size
+    pv = np.full(r, full, dtype=np.uint64)
+    mv = np.zeros(r, dtype=np.uint64)
+    score = np.full(r, m, dtype=np.int64)
+    width = min(table_t.shape[0], int(lengths.max(initial=0)))
+    # rows are sorted by descending length: the rows longer than j are a prefix
+    active = np.searchsorted(-np.minimum(lengths, width), -np.arange(width), side="left")
+    for j in range(width):
+        a = int(active[j])
+        eq = peq[table_t[j, :a]]
+        pv[:a], mv[:a], d = _step(eq, pv[:a], mv[:a], full, high, one)
+        score[:a] += d
+    return score + np.maximum(lengths - width, 0)
 
 
 def _widen(x: np.ndarray, width: int, pad: int) -> np.ndarray:

@@ -73,7 +73,7 @@ class Alignment:
 
     def kind_counts(self) -> dict[str, int]:
         counts = np.bincount(self.kinds(), minlength=4)
-        return {name: int(c) for name, c in zip(KIND_NAMES, counts)}
+        return {name: int(c) for name, c in zip(KIND_NAMES, counts, strict=True)}
 
     def group_tuples(self) -> set[tuple[int, int, int, int]]:
         return set(
@@ -82,6 +82,7 @@ class Alignment:
                 self.pivot_end.tolist(),
                 self.source_start.tolist(),
                 self.source_end.tolist(),
+                strict=True,
             )
         )
 
@@ -310,7 +311,9 @@ def align_sample(
     seg_bytes = b"".join(pivot.text.encode()[a:b] for a, b in pseg)
     aln.coverage = _coverage(aln, seg_bytes)
     if method == "dtw":
-        aln = _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip_whitespace, aln)
+        aln = _align_dtw_segments(
+            pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip_whitespace, aln
+        )
     aln.coverage["skipped_spans"] = skipped
     return aln
 
@@ -332,7 +335,11 @@ def _coverage(aln: Alignment, seg_bytes: bytes) -> dict:
         return {"chars": 0, "chars_aligned": 0, "chars_in_n_m": 0}
     aligned = np.logical_and.reduceat(in_group, char_start)
     in_nm = np.logical_or.reduceat(coarse, char_start)
-    return {"chars": int(char_start.size), "chars_aligned": int(aligned.sum()), "chars_in_n_m": int(in_nm.sum())}
+    return {
+        "chars": int(char_start.size),
+        "chars_aligned": int(aligned.sum()),
+        "chars_in_n_m": int(in_nm.sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,7 +464,9 @@ def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarr
     return np.array(pi[::-1], dtype=np.int64), np.array(pj[::-1], dtype=np.int64)
 
 
-def _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip, offsets_aln) -> Alignment:
+def _align_dtw_segments(
+    pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip, offsets_aln
+) -> Alignment:
     """DTW inside each aligned segment, over the tokens the offsets aligner kept there."""
     lengths = pseg[:, 1] - pseg[:, 0]
     offsets = np.r_[0, np.cumsum(lengths)[:-1]]
@@ -473,7 +482,10 @@ def _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band
         parts.append(
             (pidx[a.pivot_start], pidx[a.pivot_end - 1] + 1, sidx[a.source_start], sidx[a.source_end - 1] + 1)
         )
-    cat = [np.concatenate([p[i] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32) for i in range(4)]
+    cat = [
+        np.concatenate([p[i] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
+        for i in range(4)
+    ]
     aln = Alignment(*cat, len(pids), len(sids), "dtw")
     aln.anchor_pivot, aln.anchor_source = offsets_aln.anchor_pivot, offsets_aln.anchor_source
     aln.coverage = dict(offsets_aln.coverage)

@@ -54,7 +54,9 @@ def response_mask(pivot) -> np.ndarray:
     return np.asarray(pivot.loss_mask, dtype=bool)[np.asarray(pivot.positions, dtype=np.int64) + 1]
 
 
-def cross_entropy(dist: SparseDist, gold: np.ndarray, mask: np.ndarray | None = None, floor: float = GOLD_FLOOR):
+def cross_entropy(
+    dist: SparseDist, gold: np.ndarray, mask: np.ndarray | None = None, floor: float = GOLD_FLOOR
+):
     """Mean ``-log max(p(gold), floor)`` over the positions in ``mask`` (0.0 when there are none)."""
     p = dist.prob_of(gold)
     if mask is not None:
@@ -91,7 +93,9 @@ def fuse(
     k = int(k or max(c.ids.shape[1] for c in candidates))
     rows = np.concatenate([np.repeat(np.arange(n), c.ids.shape[1]) for c in candidates])
     ids = np.concatenate([c.ids.ravel() for c in candidates])
-    probs = np.concatenate([c.probs.astype(np.float64).ravel() * w for c, w in zip(candidates, weights)])
+    probs = np.concatenate(
+        [c.probs.astype(np.float64).ravel() * w for c, w in zip(candidates, weights, strict=True)]
+    )
     return FusionResult(coo_topk(rows, ids, probs, n, k), ces, weights, winner)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion._edit import WORD, edit_distance, pad_bytes
+from fusion._edit import WORD, distances_to_table, pad_bytes
 
 SPECIAL_PREFIX = b"\x00"  # canonical form of added/special tokens: they only ever match each other
 _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -26,7 +26,9 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _byte_decoder() -> dict[str, int]:
     # GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + n).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -34,7 +36,7 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TokenTable:
     byte_level: bool
     special_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/unk/pad -> id
     _padded: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _by_length: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def vocab_size(self) -> int:
@@ -126,6 +129,16 @@ class TokenTable:
             self._padded = pad_bytes(self.pieces, WORD)
         return self._padded
 
+    def by_length(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The regular (non-special, non-empty) tokens sorted by descending byte length, for
+        `distances_to_table`: (ids, transposed padded bytes ``[64, R]``, lengths), built once."""
+        if self._by_length is None:
+            mat, lengths = self.padded()
+            ids = np.flatnonzero(~self.is_special & (lengths > 0))
+            ids = ids[np.argsort(-lengths[ids], kind="stable")]
+            self._by_length = (ids, np.ascontiguousarray(mat[ids].T), lengths[ids])
+        return self._by_length
+
 
 class VocabMap:
     """Source id -> pivot id (-1 when there is none). ``name`` is the CLI's ``--vocab-map`` value."""
@@ -138,7 +151,9 @@ class VocabMap:
         self.identity = pivot.fingerprint == source.fingerprint
         # bos/eos/unk/pad correspond by role even when their strings differ (</s> vs <|im_end|>)
         self.special_pairs = {
-            sid: pivot.special_ids[role] for role, sid in source.special_ids.items() if role in pivot.special_ids
+            sid: pivot.special_ids[role]
+            for role, sid in source.special_ids.items()
+            if role in pivot.special_ids
         }
 
     def __call__(self, source_ids: np.ndarray) -> np.ndarray:
@@ -168,7 +183,9 @@ class ExactMatch(VocabMap):
             order = np.lexsort((np.arange(self.pivot.vocab_size), self.pivot.is_byte_fallback))
             for pid in order[::-1]:  # reverse so that the preferred id is written last
                 index[self.pivot.pieces[pid]] = int(pid)
-            m = np.fromiter((index.get(p, -1) for p in self.source.pieces), dtype=np.int32, count=self.source.vocab_size)
+            m = np.fromiter(
+                (index.get(p, -1) for p in self.source.pieces), dtype=np.int32, count=self.source.vocab_size
+            )
             for sid, pid in self.special_pairs.items():
                 m[sid] = pid
             self._map = m
@@ -208,16 +225,15 @@ class MinEditDistance(ExactMatch):
 
     def _nearest(self, sid: int) -> int:
         piece = self.source.pieces[sid]
-        mat, lengths = self.pivot.padded()
         if not piece:
             return -1
-        text = np.frombuffer(piece, dtype=np.uint8).astype(np.uint16)[None, :]
-        dist, _ = edit_distance(
-            mat, lengths, np.broadcast_to(text, (mat.shape[0], text.shape[1])), np.full(mat.shape[0], len(piece))
-        )
-        dist = np.where(self.pivot.is_special | (lengths == 0), np.iinfo(np.int64).max, dist)
-        order = np.lexsort((np.arange(mat.shape[0]), np.abs(lengths - len(piece)), dist))
-        return int(order[0])
+        ids, table_t, lengths = self.pivot.by_length()
+        if ids.size == 0:
+            return -1
+        dist = distances_to_table(piece, table_t, lengths)
+        best = np.flatnonzero(dist == dist.min())
+        order = np.lexsort((ids[best], np.abs(lengths[best] - len(piece))))
+        return int(ids[best[order[0]]])
 
 
 class MappingStatistics:
@@ -239,7 +255,9 @@ class MappingStatistics:
         self._pending_size = 0
         self._best: np.ndarray | None = None
 
-    def add(self, alignment, pivot_input_ids: np.ndarray, source_input_ids: np.ndarray, *, many_to_many=False):
+    def add(
+        self, alignment, pivot_input_ids: np.ndarray, source_input_ids: np.ndarray, *, many_to_many=False
+    ):
         """Count every (pivot token, source token) pair inside each group of ``alignment`` (n-m groups are
         skipped unless ``many_to_many``, their pairs being mostly noise)."""
         pi, si = alignment.token_pairs(many_to_many=many_to_many)
@@ -302,7 +320,9 @@ class MappingStatistics:
         self.compact()
         meta = json.dumps({**self.meta, "pivot_vocab": self.pivot_vocab, "source_vocab": self.source_vocab})
         with open(path, "wb") as f:
-            np.savez_compressed(f, keys=self.keys, counts=self.counts, meta=np.frombuffer(meta.encode(), np.uint8))
+            np.savez_compressed(
+                f, keys=self.keys, counts=self.counts, meta=np.frombuffer(meta.encode(), np.uint8)
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> MappingStatistics:
@@ -320,7 +340,9 @@ class StatisticsMap(VocabMap):
 
     name = "ms"
 
-    def __init__(self, pivot: TokenTable, source: TokenTable, stats: MappingStatistics, fallback: str | None = "em"):
+    def __init__(
+        self, pivot: TokenTable, source: TokenTable, stats: MappingStatistics, fallback: str | None = "em"
+    ):
         super().__init__(pivot, source)
         if (stats.pivot_vocab, stats.source_vocab) != (pivot.vocab_size, source.vocab_size):
             raise ValueError(

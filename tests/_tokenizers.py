@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datastore.sample import ScoredSample
+
 CACHE = Path(tempfile.gettempdir()) / "logitfuse-test-tokenizers-v1"
 
 
@@ -65,14 +67,14 @@ def _build_tekken(out: Path) -> None:
     shutil.copy(_wheel_data() / "tekken_240911.json", out / "tekken.json")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sentencepiece():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(_atomic_dir("sentencepiece-32k", _build_sentencepiece))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tekken():
     from transformers import AutoTokenizer
 
@@ -88,7 +90,7 @@ PROSE = (
     "The harbour was quiet before dawn, and the fishing boats rocked gently against their ropes. "
     "Mara counted the crates twice, because the ledger had been wrong on Tuesday and the buyer "
     "from the mainland was not a patient man. Gulls circled overhead; somewhere a radio played "
-    "an old waltz. \"We leave at six,\" she said, \"whether the fog lifts or not.\" Her brother "
+    'an old waltz. "We leave at six," she said, "whether the fog lifts or not." Her brother '
     "shrugged, tightened the last knot and didn't answer. By 5:45 the sky had turned the colour "
     "of weak tea, and the first engines coughed into life across the water.\n\n"
     "Knowledge fusion trains one small model on the blended predictions of several larger ones. "
@@ -175,7 +177,9 @@ def scored(tokenizer, text, *, k=4, seed=0, spans=None, add_special=False, sampl
     return synthetic(ids, len(tokenizer), k=k, seed=seed, text=text, spans=spans, sample_id=sample_id)
 
 
-def synthetic(ids, vocab, *, k=4, seed=0, text=None, spans=None, sample_id="s0", loss_mask=None) -> ScoredSample:
+def synthetic(
+    ids, vocab, *, k=4, seed=0, text=None, spans=None, sample_id="s0", loss_mask=None
+) -> ScoredSample:
     rng = np.random.default_rng(seed)
     ids = np.asarray(ids, dtype=np.int32)
     n = ids.size - 1
@@ -195,8 +199,6 @@ def synthetic(ids, vocab, *, k=4, seed=0, text=None, spans=None, sample_id="s0",
     topk_ids = np.take_along_axis(topk_ids, order, axis=1)
     logprobs = np.log(np.take_along_axis(probs, order, axis=1)).astype(np.float32)
     gold_lp = np.log(np.where(topk_ids == gold[:, None], np.exp(logprobs), 0).sum(axis=1)).astype(np.float32)
-    from datastore.sample import ScoredSample
-
     return ScoredSample(
         sample_id=sample_id,
         input_ids=ids,
@@ -206,5 +208,7 @@ def synthetic(ids, vocab, *, k=4, seed=0, text=None, spans=None, sample_id="s0",
         topk_logprobs=logprobs,
         gold_logprob=gold_lp,
         text=text,
-        assistant_spans=np.asarray(spans if spans is not None else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
+        assistant_spans=np.asarray(spans if spans is not None else np.zeros((0, 2)), dtype=np.int32).reshape(
+            -1, 2
+        ),
     )

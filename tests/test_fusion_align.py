@@ -107,8 +107,10 @@ def test_offsets_align_real_tokenizers(kind, pivot_is_sp):
         if g == 0:  # SentencePiece prefixes the first word with a space that is not in the text
             pb, sb = pb.lstrip(b" "), sb.lstrip(b" ")
         assert pb == sb, (g, pb, sb)
-    print(f"\n{kind} {'sp->tekken' if pivot_is_sp else 'tekken->sp'}: {a.kind_counts()}, "
-          f"chars in n-m groups {cov['chars_in_n_m'] / cov['chars']:.2%}")
+    print(
+        f"\n{kind} {'sp->tekken' if pivot_is_sp else 'tekken->sp'}: {a.kind_counts()}, "
+        f"chars in n-m groups {cov['chars_in_n_m'] / cov['chars']:.2%}"
+    )
 
 
 @pytest.mark.parametrize("kind,floor", [("prose", 0.98), ("code", 0.95), ("non_latin", 0.85)])
@@ -164,7 +166,7 @@ def test_dtw_matches_plain_python_reference():
     sp = dtw_pieces(TokenTable.from_tokenizer(stok), sids)
     path = _reference_dtw(pp, sp)
     ref_groups, cur = [], [path[0]]
-    for a, b in zip(path, path[1:]):
+    for a, b in zip(path, path[1:], strict=False):
         if b[0] == a[0] + 1 and b[1] == a[1] + 1:
             ref_groups.append(cur)
             cur = []
@@ -210,11 +212,13 @@ def test_templates_that_differ_align_only_assistant_turns():
             # equal, except a token straddling the end of a turn (".<" of ".<|im_end|>"), clipped to it
             if method == "offsets":  # DTW groups are not byte-exact (that is the point of offsets)
                 assert pb == sb or (sb.startswith(pb) and sb[len(pb) :] == b"<"), (pb, sb)
-        ptxt = b"".join(pt.pieces[i] for g in range(a.num_groups) for i in p.input_ids[a.pivot_start[g] : a.pivot_end[g]])
+        ptxt = b"".join(
+            pt.pieces[i] for g in range(a.num_groups) for i in p.input_ids[a.pivot_start[g] : a.pivot_end[g]]
+        )
         assert ptxt.replace(b" ", b"") == "".join(answers).replace(" ", "").encode()
         # the position before each turn (last template token) predicts the turn's first token on both sides
         assert len(a.anchor_pivot) == 2
-        for ap, as_ in zip(a.anchor_pivot, a.anchor_source):
+        for ap, as_ in zip(a.anchor_pivot, a.anchor_source, strict=True):
             assert ptok.convert_ids_to_tokens(int(p.input_ids[ap])).endswith("]")
             assert stok.convert_ids_to_tokens(int(s.input_ids[as_])) == "Ċ"
 

@@ -77,7 +77,7 @@ def test_many_to_one_group_last_and_weighted():
     # weights 3/4 (piece "a", position 0) and 1/4 (piece "b", position 1); ids via MS best partner / EM
     ms_ids = ms(np.array([1, 6, 2, 5]))
     dense = np.zeros(6)
-    for sid_pid, p in zip(ms_ids, [0.75 * 0.6, 0.75 * 0.2, 0.25 * 0.8, 0.25 * 0.1]):
+    for sid_pid, p in zip(ms_ids, [0.75 * 0.6, 0.75 * 0.2, 0.25 * 0.8, 0.25 * 0.1], strict=True):
         dense[sid_pid] += p
     got = np.zeros(6)
     valid = w.dist.ids[0] >= 0
@@ -144,9 +144,24 @@ def test_real_tokenizers_aligned_and_fused_targets_are_distributions(text):
         cov = out.from_source
         assert (out.dist.probs[cov].sum(axis=1) + out.unmapped_mass[cov] <= src_mass.max() + 1e-5).all()
         results[method] = out
-        print(f"\n{method}: {cov.mean():.1%} positions from the source, {out.num_fallback} fall back, "
-              f"unmapped mass {out.unmapped_mass[cov].mean():.3f}")
-    assert results["ms"].from_source.mean() > 0.6
+        print(
+            f"\n{method}: {cov.mean():.1%} positions from the source, {out.num_fallback} fall back, "
+            f"unmapped mass {out.unmapped_mass[cov].mean():.3f}"
+        )
+    # A pivot position can take a source distribution only where both prefixes end at the same text
+    # point: the last token of a group. Inside a 1-n group (one 131k BPE token = several SentencePiece
+    # tokens, common in non-Latin text: 40% of the positions) there is none, whatever the mapping.
+    coverable = aln.context_map()[pivot.positions] >= 0
+    inner = np.zeros(len(pivot.input_ids), bool)
+    for ps, pe in zip(aln.pivot_start, aln.pivot_end, strict=True):
+        inner[ps : pe - 1] = True
+    assert np.array_equal(~coverable, inner[pivot.positions])
+    for method in ("ms", "mined"):
+        fs = results[method].from_source
+        assert not (fs & ~coverable).any()
+        # the rest fall back only when every top-k entry of the source maps to no pivot token
+        assert fs.sum() >= 0.98 * coverable.sum(), (method, fs.sum(), coverable.sum())
+    print(f"coverable positions {coverable.mean():.1%}")
     # the gold pivot token is found in the aligned source at most covered positions with MS
     gold = gold_ids(pivot)
     ms = results["ms"]
@@ -175,7 +190,7 @@ def _random_candidates(rng, m, n, k, vocab):
 def _dense(d: SparseDist, vocab):
     x = np.zeros((d.num_positions, vocab), dtype=np.float64)
     for r in range(d.num_positions):
-        for i, p in zip(d.ids[r], d.probs[r]):
+        for i, p in zip(d.ids[r], d.probs[r], strict=True):
             if i >= 0:
                 x[r, i] += float(p)
     return x
@@ -203,7 +218,7 @@ def test_mince_picks_what_an_independent_float64_recomputation_picks(seed):
     avg = fuse(cands, gold, mask, "avgce", k=3 * k)
     w = np.exp(-np.array(ces))
     w /= w.sum()
-    expected = sum(wi * _dense(c, vocab) for wi, c in zip(w, cands))
+    expected = sum(wi * _dense(c, vocab) for wi, c in zip(w, cands, strict=True))
     assert np.allclose(avg.weights, w)
     assert np.allclose(_dense(avg.dist, vocab), expected, atol=1e-6)
     _assert_valid(avg.dist)

@@ -42,7 +42,10 @@ def test_exact_match_between_real_vocabularies():
     out = em(np.array(ids + [tk_tok.eos_token_id]))
     assert out.tolist() == sp_tok.convert_tokens_to_ids(["▁the", "<0x0A>", "▁"]) + [sp_tok.eos_token_id]
     long_word = tk_tok.convert_tokens_to_ids("Ġdistributions")
-    assert em(np.array([long_word]))[0] == -1 or sp_tok.convert_ids_to_tokens(int(em(np.array([long_word]))[0])) == "▁distributions"
+    assert (
+        em(np.array([long_word]))[0] == -1
+        or sp_tok.convert_ids_to_tokens(int(em(np.array([long_word]))[0])) == "▁distributions"
+    )
     # with the pivot's own tokenizer, EM is the identity (not a dedup of equal-bytes tokens)
     same = ExactMatch(TokenTable.from_tokenizer(sp_tok), TokenTable.from_tokenizer(sp_tok))
     ids = np.arange(32000)
@@ -50,8 +53,15 @@ def test_exact_match_between_real_vocabularies():
 
 
 def test_exact_match_hand_built_and_preferences():
-    pivot = TokenTable([b"\x00<s>", b"a", b" b", b"b", b"\n"], np.array([1, 0, 0, 0, 0], bool), np.array([0, 0, 0, 0, 1], bool), False)
-    pivot_nl = TokenTable(pivot.pieces + [b"\n"], np.r_[pivot.is_special, False], np.r_[pivot.is_byte_fallback, False], False)
+    pivot = TokenTable(
+        [b"\x00<s>", b"a", b" b", b"b", b"\n"],
+        np.array([1, 0, 0, 0, 0], bool),
+        np.array([0, 0, 0, 0, 1], bool),
+        False,
+    )
+    pivot_nl = TokenTable(
+        pivot.pieces + [b"\n"], np.r_[pivot.is_special, False], np.r_[pivot.is_byte_fallback, False], False
+    )
     source = table([b"\x00<s>", b" b", b"zz", b"\n", b"a"], special=[0])
     assert ExactMatch(pivot, source)(np.arange(5)).tolist() == [0, 2, -1, 4, 1]
     # a regular token beats a byte-fallback token of the same bytes
@@ -79,7 +89,11 @@ def test_mined_is_the_brute_force_minimum_with_deterministic_ties():
     pt, st = TokenTable.from_tokenizer(sp_tok), TokenTable.from_tokenizer(tk_tok)
     mined = MinEditDistance(pt, st)
     em = ExactMatch(pt, st)
-    words = [w for w in ("Ġdistributions", "Ġunmaintainable", "ĠÐ¾ÑĪÐ¸Ð±") if tk_tok.convert_tokens_to_ids(w) != tk_tok.unk_token_id]
+    words = [
+        w
+        for w in ("Ġdistributions", "Ġunmaintainable", "ĠÐ¾ÑĪÐ¸Ð±")
+        if tk_tok.convert_tokens_to_ids(w) != tk_tok.unk_token_id
+    ]
     for w in words[:2]:
         sid = tk_tok.convert_tokens_to_ids(w)
         if em(np.array([sid]))[0] >= 0:
