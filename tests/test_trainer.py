@@ -15,6 +15,15 @@ from datastore.errors import UserError
 from trainer.train import TrainConfig, train
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one thread is several times faster than contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pivot_dir(tmp_path_factory, spm_tokenizer):
     from clients.tiny_models import build_model

@@ -17,6 +17,15 @@ K = 3
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one thread is several times faster than contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_sample(i: int, k: int = K, vocab: int = VOCAB, max_len: int = 30) -> TargetSample:
     rng = np.random.default_rng(1000 + i)
     T = int(rng.integers(4, max_len))

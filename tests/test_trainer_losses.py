@@ -13,6 +13,15 @@ from trainer.losses import LossConfig, chunked_head_loss
 R, H, V, K = 11, 6, 37, 5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one thread is several times faster than contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_inputs(seed: int, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(R, H, generator=g, dtype=dtype) * 2
