@@ -30,7 +30,9 @@ class SparseDist:
     @classmethod
     def from_topk(cls, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> SparseDist:
         """The stored top-k of the pivot itself (log-probabilities -> probabilities, no renormalisation)."""
-        return cls(np.asarray(topk_ids, dtype=np.int32), np.exp(np.asarray(topk_logprobs, dtype=np.float32)))
+        # exp in float64 then rounded once, as every other path (coo_topk) computes probabilities
+        probs = np.exp(np.asarray(topk_logprobs, dtype=np.float64)).astype(np.float32)
+        return cls(np.asarray(topk_ids, dtype=np.int32), probs)
 
     def prob_of(self, token_ids: np.ndarray) -> np.ndarray:
         """float64 ``[N]``: probability of ``token_ids[n]`` at position n (0 when outside the top-K)."""

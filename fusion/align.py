@@ -505,11 +505,15 @@ class AlignedDistributions:
         from_source: bool ``[N]``: True where the source supplied the distribution; False where it could not
             (no context-equivalent source position, nothing mapped) and the pivot's own was used.
         unmapped_mass: float32 ``[N]``: source probability whose tokens have no pivot token (not in dist).
+        source_mass: float32 ``[N]``: source top-k probability carried to each position (0 where it fell
+            back). ``source_mass - unmapped_mass - dist.probs.sum(1)`` is what the top-k cut dropped after
+            merges (0 unless more than k distinct pivot ids were hit).
     """
 
     dist: SparseDist
     from_source: np.ndarray
     unmapped_mass: np.ndarray
+    source_mass: np.ndarray | None = None
 
     @property
     def num_fallback(self) -> int:
@@ -561,8 +565,9 @@ def align_distributions(
 
     mapped = vocab_map(np.asarray(source.topk_ids)[srow]).astype(np.int64)
     probs = np.exp(np.asarray(source.topk_logprobs, dtype=np.float64)[srow]) * weight[:, None]
-    unmapped = np.zeros(n)
+    unmapped, carried = np.zeros(n), np.zeros(n)
     np.add.at(unmapped, prow, np.where(mapped < 0, probs, 0.0).sum(axis=1))
+    np.add.at(carried, prow, probs.sum(axis=1))
     dist = coo_topk(np.repeat(prow, mapped.shape[1]), mapped, probs, n, k)
     from_source = covered & (dist.probs.sum(axis=1) > 0)
 
@@ -574,7 +579,8 @@ def align_distributions(
     dist.ids[fb, :kk] = own.ids[fb, :kk]
     dist.probs[fb, :kk] = own.probs[fb, :kk]
     unmapped[fb] = 0.0
-    return AlignedDistributions(dist, from_source, unmapped.astype(np.float32))
+    carried[fb] = 0.0
+    return AlignedDistributions(dist, from_source, unmapped.astype(np.float32), carried.astype(np.float32))
 
 
 def _n_to_one_weights(pivot, source, aln, stats, ppos, spos, prow, srow):

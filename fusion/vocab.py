@@ -9,6 +9,7 @@ pivot/source co-alignment counts over the dataset, sparse, saveable). Every mapp
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import weakref
@@ -316,22 +317,29 @@ class MappingStatistics:
             self._best = best
         return self._best
 
-    def save(self, path: str | Path) -> None:
+    def to_bytes(self) -> bytes:
+        """The statistics as a compressed ``.npz`` (keys, counts, meta): what is saved next to the targets."""
         self.compact()
         meta = json.dumps({**self.meta, "pivot_vocab": self.pivot_vocab, "source_vocab": self.source_vocab})
-        with open(path, "wb") as f:
-            np.savez_compressed(
-                f, keys=self.keys, counts=self.counts, meta=np.frombuffer(meta.encode(), np.uint8)
-            )
+        buf = io.BytesIO()
+        np.savez_compressed(buf, keys=self.keys, counts=self.counts, meta=np.frombuffer(meta.encode(), np.uint8))
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: str | Path) -> MappingStatistics:
-        with np.load(path) as z:
+    def from_bytes(cls, data: bytes) -> MappingStatistics:
+        with np.load(io.BytesIO(data)) as z:
             meta = json.loads(z["meta"].tobytes().decode())
             stats = cls(meta.pop("pivot_vocab"), meta.pop("source_vocab"), meta)
             stats.keys = z["keys"].astype(stats.key_dtype)
             stats.counts = z["counts"].astype(np.uint32)
         return stats
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> MappingStatistics:
+        return cls.from_bytes(Path(path).read_bytes())
 
 
 class StatisticsMap(VocabMap):

@@ -1,0 +1,61 @@
+"""`logitfuse fuse`: parse and check the options, run `fusion.pipeline.fuse_logits`, print its report.
+Registered by clients/cli.py (``fusion.cli:fuse_command``); a `UserError` becomes one line and exit 2."""
+
+from __future__ import annotations
+
+import typer
+
+from datastore.errors import UserError
+
+
+def fuse_command(
+    pivot: str = typer.Option(
+        ..., help="Pivot logits dataset URI (STORE/logits/ID): its tokens and shape are the targets'."
+    ),
+    source: list[str] = typer.Option(
+        ..., help="Source logits dataset URI (STORE/logits/ID); repeat for several."
+    ),
+    out: str = typer.Option(
+        ...,
+        help="Targets URI (local directory or s3://bucket/prefix). Pairwise with several sources: one "
+        "targets dataset per source under OUT/<source logits id>.",
+    ),
+    align: str = typer.Option(
+        "offsets", help="Sequence alignment: offsets (exact, from character offsets) or dtw."
+    ),
+    vocab_map: str = typer.Option(
+        "ms",
+        help="Vocabulary mapping: ms (mapping statistics over the dataset), mined (min edit distance), em (exact).",
+    ),
+    fusion: str = typer.Option(
+        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (softmax(-CE) weights)."
+    ),
+    mode: str = typer.Option(
+        "pairwise",
+        help="pairwise: pivot + one source per targets dataset (FuseChat); multi: all sources in one (FuseLLM).",
+    ),
+    k: int = typer.Option(0, help="Entries per target position (0: the pivot's k)."),
+    shard_rows: int = typer.Option(512, help="Samples per targets shard."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Align source logits to the pivot and fuse them into training targets (resumable: re-run to finish)."""
+    from fusion.pipeline import fuse_logits
+
+    if shard_rows < 1:
+        raise UserError(f"--shard-rows {shard_rows}: must be at least 1")
+    if k < 0:
+        raise UserError(f"--k {k}: must be 0 (the pivot's k) or a positive number of entries")
+    report = fuse_logits(
+        pivot,
+        source,
+        out,
+        align=align,
+        vocab_map=vocab_map,
+        fusion=fusion,
+        mode=mode,
+        k=k or None,
+        shard_rows=shard_rows,
+        progress=not quiet,
+    )
+    for line in report.lines():
+        typer.echo(line)

@@ -1,0 +1,229 @@
+"""`logitfuse fuse` / `fuse_logits` end to end on real logits datasets: tiny teachers of two tokenizers
+extracted through the datastore, fused, read back as targets and checked value by value."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clients.cli import app
+from clients.corpus import chat_samples, write_jsonl
+from clients.tiny_models import make_teacher
+from datastore.chat import load_dataset
+from datastore.reader import LogitsReader
+from datastore.targets import TargetsReader
+from fusion.fuse import GOLD_FLOOR
+from fusion.pipeline import STATS_DIR, fuse_logits
+from fusion.vocab import MappingStatistics
+from teacher_server.backends.hf import HFBackend
+from teacher_server.extract import ExtractSettings, extract
+from teacher_server.render import TEMPLATE_DIR
+
+K = 5
+QUANT = 1.0 / 65535 + 1e-6  # targets store probabilities as floor(p * 65535) / 65535
+# Teachers are cached across runs (make_teacher reuses a directory holding the same settings). The pivot
+# is barely trained, the source for a few dozen steps: MinCE should prefer the source.
+TEACHERS = {
+    "pivot": dict(arch="mistral", tokenizer_kind="spm32k", template="inst", steps=1, batch_size=2),
+    "source": dict(arch="qwen2", tokenizer_kind="bpe131k", template="chatml", steps=40, batch_size=4),
+}
+
+
+@pytest.fixture(scope="module")
+def logits(tmp_path_factory) -> dict[str, str]:
+    cache = Path(tempfile.gettempdir()) / "logitfuse-test-fusion-teachers"
+    data = load_dataset(write_jsonl(chat_samples(8, seed=31), tmp_path_factory.mktemp("data") / "chat.jsonl"))
+    store = str(tmp_path_factory.mktemp("store"))
+    uris = {}
+    for name, t in TEACHERS.items():
+        template = (TEMPLATE_DIR / f"{t['template']}.jinja").read_text(encoding="utf-8")
+        model_dir = make_teacher(
+            cache / name,
+            t["arch"],
+            t["tokenizer_kind"],
+            template,
+            steps=t["steps"],
+            seed=3,
+            batch_size=t["batch_size"],
+        )
+        settings = ExtractSettings(k=K, chat_template="model", shard_rows=3)  # several shards, paired by id
+        uris[name] = extract(
+            HFBackend(model_dir, device="cpu"), data, store, name, settings, progress=False
+        ).uri
+    uris["store"] = store
+    return uris
+
+
+def _assert_distributions(t):
+    assert t.topk_ids.shape == t.topk_probs.shape == (len(t.positions), K)
+    assert (t.topk_probs >= 0).all() and (t.topk_probs.sum(axis=1) <= 1 + 1e-5).all()
+    assert (t.topk_probs[t.topk_ids < 0] == 0).all()
+    for row in t.topk_ids:
+        v = row[row >= 0]
+        assert v.size == np.unique(v).size
+    # sorted by descending probability, padding last
+    assert (np.diff(t.topk_probs, axis=1) <= QUANT).all()
+
+
+def _dense(ids, probs, vocab):
+    out = np.zeros((ids.shape[0], vocab + 1))
+    np.add.at(out, (np.arange(ids.shape[0])[:, None], ids), probs)  # id -1 lands in the spare last column
+    return out[:, :vocab]
+
+
+def _ce64(ids, probs, gold, mask):
+    p = np.where(ids == gold[:, None], probs.astype(np.float64), 0.0).sum(axis=1)[mask]
+    return float(np.mean(-np.log(np.maximum(p, GOLD_FLOOR)))) if p.size else 0.0
+
+
+def test_pairwise_targets_are_pivot_shaped_distributions_and_mince_picks_the_lowest_ce(logits, tmp_path):
+    out = str(tmp_path / "targets")
+    report = fuse_logits(logits["pivot"], [logits["source"]], out, progress=False)
+    pivot = LogitsReader(logits["pivot"])
+    targets = TargetsReader(out)
+    assert targets.manifest.complete and len(targets) == len(pivot) == report.samples == 8
+    meta = targets.manifest.meta
+    assert (meta.pivot, meta.sources) == (
+        pivot.manifest.logits_id,
+        [LogitsReader(logits["source"]).manifest.logits_id],
+    )
+    assert (meta.align, meta.vocab_map, meta.fusion, meta.k) == ("offsets", "ms", "mince", K)
+
+    wins = {"pivot": 0, "source": 0}
+    for t in targets.iter_samples():
+        p = pivot.get(t.sample_id)
+        np.testing.assert_array_equal(t.input_ids, p.input_ids)
+        np.testing.assert_array_equal(t.loss_mask, p.loss_mask)
+        np.testing.assert_array_equal(t.positions, p.positions)
+        _assert_distributions(t)
+        assert set(t.ce) == {"pivot", "source"}
+        assert t.winner == min(t.ce, key=lambda n: (t.ce[n], n != "pivot"))  # argmin, the pivot on ties
+        wins[t.winner] += 1
+        gold = p.input_ids[p.positions + 1].astype(np.int64)
+        mask = p.loss_mask[p.positions + 1]
+        # the pivot's CE, recomputed in float64 from its stored logprobs
+        assert t.ce["pivot"] == pytest.approx(
+            _ce64(p.topk_ids, np.exp(p.topk_logprobs.astype(np.float64)), gold, mask), rel=1e-5
+        )
+        # the stored target reproduces the winner's CE (up to the targets' quantisation)
+        assert _ce64(t.topk_ids, t.topk_probs, gold, mask) == pytest.approx(t.ce[t.winner], abs=1e-3)
+        if t.winner == "pivot":
+            np.testing.assert_array_equal(t.topk_ids, p.topk_ids)
+            np.testing.assert_allclose(t.topk_probs, np.exp(p.topk_logprobs), atol=QUANT)
+    assert wins["source"] >= 6, wins  # the trained source explains the answers better than a blank pivot
+    (tr,) = report.targets
+    assert dict(tr.winners) == {k: v for k, v in wins.items() if v}
+
+    (src,) = report.sources
+    assert src.samples == 8 and src.missing == src.unaligned == 0
+    assert src.chars_aligned_share >= 0.999  # assistant turns, identical text under both templates
+    assert sum(src.group_shares.values()) == pytest.approx(1.0)
+    assert src.group_shares["1-1"] > 0.5
+    assert 0.5 < src.mapped_share <= 1.0 and 0.5 < src.from_source_share <= 1.0
+    assert src.statistics_pairs > 0 and src.statistics_bytes == 8 * src.statistics_pairs
+    stats = MappingStatistics.load(Path(out) / STATS_DIR / f"{meta.sources[0]}.npz")
+    assert stats.num_pairs == src.statistics_pairs and (stats.pivot_vocab, stats.source_vocab) == (
+        32000,
+        131072,
+    )
+    saved = json.loads((Path(out) / "fusion_report.json").read_text())
+    assert saved["samples"] == 8 and saved["targets"][0]["winners"] == dict(tr.winners)
+    text = "\n".join(report.lines())
+    for needle in ("1-1", "source mass mapped", "chars aligned", "winners: pivot", "mapping statistics"):
+        assert needle in text
+
+    # resumable: a second run finds everything committed and writes nothing
+    again = fuse_logits(logits["pivot"], [logits["source"]], out, progress=False)
+    assert again.targets[0].written == 0 and again.targets[0].already_done == 8
+
+
+def test_source_that_is_the_pivot_is_the_identity(logits, tmp_path):
+    out = str(tmp_path / "identity")
+    report = fuse_logits(logits["pivot"], [logits["pivot"]], out, fusion="avgce", progress=False)
+    (src,) = report.sources
+    assert src.groups["1-1"] == sum(src.groups.values()) > 0
+    assert src.mapped_share == 1.0 and src.chars_aligned_share == 1.0
+    pivot = LogitsReader(logits["pivot"])
+    for t in TargetsReader(out).iter_samples():
+        p = pivot.get(t.sample_id)
+        assert t.ce["pivot"] == t.ce["pivot#2"]  # the same distributions, named apart
+        # AvgCE of two equal distributions (weights 1/2 each) is that distribution (tied entries may swap)
+        np.testing.assert_array_equal(
+            _dense(t.topk_ids, t.topk_probs, 32000) > 0, _dense(p.topk_ids, 1, 32000) > 0
+        )
+        np.testing.assert_allclose(
+            _dense(t.topk_ids, t.topk_probs, 32000),
+            _dense(p.topk_ids, np.exp(p.topk_logprobs), 32000),
+            atol=QUANT,
+        )
+
+
+def test_several_sources_pairwise_and_multi(logits, tmp_path):
+    sources = [logits["source"], logits["pivot"]]
+    ids = [LogitsReader(u).manifest.logits_id for u in sources]
+    pair = fuse_logits(logits["pivot"], sources, str(tmp_path / "pair"), vocab_map="mined", progress=False)
+    assert [t.uri for t in pair.targets] == [str(tmp_path / "pair" / i) for i in ids]
+    assert [TargetsReader(t.uri).manifest.meta.sources for t in pair.targets] == [[i] for i in ids]
+
+    multi = fuse_logits(
+        logits["pivot"], sources, str(tmp_path / "multi"), mode="multi", align="dtw", progress=False
+    )
+    (tr,) = multi.targets
+    assert tr.candidates == ["pivot", "source", "pivot#2"]
+    assert sum(tr.winners.values()) == 8
+    for t in TargetsReader(tr.uri).iter_samples():
+        _assert_distributions(t)
+        assert set(t.ce) == {"pivot", "source", "pivot#2"}
+        assert t.winner != "pivot#2"  # equal to the pivot's CE, and the pivot wins ties
+    (dtw_source,) = [s for s in multi.sources if s.name == "source"]
+    assert dtw_source.samples == 8 and dtw_source.chars_aligned_share >= 0.999
+
+
+def _run(*args):
+    return CliRunner().invoke(app, ["fuse", *args])
+
+
+def test_cli_fuses_and_reports(logits, tmp_path):
+    out = str(tmp_path / "cli")
+    result = _run(
+        "--pivot", logits["pivot"], "--source", logits["source"], "--out", out, "--quiet", "--k", "3"
+    )
+    assert result.exit_code == 0, result.output
+    assert "winners:" in result.output and "chars aligned" in result.output
+    t = next(TargetsReader(out).iter_samples())
+    assert t.k == 3
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(logits["source"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["meta"]["dataset_id"] = "0123456789abcdef"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    out = str(tmp_path / "out")
+    base = ["--pivot", logits["pivot"], "--out", out]
+    cases = [
+        (
+            ["--pivot", str(tmp_path / "nope"), "--source", logits["source"], "--out", out],
+            "no logits dataset",
+        ),
+        ([*base, "--source", str(other)], "same dataset"),
+        ([*base, "--source", logits["source"], "--align", "fuzzy"], "--align 'fuzzy'"),
+        ([*base, "--source", logits["source"], "--vocab-map", "x"], "expected one of ms, mined, em"),
+        ([*base, "--source", logits["source"], "--fusion", "best"], "expected one of mince, avgce"),
+        ([*base, "--source", logits["source"], "--mode", "all"], "expected one of pairwise, multi"),
+        ([*base, "--source", logits["source"], "--source", logits["source"]], "given twice"),
+        (["--pivot", logits["pivot"], "--source", logits["source"], "--out", logits["pivot"]], "not targets"),
+    ]
+    for args, needle in cases:
+        result = _run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
+    assert not Path(out).exists()  # nothing written by a rejected run
