@@ -145,6 +145,46 @@ def sft_row_loss(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     return torch.where(gold >= 0, nll, 0.0)
 
 
+def _closed_form_chunk(z, gold, ids, probs, cfg: LossConfig, w_sft: float, w_fusion: float, need: bool):
+    """``ce``/``kl`` with a renormalised target: losses and ``dL/dz`` in closed form, in place, so the fusion
+    term costs a few ``[rows, K]`` operations on top of SFT's ``[rows, V]`` softmax. With ``s = softmax(z)``,
+    ``q = softmax(z / T)``: ``dSFT/dz = s - onehot(gold)``, ``d(T²·CE)/dz = T·(q·Σp̃ - p̃)`` (scattered)."""
+    T = cfg.temperature
+    rows = torch.arange(z.shape[0], device=z.device)
+    has_gold = gold >= 0
+    logp = torch.log_softmax(z, dim=-1)
+    sft = torch.where(has_gold, -logp[rows, gold.clamp_min(0)], 0.0) if w_sft else logp.new_zeros(())
+    fus = logp.new_zeros(())
+    pt = has = logq = None
+    if w_fusion:
+        pt, _, has = target_distribution(probs, ids, cfg)
+        logq = logp if T == 1.0 else torch.log_softmax(z / T, dim=-1)
+        lk = logq.gather(1, ids.clamp_min(0))
+        fus = -(pt * lk).sum(-1)
+        if cfg.loss == "kl":
+            fus = fus + torch.xlogy(pt, pt).sum(-1)
+        fus = torch.where(has, fus * (T * T), 0.0)
+    del z
+    if not need:
+        return sft, fus, None
+    # gradient, reusing the softmax buffers
+    coef_s = has_gold.to(logp.dtype) * w_sft if w_sft else None  # (a python-float where() would be fp32)
+    if w_fusion and T != 1.0:
+        g = logq.exp_().mul_((w_fusion * T) * has.to(logq.dtype)[:, None])
+        if w_sft:
+            g.add_(logp.exp_().mul_(coef_s[:, None]))
+    else:
+        coef = coef_s if coef_s is not None else torch.zeros_like(logp[:, 0])
+        if w_fusion:
+            coef = coef + (w_fusion * T) * has.to(logp.dtype)
+        g = logp.exp_().mul_(coef[:, None])
+    if w_sft:
+        g[rows, gold.clamp_min(0)] -= coef_s
+    if w_fusion:
+        g.scatter_add_(1, ids.clamp_min(0), -(w_fusion * T) * pt.to(g.dtype))
+    return sft, fus, g
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, gold, ids, probs, cfg, w_sft, w_fusion, chunk_rows):
@@ -155,26 +195,28 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         sft_sum = hidden.new_zeros((), dtype=acc)
         fus_sum = hidden.new_zeros((), dtype=acc)
         w = weight.detach()
+        fast = cfg.loss in ("ce", "kl") and cfg.tail == "renormalise"
         for s in range(0, hidden.shape[0], chunk_rows):
             h = hidden[s : s + chunk_rows].detach()
-            with torch.enable_grad():
-                z = _fp(h @ w.T).detach().requires_grad_(need)
-                sft = sft_row_loss(z, gold[s : s + chunk_rows]) if w_sft else z.new_zeros(())
-                fus = (
-                    fusion_row_loss(z, ids[s : s + chunk_rows], probs[s : s + chunk_rows], cfg)[0]
-                    if w_fusion
-                    else z.new_zeros(())
-                )
-                total = w_sft * sft.sum() + w_fusion * fus.sum()
-                if need:
-                    (gz,) = torch.autograd.grad(total, z)
+            sl = slice(s, s + chunk_rows)
+            if fast:
+                sft, fus, gz = _closed_form_chunk(_fp(h @ w.T), gold[sl], ids[sl], probs[sl], cfg, w_sft, w_fusion,
+                                                  need)
+            else:
+                with torch.enable_grad():
+                    z = _fp(h @ w.T).detach().requires_grad_(need)
+                    sft = sft_row_loss(z, gold[sl]) if w_sft else z.new_zeros(())
+                    fus = fusion_row_loss(z, ids[sl], probs[sl], cfg)[0] if w_fusion else z.new_zeros(())
+                    total = w_sft * sft.sum() + w_fusion * fus.sum()
+                    gz = torch.autograd.grad(total, z)[0] if need else None
+                del z
             sft_sum += sft.detach().sum()
             fus_sum += fus.detach().sum()
             if need:
                 gz = gz.to(w.dtype)
-                grad_h[s : s + chunk_rows] = (gz @ w).to(hidden.dtype)
+                grad_h[sl] = (gz @ w).to(hidden.dtype)
                 grad_w += _fp(gz.T @ h.to(w.dtype))
-            del z
+            del gz
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(sft_sum, fus_sum)
