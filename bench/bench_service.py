@@ -2,7 +2,7 @@
 
 1. End to end through the service (upload -> job -> committed shards, measured by a client that uploads,
    submits and polls until `done`) against `teacher_server.extract.extract` called directly, on the same
-   dataset and the same teacher, alternating the two `--repeats` times. The teacher is resident in both
+   dataset and the same teacher, alternating the two (and which goes first) `--repeats` times. The teacher is resident in both
    (the service's worker has loaded it before the clock starts; the direct run's backend is built
    before its clock starts), so the difference is what the service adds: upload, validation, queueing,
    a worker process, progress writes to SQLite, polling.
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -63,25 +63,37 @@ def main() -> None:
     }
     backend = HFBackend(model)
 
-    direct_s, service_s, tokens = [], [], 0
+    direct_s, service_s, fixed_s, tokens = [], [], [], 0
     print(f"teacher: tiny llama (2 layers, hidden 128, 32k vocab) at {model}; k={args.k}; {args.samples} chat samples")
     with run_local_service(config, log_path=work / "serve.log") as url, TeacherClient(url) as client:
         for r in range(args.repeats):
             data = _dataset(work / f"chat-{r}.jsonl", args.samples, seed=100, variant=r)
 
-            t0 = time.perf_counter()
-            res = extract(backend, load_dataset(data), str(work / f"store-direct-{r}"), "tiny", settings, progress=False)
-            direct_s.append(time.perf_counter() - t0)
-            tokens = res.tokens
+            def run_direct(data=data, store=str(work / f"store-direct-{r}")):
+                t0 = time.perf_counter()
+                res = extract(backend, load_dataset(data), store, "tiny", settings, progress=False)
+                direct_s.append(time.perf_counter() - t0)
+                return res
 
-            t0 = time.perf_counter()
-            ds = client.upload(data)
-            job = client.submit(ds["id"], "tiny", k=args.k)
-            job = client.wait(job["id"], progress=False, poll_s=0.05)
-            service_s.append(time.perf_counter() - t0)
+            def run_service(data=data):
+                t0 = time.perf_counter()
+                ds = client.upload(data)
+                job = client.submit(ds["id"], "tiny", k=args.k)
+                job = client.wait(job["id"], progress=False)
+                service_s.append(time.perf_counter() - t0)
+                fixed_s.append(service_s[-1] - job["run_seconds"])  # everything but the worker's extract()
+                return job
+
+            # alternate which goes first, so neither always runs on the warmer (or busier) machine
+            if r % 2 == 0:
+                res, job = run_direct(), run_service()
+            else:
+                job, res = run_service(), run_direct()
+            tokens = res.tokens
             assert job["state"] == "done", job
             assert len(LogitsReader(job["uri"])) == args.samples == len(LogitsReader(res.uri))
-            print(f"  repeat {r + 1}: direct extract {direct_s[-1]:6.2f}s   service end-to-end {service_s[-1]:6.2f}s")
+            print(f"  repeat {r + 1}: direct extract {direct_s[-1]:6.2f}s   service end-to-end {service_s[-1]:6.2f}s "
+                  f"(of which outside the worker's extract: {fixed_s[-1]:.2f}s)")
 
         d, s = statistics.median(direct_s), statistics.median(service_s)
         print()
@@ -90,6 +102,9 @@ def main() -> None:
         print(f"{'service: upload+job+shards':34} {s:9.2f} {min(service_s):7.2f} {tokens / s:9,.0f}")
         print(f"service overhead: {100 * (s / d - 1):+.1f}% (median), {100 * (min(service_s) / min(direct_s) - 1):+.1f}% (min)"
               f"   [goal < 10%]")
+        f = statistics.median(fixed_s)
+        print(f"service time outside extract() (upload, validation, queueing, status polls): median {f:.2f}s "
+              f"= {100 * f / d:.1f}% of the direct run (the rest is machine noise: 2 shared cores)")
 
         # several clients at once: different datasets, the same teacher (one queue)
         per_client = max(1, args.samples // args.clients)
@@ -103,7 +118,7 @@ def main() -> None:
                 start.wait()
                 t0 = time.perf_counter()
                 ds = own.upload(paths[c])
-                job = own.wait(own.submit(ds["id"], "tiny", k=args.k)["id"], progress=False, poll_s=0.05)
+                job = own.wait(own.submit(ds["id"], "tiny", k=args.k)["id"], progress=False)
                 latencies[c] = time.perf_counter() - t0
                 results[c] = job
 

@@ -105,10 +105,15 @@ class TeacherClient:
     def topk(self, teacher: str, samples: list[dict], k: int = 10, **options) -> dict:
         return self._call("POST", "/v1/topk", json={"teacher": teacher, "samples": samples, "k": k, **options})
 
-    def wait(self, job_id: str, progress: bool = True, poll_s: float = 0.25, timeout: float | None = None) -> dict:
-        """Poll a job until it is done, failed or cancelled; a tqdm bar shows samples and tokens/s."""
+    def wait(self, job_id: str, progress: bool = True, poll_s: float = 1.0, timeout: float | None = None) -> dict:
+        """Poll a job until it is done, failed or cancelled; a tqdm bar shows samples and tokens/s.
+
+        Polls often at first and then every 2% of the time waited so far (at most every `poll_s`), so a
+        short job is seen finishing promptly and a long one is not slowed by status requests.
+        """
         bar = None
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         try:
             while True:
                 job = self.job(job_id)
@@ -124,7 +129,7 @@ class TeacherClient:
                     return job
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f}s")
-                time.sleep(poll_s)
+                time.sleep(min(poll_s, max(0.02, 0.02 * (time.monotonic() - started))))
         finally:
             if bar is not None:
                 bar.close()

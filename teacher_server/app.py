@@ -82,6 +82,7 @@ class JobOut(BaseModel):
     samples_total: int
     tokens: int
     tokens_per_s: float
+    run_seconds: float
     eta_s: float | None
     truncated: int
     logits_id: str | None

@@ -104,6 +104,7 @@ class Job:
             "samples_total": self.samples_total,
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "run_seconds": round(self.run_seconds, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "truncated": self.truncated,
             "logits_id": self.logits_id,
@@ -445,7 +446,7 @@ class JobService:
         key = job_key(dataset_id, t.name, k, template, length, all_positions)
         job, created = self.db.create_job(key, t.name, dataset_id, k, template, length, all_positions, team, ds.samples)
         if created and self.supervisor is not None:
-            self.supervisor.wake()
+            self.supervisor.job_queued(t.name)
         return job, created
 
     def job(self, job_id: str) -> Job:

@@ -150,6 +150,7 @@ class _Worker:
                 raise _Stop
         elif kind == "stop":
             raise _Stop
+        # "poke": a job was queued; returning is enough, the main loop claims it
 
     def drain(self, busy: bool) -> None:
         while True:
@@ -323,6 +324,14 @@ class Supervisor:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def job_queued(self, teacher: str) -> None:
+        """Wake the teacher's idle worker now rather than at its next poll."""
+        with self._lock:
+            h = self.workers.get(teacher)
+            if h is not None and h.process.is_alive() and not h.releasing:
+                h.requests.put(("poke",))
+        self.wake()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
