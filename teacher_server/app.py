@@ -16,7 +16,7 @@ import traceback
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -250,12 +250,20 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
         openapi_extra={"requestBody": {"required": True, "description": "a JSONL or Parquet dataset file",
                                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
     )
-    async def upload_dataset(request: Request, skip_invalid: bool = False, _p: Principal = Depends(writer)):
+    async def upload_dataset(request: Request, skip_invalid: bool = False,
+                             uri: str | None = Query(None, max_length=1000, description=(
+                                 "instead of a body: a dataset file in the store (s3://... or a path under the "
+                                 "store directory), copied by the server")),
+                             _p: Principal = Depends(writer)):
         """Stream a JSONL or Parquet dataset to the server; it is validated as `logitfuse extract` does."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > config.max_upload_bytes:
-            raise UploadTooLarge(f"upload of {declared} bytes exceeds the limit of {config.max_upload_bytes} bytes")
-        rec, problems = await service.datasets.ingest(request.stream(), config.max_upload_bytes, skip_invalid)
+        if uri:
+            chunks = service.datasets.read_store_file(uri, config.store)
+        else:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > config.max_upload_bytes:
+                raise UploadTooLarge(f"upload of {declared} bytes exceeds the limit of {config.max_upload_bytes} bytes")
+            chunks = request.stream()
+        rec, problems = await service.datasets.ingest(chunks, config.max_upload_bytes, skip_invalid)
         return {**rec.public(), "problems": problems}
 
     @app.get("/v1/datasets/{dataset_id}", tags=["datasets"], response_model=DatasetOut, responses=ERRORS)

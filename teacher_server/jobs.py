@@ -386,6 +386,32 @@ class DatasetStore:
                 tmp.unlink()
 
 
+    @staticmethod
+    def read_store_file(uri: str, store: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Chunks of a dataset file that lives in the store (an upload by reference). Only files inside
+        the configured store are readable: the server never opens a path a client picks elsewhere."""
+        from starlette.concurrency import run_in_threadpool
+
+        from datastore import fs
+
+        filesystem, path = fs.resolve(uri)
+        _, root = fs.resolve(store)
+        if not (path == root or path.startswith(root.rstrip("/") + "/")) or "/../" in f"{path}/":
+            raise UserError(f"uri {uri!r} is not inside this server's store {store}")
+        if not fs.exists(filesystem, path):
+            raise UserError(f"uri {uri!r}: no such file in the store")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            stream = await run_in_threadpool(filesystem.open_input_stream, path)
+            try:
+                while chunk := await run_in_threadpool(stream.read, chunk_bytes):
+                    yield bytes(chunk)
+            finally:
+                stream.close()
+
+        return chunks()
+
+
 def _mkstemp(root: Path) -> tuple[int, str]:
     import tempfile
 

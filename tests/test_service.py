@@ -134,6 +134,19 @@ def test_bad_uploads_store_nothing(server, http):
     assert not list((root / "state" / "datasets").glob(".upload-*"))
 
 
+def test_upload_by_store_uri(server, http, good_dataset, tmp_path):
+    _, root = server
+    inside = root / "store" / "datasets-in" / "chat.jsonl"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_bytes(good_dataset.read_bytes())
+    r = http.post("/v1/datasets", params={"uri": str(inside)})
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == http.post("/v1/datasets", content=good_dataset.read_bytes()).json()["id"]
+    _err(http.post("/v1/datasets", params={"uri": str(good_dataset)}), 400, "not inside")
+    _err(http.post("/v1/datasets", params={"uri": str(root / "store" / "../state/jobs.sqlite")}), 400, "not inside")
+    _err(http.post("/v1/datasets", params={"uri": str(inside) + ".missing"}), 400, "no such file")
+
+
 def test_bad_job_requests(server, http, good_dataset):
     ds = http.post("/v1/datasets", content=good_dataset.read_bytes())
     assert ds.status_code == 201, ds.text
