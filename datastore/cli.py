@@ -29,7 +29,12 @@ def _size(n: int) -> str:
 @store_app.command("ls")
 def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucket/prefix")) -> None:
     """List the logits datasets in a store."""
+    from datastore.targets import list_targets
+
     manifests = fs.list_logits(uri)
+    for t in list_targets(uri):
+        typer.echo(f"targets {t.targets_id:16}  pivot {t.meta.pivot[:20]:20} {t.meta.fusion:6} k {t.meta.k:>3} "
+                   f"{t.num_samples:>8} samples {_size(t.num_bytes):>10}  {'complete' if t.complete else 'incomplete'}")
     if not manifests:
         typer.echo(f"no logits datasets in {uri}")
         return
@@ -41,9 +46,65 @@ def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucke
         )
 
 
+def _targets_reader(uri: str):
+    """A TargetsReader when `uri` holds a targets dataset (datastore.targets), else None."""
+    from datastore.targets import TargetsReader, is_targets_manifest
+
+    fsys, root = fs.resolve(uri)
+    path = fs.join(root, fs.MANIFEST)
+    if fs.exists(fsys, path) and is_targets_manifest(fs.read_bytes(fsys, path)):
+        return TargetsReader(uri)
+    return None
+
+
+def _show_targets(reader) -> None:
+    m = reader.manifest
+    meta = m.meta
+    typer.echo("\n".join([
+        f"targets id    {m.targets_id}  ({'complete' if m.complete else 'INCOMPLETE'})",
+        f"pivot         {meta.pivot}   sources {', '.join(meta.sources) or '-'}",
+        f"fusion        {meta.fusion}   align {meta.align}   vocab map {meta.vocab_map}   k {meta.k}",
+        f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
+        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards",
+        f"encoding      probs {m.encoding.get('topk_probs')}",
+        f"written by    logitfuse {m.code_version}   created {m.created}   updated {m.updated}",
+    ]))
+
+
+def _verify_targets(uri: str, reader) -> None:
+    m = reader.manifest
+    problems: list[str] = []
+    seen: set[str] = set()
+    rows = 0
+    for shard in m.shards:
+        try:
+            arrays = reader.read_shard(shard)
+        except Exception as e:  # noqa: BLE001 - any failure to read or decode is a finding
+            problems.append(f"{shard.file}: {type(e).__name__}: {e}")
+            continue
+        if len(arrays) != shard.rows:
+            problems.append(f"{shard.file}: {len(arrays)} rows, manifest says {shard.rows}")
+        dup = seen.intersection(arrays.sample_ids)
+        if dup:
+            problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
+        seen.update(arrays.sample_ids)
+        rows += len(arrays)
+    if problems:
+        for p in problems:
+            typer.echo(f"FAIL {p}")
+        typer.echo(f"{len(problems)} problem(s) in {uri}")
+        raise typer.Exit(1)
+    state = "complete" if m.complete else "incomplete (writer not closed)"
+    typer.echo(f"OK {uri}: targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions, {state}")
+
+
 @store_app.command("show")
-def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id>")) -> None:
-    """Print one logits dataset's manifest summary."""
+def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Print one logits (or targets) dataset's manifest summary."""
+    targets = _targets_reader(uri)
+    if targets is not None:
+        _show_targets(targets)
+        return
     m = LogitsReader(uri).manifest
     meta = m.meta
     topk = sum(s.topk_bytes for s in m.shards)
@@ -65,8 +126,12 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id>"
 
 
 @store_app.command("verify")
-def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id>")) -> None:
+def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
     """Re-read every shard: checksum, row count, and a full decode. Exit 1 on any problem."""
+    targets = _targets_reader(uri)
+    if targets is not None:
+        _verify_targets(uri, targets)
+        return
     reader = LogitsReader(uri)
     m = reader.manifest
     problems: list[str] = []

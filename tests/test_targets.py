@@ -181,3 +181,25 @@ def test_corrupt_shard_is_detected(tmp_path):
     open(shard, "wb").write(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         list(TargetsReader(uri).iter_samples())
+
+
+def test_store_cli_shows_and_verifies_targets(tmp_path):
+    from typer.testing import CliRunner
+
+    from datastore.cli import store_app
+
+    uri = targets_uri(str(tmp_path), targets_id(meta()))
+    with TargetsWriter(uri, meta(), shard_rows=3) as w:
+        for i in range(7):
+            w.write(sample(i))
+    runner = CliRunner()
+    r = runner.invoke(store_app, ["ls", str(tmp_path)])
+    assert r.exit_code == 0 and targets_id(meta()) in r.output
+    r = runner.invoke(store_app, ["show", uri])
+    assert r.exit_code == 0 and "mince" in r.output and "samples       7" in r.output
+    r = runner.invoke(store_app, ["verify", uri])
+    assert r.exit_code == 0 and "OK" in r.output and "7 samples" in r.output
+    shard = os.path.join(uri, "shard-000001.parquet")
+    open(shard, "ab").write(b"x")
+    r = runner.invoke(store_app, ["verify", uri])
+    assert r.exit_code == 1 and "sha256" in r.output
