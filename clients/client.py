@@ -143,6 +143,19 @@ class TeacherClient:
             raise UserError(f"job {job['id']} {job['state']}: {'; '.join(job['errors']) or 'no error recorded'}")
         return job
 
+    def extract_many(self, dataset_path: str | Path, teachers: list[str], k: int = 10, progress: bool = True,
+                     **options) -> dict[str, dict]:
+        """Upload once, submit to every teacher at once (their queues run in parallel), wait for all."""
+        ds = self.upload(dataset_path)
+        jobs = {t: self.submit(ds["id"], t, k, **options) for t in teachers}
+        done = {}
+        for t, job in jobs.items():
+            done[t] = self.wait(job["id"], progress=progress)
+            if done[t]["state"] != "done":
+                raise UserError(f"job {job['id']} ({t}) {done[t]['state']}: "
+                                f"{'; '.join(done[t]['errors']) or 'no error recorded'}")
+        return done
+
 
 # -------------------------------------------------------------------------- a local server
 

@@ -28,8 +28,8 @@ except ImportError:  # the vLLM interpreter runs this file as a plain script; it
     pytest = None
 
 K = 8
-ATOL = 2e-3  # nats; both backends compute fp32, but with different attention / matmul kernels
-TIE_GAP = 5e-3  # HF log-prob gaps below this count as ties that either backend may order either way
+ATOL = 1e-4  # nats; both fp32 but different attention / matmul kernels (measured: 2.4e-6 max here)
+TIE_GAP = 1e-4  # HF log-prob gaps below this count as ties that either backend may order either way
 MAX_LENGTH = 512
 REPO = Path(__file__).resolve().parents[1]
 
