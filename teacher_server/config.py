@@ -88,8 +88,6 @@ class ServiceConfig(BaseModel):
     max_resident: int | None = Field(None, ge=1)
     max_upload_bytes: int = Field(1 << 30, ge=1)
     max_topk_samples: int = Field(8, ge=1)
-    #: seconds a worker keeps an idle model loaded before releasing it when `max_resident` is set
-    idle_release_s: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _unique(self) -> ServiceConfig:

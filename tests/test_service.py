@@ -227,6 +227,8 @@ def test_submit_command_and_cancel(server, tmp_path):
                                        "--token", WRITE_TOKEN])
     assert bad.exit_code == 2 and "unknown teacher" in bad.output
     with TeacherClient(url, WRITE_TOKEN) as client:
+        many = client.extract_many(data, ["tiny"], k=6, progress=False)
+        assert many["tiny"]["state"] == "done" and many["tiny"]["samples_done"] == 10
         ds = client.upload(data)
         job = client.submit(ds["id"], "tiny", k=2)
         cancelled = client.cancel(job["id"])
