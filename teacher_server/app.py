@@ -73,6 +73,7 @@ class JobOut(BaseModel):
     id: str
     state: str
     teacher: str
+    team: str
     dataset: str
     k: int
     chat_template: str

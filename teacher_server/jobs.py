@@ -95,6 +95,7 @@ class Job:
             "id": self.id,
             "state": self.state,
             "teacher": self.teacher,
+            "team": self.team,
             "dataset": self.dataset_id,
             "k": self.k,
             "chat_template": self.chat_template,
@@ -412,6 +413,17 @@ class DatasetStore:
         return chunks()
 
 
+def _describe_model(model: str) -> dict:
+    """Architecture facts from a local model's config.json (read here rather than through the HF backend,
+    so the API process never imports torch)."""
+    path = Path(model) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: cfg[k] for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers") if k in cfg}
+
+
 def _mkstemp(root: Path) -> tuple[int, str]:
     import tempfile
 
@@ -430,15 +442,13 @@ class JobService:
         self.supervisor = supervisor
 
     def teachers(self) -> list[dict]:
-        from teacher_server.backends.hf import describe_model
-
         workers = self.db.workers()
         out = []
         for t in self.config.teachers:
             out.append({
                 "name": t.name, "backend": t.backend, "max_k": t.max_k, "max_length": t.max_length,
                 "chat_template": t.chat_template, "dtype": t.dtype, "devices": t.devices,
-                "tensor_parallel_size": t.tensor_parallel_size, "model": describe_model(t.model),
+                "tensor_parallel_size": t.tensor_parallel_size, "model": _describe_model(t.model),
                 "worker": workers.get(t.name, {}).get("state", "stopped"),
             })
         return out
