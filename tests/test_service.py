@@ -209,6 +209,12 @@ def test_job_end_to_end_and_resubmission(server, good_dataset):
     assert sorted(ids) == sorted(str(s["id"]) for s in chat_samples(24, seed=5))
     verify = CliRunner().invoke(cli_app, ["store", "verify", done["uri"]])
     assert verify.exit_code == 0, verify.output
+    # the same data product as `logitfuse extract`: same logits id, so the CLI finds everything stored
+    cli = CliRunner().invoke(cli_app, ["extract", "--teacher", str(tiny_teacher()), "--name", "tiny", "--dataset",
+                                       str(good_dataset), "--store", str(root / "store"), "--k", "5",
+                                       "--max-length", "256"])
+    assert cli.exit_code == 0, cli.output
+    assert f"{done['uri']}: 0 sample(s) scored, 24 already stored" in cli.output
     metrics = httpx.get(f"{url}/metrics").text
     assert 'logitfuse_samples_done_total{teacher="tiny"} 24' in metrics
     assert 'logitfuse_queue_depth{teacher="tiny"} 0' in metrics
