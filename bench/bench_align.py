@@ -157,17 +157,25 @@ MAKERS = {"prose": prose_text, "code": code_text, "non_latin": non_latin_text}
 
 
 def cut_to_tokens(tokenizer, make, rng: random.Random, n: int) -> str:
-    """Text of exactly ``n`` tokens of ``tokenizer`` (more text is generated until there is enough)."""
-    text = ""
-    while True:
-        text += ("\n\n" if text else "") + make(rng)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        while len(enc["input_ids"]) > n:
-            cut = text[: enc["offset_mapping"][n - 1][1]]
+    """Text of exactly ``n`` tokens of ``tokenizer``, cut at a token boundary near token n whose prefix
+    re-tokenises to exactly n tokens. (When token n falls inside a character split into byte-fallback
+    pieces, no prefix has n tokens: then new text is generated.)"""
+    for _ in range(50):
+        text = make(rng)
+        while (
+            len(
+                offsets := tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+                    "offset_mapping"
+                ]
+            )
+            <= n + 8
+        ):
+            text += "\n\n" + make(rng)
+        for i in sorted(range(n - 8, n + 8), key=lambda i: abs(i - (n - 1))):
+            cut = text[: offsets[i][1]]
             if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) == n:
                 return cut
-            text = text[:-1]  # a cut that re-tokenises differently: try a little shorter
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    raise RuntimeError(f"could not cut a text of exactly {n} tokens")
 
 
 def scored(tokenizer, text: str, sample_id: str, k: int, rng: np.random.Generator) -> ScoredSample:
