@@ -123,11 +123,18 @@ def token_offsets(tokenizer, input_ids: np.ndarray, text: str) -> np.ndarray:
     the sample was truncated), with or without the special tokens it adds itself (then zero-width).
     """
     ids = np.asarray(input_ids)
+    # the Rust tokenizer directly when there is one: the transformers wrapper costs as much again
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     for add_special in (False, True):
-        enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        got = np.asarray(enc["input_ids"])
+        if backend is not None:
+            enc = backend.encode(text, add_special_tokens=add_special)
+            got, offsets = enc.ids, enc.offsets
+        else:
+            enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+            got, offsets = enc["input_ids"], enc["offset_mapping"]
+        got = np.asarray(got)
         if got.size >= ids.size and np.array_equal(got[: ids.size], ids):
-            return np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[: ids.size]
+            return np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[: ids.size]
     raise AlignmentError(
         f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} does not reproduce the sample's input_ids "
         "from its text: was it scored with this tokenizer?"
