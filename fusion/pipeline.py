@@ -146,8 +146,8 @@ class FuseReport:
                 + (f"; {s.missing} missing" if s.missing else "")
                 + (f"; {s.unaligned} unaligned (first: {s.first_error})" if s.unaligned else "")
                 + (
-                    f"; mapping statistics {s.statistics_pairs:,} pairs, {s.statistics_bytes / 2**20:.2f} MiB"
-                    f" ({s.statistics_file_bytes / 2**20:.2f} MiB on disk)"
+                    f"; mapping statistics {s.statistics_pairs:,} pairs, {_size(s.statistics_bytes)} in memory,"
+                    f" {_size(s.statistics_file_bytes)} on disk"
                     if s.statistics_pairs
                     else ""
                 )
@@ -174,6 +174,10 @@ class FuseReport:
             td["winners"] = dict(t.winners)
             td["mean_ce"] = t.mean_ce()
         return d
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -474,6 +478,7 @@ def _vocab_maps(pivot, sources, jobs, writers, method, align, cache, report, pro
     for j, st in stats.items():
         maps[j] = build_vocab_map("ms", pivot.table, sources[j].table, st)
         rep = report.sources[j]
+        st.best_pivot()  # the per-source best-partner table is part of what MS keeps in memory
         rep.statistics_pairs, rep.statistics_bytes = st.num_pairs, st.nbytes
         rep.statistics_file_bytes = len(st.to_bytes())
     return maps

@@ -126,7 +126,7 @@ def test_pairwise_targets_are_pivot_shaped_distributions_and_mince_picks_the_low
     assert sum(src.group_shares.values()) == pytest.approx(1.0)
     assert src.group_shares["1-1"] > 0.5
     assert 0.5 < src.mapped_share <= 1.0 and 0.5 < src.from_source_share <= 1.0
-    assert src.statistics_pairs > 0 and src.statistics_bytes == 8 * src.statistics_pairs
+    assert src.statistics_pairs > 0 and src.statistics_bytes == 8 * src.statistics_pairs + 4 * 131072
     stats = MappingStatistics.load(Path(out) / STATS_DIR / f"{meta.sources[0]}.npz")
     assert stats.num_pairs == src.statistics_pairs and (stats.pivot_vocab, stats.source_vocab) == (
         32000,
