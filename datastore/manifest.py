@@ -92,13 +92,13 @@ class ShardInfo(BaseModel):
     id_bloom: str = ""  # `id_bloom` of the shard's sample ids; empty: unknown, `get` reads the shard
 
 
-class Manifest(BaseModel):
+class ShardedManifest(BaseModel):
+    """The part of a `manifest.json` about shards: the manifest is the only source of truth for which
+    shards exist, and its totals are sums over them."""
+
     model_config = ConfigDict(extra="ignore")
 
-    format: str = FORMAT
-    logits_id: str
-    meta: LogitsMeta
-    encoding: dict
+    format: str
     code_version: str = Field(default_factory=code_version)
     created: str = Field(default_factory=now)
     updated: str = Field(default_factory=now)
@@ -125,12 +125,22 @@ class Manifest(BaseModel):
     def num_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+
+
+class Manifest(ShardedManifest):
+    """`manifest.json` of a logits dataset."""
+
+    format: str = FORMAT
+    logits_id: str
+    meta: LogitsMeta
+    encoding: dict
+
     @computed_field
     @property
     def bytes_per_entry(self) -> float | None:
         """All shard bytes / (positions x k): the honest storage cost of one (id, logprob) entry."""
         entries = self.num_positions * self.meta.k
         return round(self.num_bytes / entries, 4) if entries else None
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(indent=2).encode()

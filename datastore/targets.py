@@ -28,18 +28,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field
 
 from datastore import fs
 from datastore.errors import UserError
-from datastore.manifest import ShardInfo, code_version, now
+from datastore.manifest import ShardedManifest, ShardInfo
+from datastore.shards import ShardedWriter
 
 FORMAT = "logitfuse.targets/1"
 TARGETS_DIR = "targets"
@@ -70,7 +70,6 @@ ENCODING = {
     "compression": f"parquet zstd level {ZSTD_LEVEL}",
 }
 
-_SHARD_RE = re.compile(r"^shard-(\d{6})\.parquet$")
 
 
 # ---------------------------------------------------------------- logical record and identity
@@ -136,43 +135,13 @@ def targets_uri(store_uri: str, tid: str) -> str:
     return fs.join(store_uri, TARGETS_DIR, tid)
 
 
-class TargetsManifest(BaseModel):
+class TargetsManifest(ShardedManifest):
     """`manifest.json` of a targets dataset: the only source of truth for which shards exist."""
-
-    model_config = ConfigDict(extra="ignore")
 
     format: str = FORMAT
     targets_id: str
     meta: TargetsMeta
     encoding: dict = Field(default_factory=lambda: dict(ENCODING))
-    code_version: str = Field(default_factory=code_version)
-    created: str = Field(default_factory=now)
-    updated: str = Field(default_factory=now)
-    complete: bool = False
-    shards: list[ShardInfo] = Field(default_factory=list)
-
-    @computed_field
-    @property
-    def num_samples(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-    @computed_field
-    @property
-    def num_positions(self) -> int:
-        return sum(s.positions for s in self.shards)
-
-    @computed_field
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.tokens for s in self.shards)
-
-    @computed_field
-    @property
-    def num_bytes(self) -> int:
-        return sum(s.bytes for s in self.shards)
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(indent=2).encode()
 
 
 def is_targets_manifest(data: bytes) -> bool:
@@ -383,118 +352,31 @@ def decode_shard(data: bytes, k: int, with_extras: bool = True) -> ShardArrays:
 # ---------------------------------------------------------------- writer
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.parquet"
-
-
-def _meta_differences(a: TargetsMeta, b: TargetsMeta) -> list[str]:
-    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
-    return [f"{name}: {da[name]!r} != {db[name]!r}" for name in da if da[name] != db[name]]
-
-
-class TargetsWriter:
+class TargetsWriter(ShardedWriter):
     """Write a targets dataset at `uri` (a dataset directory, e.g. `targets_uri(store, targets_id(meta))`).
-    Re-opening an existing dataset resumes it: skip `done_ids`, write the rest."""
+    Re-opening an existing dataset resumes it: skip `done_ids`, write the rest (`datastore.shards`)."""
+
+    kind = "targets dataset"
 
     def __init__(self, uri: str, meta: TargetsMeta, shard_rows: int = 512):
-        if shard_rows < 1:
-            raise UserError(f"shard_rows must be >= 1, got {shard_rows}")
-        self.uri, self.meta, self.shard_rows = uri, meta, shard_rows
-        self._fs, self._root = fs.resolve(uri)
-        self._manifest_path = fs.join(self._root, fs.MANIFEST)
-        self._buffer: list[TargetSample] = []
-        self._buffered_ids: set[str] = set()
-        self._closed = False
-        if fs.exists(self._fs, self._manifest_path):
-            data = fs.read_bytes(self._fs, self._manifest_path)
-            if not is_targets_manifest(data):
-                raise UserError(f"{uri} holds another kind of dataset, not targets: choose another --out")
-            self.manifest = TargetsManifest.model_validate_json(data)
-            diffs = _meta_differences(self.manifest.meta, meta)
-            if diffs:
-                raise UserError(f"{uri} holds a different targets dataset ({'; '.join(diffs)})")
-            self.manifest.complete = False
-        else:
-            self.manifest = TargetsManifest(targets_id=targets_id(meta), meta=meta)
-        self._remove_orphans()
-        self._done = self._committed_ids()
-        self._next_index = 1 + max(
-            (int(_SHARD_RE.match(s.file).group(1)) for s in self.manifest.shards), default=-1
-        )
+        super().__init__(uri, meta, shard_rows)
 
-    @property
-    def done_ids(self) -> set[str]:
-        """Sample ids already committed (buffered ones are not: they are lost if the process dies)."""
-        return set(self._done)
+    def _load_manifest(self, data: bytes) -> TargetsManifest:
+        if not is_targets_manifest(data):
+            raise UserError(f"{self.uri} holds another kind of dataset, not targets: choose another --out")
+        return TargetsManifest.model_validate_json(data)
 
-    def write(self, sample: TargetSample) -> None:
-        if self._closed:
-            raise ValueError("TargetsWriter is closed")
-        sample = validate(sample, self.meta.k)
-        sid = sample.sample_id
-        if sid in self._done or sid in self._buffered_ids:
-            raise UserError(f"sample id {sid!r} is already in {self.uri}: skip the ids in done_ids")
-        self._buffer.append(sample)
-        self._buffered_ids.add(sid)
-        if len(self._buffer) >= self.shard_rows:
-            self.flush()
+    def _new_manifest(self) -> TargetsManifest:
+        return TargetsManifest(targets_id=targets_id(self.meta), meta=self.meta)
 
-    def flush(self) -> None:
-        """Encode and commit the buffered samples as one shard (no-op when the buffer is empty)."""
-        if not self._buffer:
-            return
-        data = encode_shard(self._buffer)
-        name = shard_name(self._next_index)
-        fs.write_atomic(self._fs, fs.join(self._root, name), data)
-        self.manifest.shards.append(
-            ShardInfo(
-                file=name,
-                rows=len(self._buffer),
-                bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                positions=sum(len(s.positions) for s in self._buffer),
-                tokens=sum(len(s.input_ids) for s in self._buffer),
-                topk_bytes=_topk_bytes(data),
-            )
-        )
-        self._save_manifest()
-        self._done |= self._buffered_ids
-        self._next_index += 1
-        self._buffer, self._buffered_ids = [], set()
+    def _validate(self, sample: TargetSample) -> TargetSample:
+        return validate(sample, self.meta.k)
 
-    def close(self) -> TargetsManifest:
-        """Commit the last partial shard and mark the dataset complete."""
-        if not self._closed:
-            self.flush()
-            self.manifest.complete = True
-            self._save_manifest()
-            self._closed = True
-        return self.manifest
+    def _encode(self, samples: list[TargetSample]) -> bytes:
+        return encode_shard(samples)
 
-    def __enter__(self) -> TargetsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        # on an error the buffer is dropped: its samples are not in done_ids, a resume writes them again
-
-    def _save_manifest(self) -> None:
-        self.manifest.updated = now()
-        fs.write_atomic(self._fs, self._manifest_path, self.manifest.to_json())
-
-    def _remove_orphans(self) -> None:
-        listed = {s.file for s in self.manifest.shards}
-        for name in fs.list_files(self._fs, self._root):
-            if (_SHARD_RE.match(name) and name not in listed) or name.startswith(".tmp-"):
-                fs.delete(self._fs, fs.join(self._root, name))
-
-    def _committed_ids(self) -> set[str]:
-        done: set[str] = set()
-        for shard in self.manifest.shards:
-            with self._fs.open_input_file(fs.join(self._root, shard.file)) as f:
-                done.update(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
-        return done
+    def _topk_bytes(self, data: bytes) -> int:
+        return _topk_bytes(data)
 
 
 def _topk_bytes(data: bytes) -> int:
