@@ -24,3 +24,15 @@ def inst_template() -> str:
     from teacher_server.render import resolve_template
 
     return resolve_template("inst", None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread is several times faster than contended ones.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ from trainer.losses import LossConfig, chunked_head_loss
 R, H, V, K = 11, 6, 37, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread is several times faster than contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(seed: int, dtype=torch.float64):
