@@ -15,9 +15,13 @@ from datastore.errors import UserError
 
 class _Group(TyperGroup):
     """Turns a `UserError` raised by any command into one line on stderr and exit status 2 (also under
-    typer's CliRunner, which calls the group directly rather than `main()`)."""
+    typer's CliRunner, which calls the group directly rather than `main()`), and silences transformers'
+    per-model loading bars for every command."""
 
     def invoke(self, ctx):  # noqa: ANN001 (a typer/click Context)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # each command shows its own progress, not one bar per model load
         try:
             return super().invoke(ctx)
         except UserError as e:
@@ -34,8 +38,7 @@ app = typer.Typer(
 )
 
 
-# Stage commands live with their stage; a stage whose module is absent (or fails to import because an
-# optional dependency is missing) simply has no command. (module, attribute, command name, help)
+# Stage commands live with their stage's package. (module, attribute, command name, help)
 _STAGE_COMMANDS = [
     ("merge.cli", "merge_command", "merge", "Merge target models in parameter space (SCE, linear, TIES, DARE, ...)."),
     ("fusion.cli", "fuse_command", "fuse", "Align source logits to the pivot and fuse them into training targets."),
@@ -45,23 +48,14 @@ _STAGE_COMMANDS = [
 ]
 
 
-def _register_optional() -> None:
+def _register_stages() -> None:
     import importlib
 
     from datastore.cli import store_app
 
-    if getattr(app, "_stages_registered", False):
-        return
-    app._stages_registered = True
-    app.add_typer(store_app, name="store", help="List, show and verify logits datasets in a store.")
+    app.add_typer(store_app, name="store", help="List, show and verify logits and targets datasets in a store.")
     for module, attr, name, help_text in _STAGE_COMMANDS:
-        try:
-            command = getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == module or module.startswith(e.name + ".")):
-                continue  # the stage is not in this checkout yet
-            raise
-        app.command(name, help=help_text)(command)
+        app.command(name, help=help_text)(getattr(importlib.import_module(module), attr))
 
 
 @app.command()
@@ -122,7 +116,7 @@ def demo(
     run_demo(workdir, steps=steps or None)
 
 
-_register_optional()
+_register_stages()
 
 
 def main() -> None:

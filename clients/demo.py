@@ -73,8 +73,6 @@ def heldout_loss(model_dir: Path, records: list[dict]) -> float:
 
 
 def run_demo(workdir: Path, steps: int | None = None, n_samples: int = 96, k: int = 10) -> dict:
-    from transformers.utils import logging as hf_logging
-
     from clients.client import TeacherClient, run_local_service
     from clients.corpus import chat_samples, write_jsonl
     from clients.tiny_models import make_teacher
@@ -85,7 +83,6 @@ def run_demo(workdir: Path, steps: int | None = None, n_samples: int = 96, k: in
     from merge.engine import run_merge
     from trainer.train import TrainConfig, train
 
-    hf_logging.disable_progress_bar()  # one line per stage, not one bar per model load
     t_start = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,16 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> None:
+    """`verify`'s last lines: every problem and exit status 1, or one OK line."""
+    if problems:
+        for p in problems:
+            typer.echo(f"FAIL {p}")
+        typer.echo(f"{len(problems)} problem(s) in {uri}")
+        raise typer.Exit(1)
+    typer.echo(f"OK {uri}: {summary}, {'complete' if complete else 'incomplete (writer not closed)'}")
+
+
 @store_app.command("ls")
 def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucket/prefix")) -> None:
     """List the logits datasets in a store."""
@@ -89,13 +99,7 @@ def _verify_targets(uri: str, reader) -> None:
             problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
         seen.update(arrays.sample_ids)
         rows += len(arrays)
-    if problems:
-        for p in problems:
-            typer.echo(f"FAIL {p}")
-        typer.echo(f"{len(problems)} problem(s) in {uri}")
-        raise typer.Exit(1)
-    state = "complete" if m.complete else "incomplete (writer not closed)"
-    typer.echo(f"OK {uri}: targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions, {state}")
+    _verdict(uri, problems, m.complete, f"targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions")
 
 
 @store_app.command("show")
@@ -171,12 +175,5 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
             if len(s.positions) and not np.all(np.isfinite(s.topk_logprobs)):
                 problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
         rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
-    if problems:
-        for p in problems:
-            typer.echo(f"FAIL {p}")
-        typer.echo(f"{len(problems)} problem(s) in {uri}")
-        raise typer.Exit(1)
-    state = "complete" if m.complete else "incomplete (writer not closed)"
-    typer.echo(
-        f"OK {uri}: {len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens, {state}"
-    )
+    _verdict(uri, problems, m.complete,
+             f"{len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens")

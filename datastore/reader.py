@@ -10,12 +10,12 @@ import hashlib
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from datastore import codec, fs
 from datastore.errors import UserError
-from datastore.manifest import Manifest, ShardInfo, bloom_admits
+from datastore.manifest import Manifest, ShardInfo
 from datastore.sample import ScoredSample
+from datastore.shards import ShardLocator
 
 
 class LogitsReader:
@@ -28,8 +28,7 @@ class LogitsReader:
                 f"no logits dataset at {uri} (no {fs.MANIFEST}): expected STORE/logits/<logits_id>"
             )
         self.manifest = Manifest.model_validate_json(fs.read_bytes(self._fs, path))
-        self._index: dict[str, dict[str, int]] = {}  # shard file -> sample id -> row, filled lazily
-        self.shards_indexed = 0  # how many shards `get` had to open (see tests)
+        self._locator = ShardLocator(self._fs, self._root, self.manifest.shards)
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -69,24 +68,17 @@ class LogitsReader:
             yield batch
 
     def get(self, sample_id: str) -> ScoredSample:
-        """One sample by id. Each shard's Bloom filter in the manifest says whether it may hold the id, so
-        only the admitted shards (the right one, plus about 1% false positives) have their small
-        `sample_id` column read; then only the matching row is decoded. Raises KeyError when absent."""
-        for shard in self.manifest.shards:
-            if shard.id_bloom and not bloom_admits(shard.id_bloom, sample_id):
-                continue
-            row = self._shard_ids(shard).get(sample_id)
-            if row is not None:
-                return self.read_shard(shard, rows=[row])[0]
-        raise KeyError(sample_id)
+        """One sample by id: `datastore.shards.ShardLocator` opens only the shard that holds it (Bloom
+        filters in the manifest); then only that row is decoded. Raises KeyError when absent."""
+        found = self._locator.locate(sample_id)
+        if found is None:
+            raise KeyError(sample_id)
+        i, row = found
+        return self.read_shard(self.manifest.shards[i], rows=[row])[0]
 
-    def _shard_ids(self, shard: ShardInfo) -> dict[str, int]:
-        if shard.file not in self._index:
-            with self._fs.open_input_file(self.shard_path(shard)) as f:
-                ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
-            self._index[shard.file] = {sid: row for row, sid in enumerate(ids)}
-            self.shards_indexed += 1
-        return self._index[shard.file]
+    @property
+    def shards_indexed(self) -> int:
+        return self._locator.shards_indexed
 
     def scan(self):
         """A polars LazyFrame over the listed shards' physical columns (`datastore.schema`): useful ones

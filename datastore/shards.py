@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from datastore import fs
 from datastore.errors import UserError
-from datastore.manifest import ShardedManifest, ShardInfo, id_bloom, meta_differences, now
+from datastore.manifest import ShardedManifest, ShardInfo, bloom_admits, id_bloom, meta_differences, now
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.parquet$")
 
@@ -158,3 +158,32 @@ class ShardedWriter(ABC):
             with self._fs.open_input_file(fs.join(self._root, shard.file)) as f:
                 done.update(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
         return done
+
+
+class ShardLocator:
+    """Finds the shard and row of a sample id without scanning every shard: each shard's Bloom filter in
+    the manifest says whether it may hold the id, so only the admitted shards (the right one, plus about
+    1% false positives) have their small `sample_id` column read, once each (cached)."""
+
+    def __init__(self, filesystem, root: str, shards: list[ShardInfo]):
+        self._fs, self._root, self._shards = filesystem, root, shards
+        self._rows: dict[str, dict[str, int]] = {}  # shard file -> sample id -> row
+        self.shards_indexed = 0  # how many shards had to be opened (see tests)
+
+    def locate(self, sample_id: str) -> tuple[int, int] | None:
+        """(index of the shard in the manifest, row in it), or None when no shard holds the id."""
+        for i, shard in enumerate(self._shards):
+            if shard.id_bloom and not bloom_admits(shard.id_bloom, sample_id):
+                continue
+            row = self._shard_rows(shard).get(sample_id)
+            if row is not None:
+                return i, row
+        return None
+
+    def _shard_rows(self, shard: ShardInfo) -> dict[str, int]:
+        if shard.file not in self._rows:
+            with self._fs.open_input_file(fs.join(self._root, shard.file)) as f:
+                ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
+            self._rows[shard.file] = {sid: row for row, sid in enumerate(ids)}
+            self.shards_indexed += 1
+        return self._rows[shard.file]

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from datastore import fs
 from datastore.errors import UserError
 from datastore.manifest import ShardedManifest, ShardInfo
-from datastore.shards import ShardedWriter
+from datastore.shards import ShardedWriter, ShardLocator
 
 FORMAT = "logitfuse.targets/1"
 TARGETS_DIR = "targets"
@@ -408,7 +408,7 @@ class TargetsReader:
         if not is_targets_manifest(data):
             raise UserError(f"{uri} is not a targets dataset (its manifest has another format)")
         self.manifest = TargetsManifest.model_validate_json(data)
-        self._index: dict[str, tuple[int, int]] | None = None
+        self._locator = ShardLocator(self._fs, self._root, self.manifest.shards)
 
     @property
     def k(self) -> int:
@@ -440,14 +440,9 @@ class TargetsReader:
                 yield arrays.sample(i)
 
     def get(self, sample_id: str) -> TargetSample:
-        """One sample by id (the first call indexes the `sample_id` columns of every shard)."""
-        if self._index is None:
-            self._index = {}
-            for i, shard in enumerate(self.manifest.shards):
-                with self._fs.open_input_file(self.shard_path(shard)) as f:
-                    ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
-                self._index.update((sid, (i, row)) for row, sid in enumerate(ids))
-        if sample_id not in self._index:
+        """One sample by id; only the shard that holds it is opened (`datastore.shards.ShardLocator`)."""
+        found = self._locator.locate(sample_id)
+        if found is None:
             raise KeyError(sample_id)
-        i, row = self._index[sample_id]
+        i, row = found
         return self.read_shard(i).sample(row)

@@ -13,6 +13,7 @@ import io
 import json
 import re
 import weakref
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,10 @@ class TokenTable:
         return self._by_length
 
 
-class VocabMap:
-    """Source id -> pivot id (-1 when there is none). ``name`` is the CLI's ``--vocab-map`` value."""
+class VocabMap(ABC):
+    """Source id -> pivot id (-1 when there is none). ``name`` is the CLI's ``--vocab-map`` value.
+
+    The identity (same tokenizer) is handled here once; each mapping implements `_map` for the rest."""
 
     name = "base"
 
@@ -161,10 +164,11 @@ class VocabMap:
         source_ids = np.asarray(source_ids)
         if self.identity:
             return np.where(source_ids < self.pivot.vocab_size, source_ids, -1).astype(np.int32)
-        return self._table()[source_ids]
+        return self._map(source_ids)
 
-    def _table(self) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def _map(self, source_ids: np.ndarray) -> np.ndarray:
+        """Pivot ids for `source_ids` when the tokenizers differ."""
 
 
 class ExactMatch(VocabMap):
@@ -176,10 +180,13 @@ class ExactMatch(VocabMap):
 
     def __init__(self, pivot: TokenTable, source: TokenTable):
         super().__init__(pivot, source)
-        self._map: np.ndarray | None = None
+        self._em: np.ndarray | None = None
+
+    def _map(self, source_ids: np.ndarray) -> np.ndarray:
+        return self._table()[source_ids]
 
     def _table(self) -> np.ndarray:
-        if self._map is None:
+        if self._em is None:
             index: dict[bytes, int] = {}
             order = np.lexsort((np.arange(self.pivot.vocab_size), self.pivot.is_byte_fallback))
             for pid in order[::-1]:  # reverse so that the preferred id is written last
@@ -189,8 +196,8 @@ class ExactMatch(VocabMap):
             )
             for sid, pid in self.special_pairs.items():
                 m[sid] = pid
-            self._map = m
-        return self._map
+            self._em = m
+        return self._em
 
 
 class MinEditDistance(ExactMatch):
@@ -207,10 +214,7 @@ class MinEditDistance(ExactMatch):
         super().__init__(pivot, source)
         self._done: np.ndarray | None = None
 
-    def __call__(self, source_ids: np.ndarray) -> np.ndarray:
-        source_ids = np.asarray(source_ids)
-        if self.identity:
-            return super().__call__(source_ids)
+    def _map(self, source_ids: np.ndarray) -> np.ndarray:
         table = self._table()
         todo = np.unique(source_ids[~self._done[source_ids]])
         for sid in todo:
@@ -361,10 +365,7 @@ class StatisticsMap(VocabMap):
         self.fallback = {"em": ExactMatch, "mined": MinEditDistance, None: None}[fallback]
         self.fallback = self.fallback(pivot, source) if self.fallback else None
 
-    def __call__(self, source_ids: np.ndarray) -> np.ndarray:
-        source_ids = np.asarray(source_ids)
-        if self.identity:
-            return super().__call__(source_ids)
+    def _map(self, source_ids: np.ndarray) -> np.ndarray:
         out = self.stats.best_pivot()[source_ids].copy()
         for sid, pid in self.special_pairs.items():
             out[source_ids == sid] = pid

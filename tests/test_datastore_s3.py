@@ -31,8 +31,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_store():
     exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    if not os.path.exists(exe):
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    assert os.path.exists(exe), "moto_server not found: the dev extra installs it (pip install -e '.[dev]')"
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _tokenizers import CODE, NON_LATIN, PROSE, scored, sentencepiece, tekken
+from _tokenizers import CODE, NON_LATIN, PROSE, levenshtein, scored, sentencepiece, tekken
 
 from fusion import Alignment, AlignmentError, align_dtw, align_sample, align_spans, byte_spans
 from fusion.align import dtw_pieces
@@ -128,15 +128,6 @@ def test_dtw_agrees_with_offsets_on_most_groups(kind, floor):
 def _reference_dtw(pp: list[bytes], sp: list[bytes]):
     """The reference code's approach, written independently: full matrix, Python loops, same cost."""
 
-    def lev(a, b):
-        prev = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            cur = [i]
-            for j, cb in enumerate(b, 1):
-                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-            prev = cur
-        return prev[-1]
-
     n, m = len(pp), len(sp)
     inf = float("inf")
     d = [[inf] * (m + 1) for _ in range(n + 1)]
@@ -144,7 +135,7 @@ def _reference_dtw(pp: list[bytes], sp: list[bytes]):
     for i in range(1, n + 1):
         for j in range(1, m + 1):
             a, b = pp[i - 1], sp[j - 1]
-            cost = lev(a, b) * (0.1 if (a in b or b in a) else 1.0)
+            cost = levenshtein(a, b) * (0.1 if (a in b or b in a) else 1.0)
             d[i][j] = cost + min(d[i - 1][j], d[i][j - 1], d[i - 1][j - 1])
     i, j, path = n, m, []
     while True:

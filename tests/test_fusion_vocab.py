@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _tokenizers import PROSE, scored, sentencepiece, tekken
+from _tokenizers import PROSE, levenshtein, scored, sentencepiece, tekken
 
 from fusion import (
     ExactMatch,
@@ -68,16 +68,6 @@ def test_exact_match_hand_built_and_preferences():
     assert ExactMatch(pivot_nl, source)(np.array([3]))[0] == 5
 
 
-def _lev(a: bytes, b: bytes) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def test_mined_is_the_brute_force_minimum_with_deterministic_ties():
     pivot = table([b"\x00<s>", b"cat", b"cart", b"dog", b"ca", b"hat"], special=[0])
     source = table([b"\x00</s>", b"cat", b"cap", b"hats", b"dot"], special=[0])
@@ -101,7 +91,7 @@ def test_mined_is_the_brute_force_minimum_with_deterministic_ties():
         got = int(mined(np.array([sid]))[0])
         piece = st.pieces[sid]
         best = min(
-            (_lev(p, piece), abs(len(p) - len(piece)), i)
+            (levenshtein(p, piece), abs(len(p) - len(piece)), i)
             for i, p in enumerate(pt.pieces)
             if not pt.is_special[i] and p
         )

@@ -48,9 +48,6 @@ class HFBackend(Backend):
         tokenizer=None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the extract bar is the progress; keep stderr to one line per event
 
         if dtype not in DTYPES:
             raise UserError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
