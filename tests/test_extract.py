@@ -155,6 +155,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, teacher_dir, dataset):
         (["--teacher", str(teacher_dir), "--dataset", str(bad), "--store", store], "line 2"),
         (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--chat-template",
           "nosuch"], "nosuch"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--backend", "tgi"], "tgi"),
     ]
     for args, needle in cases:
         result = run(*args)

