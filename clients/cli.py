@@ -4,6 +4,7 @@ that owns the work; a `UserError` from any stage becomes one line on stderr and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -106,12 +107,22 @@ def extract(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
         batch_tokens=batch_tokens, shard_rows=shard_rows,
     )
-    result = run_extract(model, data, store, name or teacher.name, settings)
+    try:
+        result = run_extract(model, data, store, name or teacher.name, settings)
+    finally:
+        model.close()
     typer.echo(
         f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
         f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "
         f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
     )
+    if backend == "vllm":
+        # Every shard and the manifest are committed. vLLM's engine threads can abort the interpreter at
+        # exit ("terminate called without an active exception") even after a clean shutdown, which would
+        # turn a finished job into a failed exit status; end the process here instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()
