@@ -33,7 +33,6 @@ def load_samples(n: int = 400, k: int = 10, all_positions: bool = False, seed: i
     from clients.corpus import chat_samples
     from datastore.chat import parse_record
     from teacher_server.backends.hf import HFBackend
-    from teacher_server.batching import plan_batches
     from teacher_server.render import resolve_template, tokenize_sample
 
     backend = HFBackend(trained_teacher_dir(), device="cpu")
@@ -43,9 +42,17 @@ def load_samples(n: int = 400, k: int = 10, all_positions: bool = False, seed: i
         tokenize_sample(parse_record(r), tok, template, 2048, all_positions)
         for r in chat_samples(n, seed=seed, max_turns=4)
     ]
+    return score_with_entropy(backend, tokenized, k, 8192)
+
+
+def score_with_entropy(backend, tokenized: list, k: int, batch_tokens: int) -> tuple[list[ScoredSample], float]:
+    """Score `TokenizedSample`s with an `HFBackend` at top-`k` (fp32, before any storage) and return them
+    with the model's mean full-vocabulary entropy (nats) over the scored positions."""
+    from teacher_server.batching import plan_batches
+
     out: list[ScoredSample | None] = [None] * len(tokenized)
     entropy_sum, count = 0.0, 0
-    for idx in plan_batches([t.num_tokens for t in tokenized], 8192):
+    for idx in plan_batches([t.num_tokens for t in tokenized], batch_tokens):
         batch = [tokenized[i] for i in idx]
         for i, ts, sc in zip(idx, batch, backend.score(batch, k), strict=True):
             out[i] = ScoredSample(ts.sample_id, ts.input_ids, ts.loss_mask, ts.positions, sc.topk_ids,

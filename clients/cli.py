@@ -70,6 +70,12 @@ def extract(
     chat_template: str = typer.Option("model", help="'model', a shared template name, or a .jinja file."),
     max_length: int = typer.Option(2048, help="Tokens per sample; longer samples are truncated and counted."),
     all_positions: bool = typer.Option(False, help="Score every position, not only the trained ones."),
+    top_p: float = typer.Option(
+        None, help="Truncate: per position keep only the top entries covering this probability mass, in (0, 1]."
+    ),
+    within_nats: float = typer.Option(
+        None, help="Truncate: per position keep only the entries within this many nats of the top-1, >= 0."
+    ),
     skip_invalid: bool = typer.Option(False, help="Skip invalid samples instead of rejecting the file."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
     shard_rows: int = typer.Option(512, help="Samples per Parquet shard."),
@@ -88,6 +94,10 @@ def extract(
         raise UserError(f"--backend {backend!r}: expected hf or vllm")
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if within_nats is not None and not within_nats >= 0.0:
+        raise UserError(f"--within-nats {within_nats}: must be >= 0")
     from datastore.fs import resolve
 
     resolve(store)  # a bad store URI fails before any model is loaded
@@ -105,7 +115,7 @@ def extract(
         model = HFBackend(teacher, dtype=dtype, device=device or None)
     settings = ExtractSettings(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
-        batch_tokens=batch_tokens, shard_rows=shard_rows,
+        batch_tokens=batch_tokens, shard_rows=shard_rows, top_p=top_p, within_nats=within_nats,
     )
     try:
         result = run_extract(model, data, store, name or teacher.name, settings)

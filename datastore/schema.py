@@ -31,6 +31,7 @@ import pyarrow as pa
 
 CODEC_KEY = b"logitfuse.codec"
 TABLE_KEY = b"logitfuse.context_table"
+TOPK_KEY = b"logitfuse.topk"
 
 STREAMS = ("input_ids", "lp_top1", "lp_delta", "gold_rank", "gold_extra", "id_codes", "id_escapes")
 TOPK_STREAMS = ("lp_top1", "lp_delta", "gold_rank", "gold_extra", "id_codes", "id_escapes")
@@ -46,29 +47,29 @@ def _stream(name: str) -> list[pa.Field]:
     ]
 
 
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("num_tokens", pa.int32(), nullable=False),
-        pa.field("num_positions", pa.int32(), nullable=False),
-        pa.field("truncated", pa.bool_(), nullable=False),
-        pa.field("text", pa.string()),
-        pa.field("assistant_spans", _SPANS, nullable=False),
-        pa.field("loss_spans", _SPANS, nullable=False),
-        pa.field("position_spans", _SPANS, nullable=False),
-        *_stream("input_ids"),
-        *_stream("lp_top1"),
-        *_stream("lp_delta"),
-        *_stream("gold_rank"),
-        *_stream("gold_extra"),
-        *_stream("id_codes"),
-        *_stream("id_escapes"),
-    ]
-)
+_COMMON = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("num_tokens", pa.int32(), nullable=False),
+    pa.field("num_positions", pa.int32(), nullable=False),
+    pa.field("truncated", pa.bool_(), nullable=False),
+    pa.field("text", pa.string()),
+    pa.field("assistant_spans", _SPANS, nullable=False),
+    pa.field("loss_spans", _SPANS, nullable=False),
+    pa.field("position_spans", _SPANS, nullable=False),
+    *_stream("input_ids"),
+]
 
-STREAM_COLUMNS = tuple(c for s in STREAMS for c in (s, s + "_u16", s + "_u32"))
+# v2 (`logitfuse-topk-v2`, written today): the rows carry the sample; the top-k are one rANS stream per
+# shard in the key-value metadata (`TOPK_KEY`), their models and context table under `TABLE_KEY`.
+SHARD_SCHEMA = pa.schema(_COMMON)
 
-# Columns whose bytes are the top-k distributions (the rest is the sample itself: tokens, text, masks).
+# v1 (`logitfuse-topk-v1`, read only): every top-k stream a per-row byte column, entropy-coded by zstd.
+SHARD_SCHEMA_V1 = pa.schema(_COMMON + [f for s in STREAMS[1:] for f in _stream(s)])
+
+STREAM_COLUMNS = tuple(c for s in STREAMS for c in (s, s + "_u16", s + "_u32"))  # v1
+V2_STREAM_COLUMNS = ("input_ids", "input_ids_u16", "input_ids_u32")
+
+# v1 columns whose bytes are the top-k distributions (the rest is the sample itself: tokens, text, masks).
 TOPK_COLUMNS = tuple(c for s in TOPK_STREAMS for c in (s, s + "_u16", s + "_u32"))
 
 # Small columns worth Parquet statistics and dictionary pages; the byte streams are not.

