@@ -73,18 +73,23 @@ def project_texts() -> tuple[list[dict], list[dict]]:
     return prose, code
 
 
-def sampled_chats(model, tok, n: int, seed: int = 0, max_new_tokens: int = 64) -> list[dict]:
+def sampled_chats(
+    model, tok, n: int, seed: int = 0, max_new_tokens: int = 48, part: int = 0, parts: int = 1
+) -> list[dict]:
     """`n` chats: one project-written prompt each, answered by the model (seeded multinomial sampling,
-    temperature 0.7, top-p 0.9, ChatML template)."""
+    temperature 0.7, top-p 0.9, ChatML template); only every parts-th from the part-th."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
+        chat_seed = rng.randrange(2**31)
+        if i % parts != part:
+            continue
         prompt = CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
         messages = [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
         if not isinstance(ids, torch.Tensor):
             ids = ids["input_ids"]
-        torch.manual_seed(rng.randrange(2**31))
+        torch.manual_seed(chat_seed)
         with torch.inference_mode():
             gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9,
                                  pad_token_id=tok.eos_token_id)
@@ -93,9 +98,12 @@ def sampled_chats(model, tok, n: int, seed: int = 0, max_new_tokens: int = 64) -
     return out
 
 
-def load_samples(n_positions: int = 30_000, k: int = 10, n_chats: int = 24) -> tuple[list[ScoredSample], float]:
-    """About `n_positions` scored positions (prose, code and chats interleaved) at top-`k`, fp32 straight
-    from the HF backend, and the model's mean full-vocabulary entropy (nats) over them."""
+def load_samples(
+    n_positions: int = 30_000, k: int = 10, n_chats: int = 16, part: int = 0, parts: int = 1
+) -> tuple[list[ScoredSample], float]:
+    """About `n_positions` scored positions (chats first, then prose and code interleaved) at top-`k`,
+    fp32 straight from the HF backend, and the model's mean full-vocabulary entropy (nats) over the first
+    3000. `part` of `parts`: every parts-th sample from the part-th (to score in several processes)."""
     from clients.smollm2 import smollm2_dir
     from datastore.chat import parse_record
     from teacher_server.backends.hf import HFBackend
@@ -105,16 +113,16 @@ def load_samples(n_positions: int = 30_000, k: int = 10, n_chats: int = 24) -> t
     tok = backend.tokenizer
     template = resolve_template("model", tok)
     prose, code = project_texts()
-    chats = sampled_chats(backend.model, tok, n_chats)
+    chats = sampled_chats(backend.model, tok, n_chats, part=part, parts=parts)
     records = []
     for i in range(max(len(prose), len(code))):  # interleave, so a prefix of the list mixes both
         records += [r[i] for r in (prose, code) if i < len(r)]
-    records = chats + records
+    records = chats + records[part::parts]
     tokenized, total = [], 0
     for r in records:
         ts = tokenize_sample(parse_record(r), tok, template, 1024)
         tokenized.append(ts)
         total += len(ts.positions)
-        if total >= n_positions:
+        if total >= n_positions // parts:
             break
-    return score_with_entropy(backend, tokenized, k, 4096)
+    return score_with_entropy(backend, tokenized, k, 4096, entropy_positions=3000 // parts)

@@ -45,9 +45,12 @@ def load_samples(n: int = 400, k: int = 10, all_positions: bool = False, seed: i
     return score_with_entropy(backend, tokenized, k, 8192)
 
 
-def score_with_entropy(backend, tokenized: list, k: int, batch_tokens: int) -> tuple[list[ScoredSample], float]:
+def score_with_entropy(
+    backend, tokenized: list, k: int, batch_tokens: int, entropy_positions: int | None = None
+) -> tuple[list[ScoredSample], float]:
     """Score `TokenizedSample`s with an `HFBackend` at top-`k` (fp32, before any storage) and return them
-    with the model's mean full-vocabulary entropy (nats) over the scored positions."""
+    with the model's mean full-vocabulary entropy (nats) over the scored positions (over the first
+    samples' `entropy_positions` positions when set: a second full-vocabulary pass costs a forward)."""
     from teacher_server.batching import plan_batches
 
     out: list[ScoredSample | None] = [None] * len(tokenized)
@@ -59,6 +62,8 @@ def score_with_entropy(backend, tokenized: list, k: int, batch_tokens: int) -> t
                                   sc.topk_logprobs, sc.gold_logprob, ts.text, ts.assistant_spans, ts.truncated)
         with torch.inference_mode():
             for ts in batch:
+                if entropy_positions is not None and count >= entropy_positions:
+                    break
                 logits = backend.model(torch.from_numpy(ts.input_ids.astype(np.int64))[None]).logits[0].float()
                 lp = torch.log_softmax(logits[torch.from_numpy(ts.positions.astype(np.int64))], -1)
                 entropy_sum += float(-(lp.exp() * lp).sum())

@@ -102,6 +102,11 @@ class Encoder:
             self._hist[name] = np.pad(old, (0, size - len(old))) + np.pad(h, (0, size - len(h)))
         self._groups.append((sym, raw, bits, name))
 
+    def write_bits(self, name: str, values: np.ndarray, bits: np.ndarray) -> None:
+        """Queue `values` as raw uniform bits, ``bits[i]`` of them for ``values[i]`` (0 to 32 each)."""
+        v = np.asarray(values, dtype=np.int64)
+        self._groups.append((np.zeros(0, np.int32), v, np.asarray(bits, dtype=np.int64), name))
+
     def finish(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         hists = {name: quantise_counts(h) for name, h in self._hist.items()}
         models = {name: _model(q) for name, q in hists.items()}
@@ -126,9 +131,11 @@ class Encoder:
             p = _probs(q)
             logp[name] = -np.log2(np.maximum(p / p.sum(), 2.0**-24))
         for sym, _raw, bits, name in self._groups:
+            key = name.split(".")[0]
             if sym.size:
-                key = name.split(".")[0]
                 out[key] = out.get(key, 0.0) + (logp[name][sym].sum() + bits.sum()) / 8
+            elif bits is not None and bits.size:
+                out[key] = out.get(key, 0.0) + bits.sum() / 8
         return out
 
 
@@ -148,6 +155,22 @@ class Decoder:
         self._limits = limits
         self._uniform = constriction.stream.model.Uniform()
 
+    def read_bits(self, bits: np.ndarray) -> np.ndarray:
+        """The next raw values written by `Encoder.write_bits`, ``bits[i]`` bits each (int64)."""
+        bits = np.asarray(bits, dtype=np.int64)
+        return self._raw(bits) if bits.size else np.zeros(0, dtype=np.int64)
+
+    def _raw(self, bits: np.ndarray) -> np.ndarray:
+        lo_bits = np.minimum(bits, _CHUNK)
+        hi_bits = bits - lo_bits
+        sizes = np.stack([np.int64(1) << lo_bits, np.int64(1) << hi_bits], axis=1).reshape(-1)
+        keep = sizes > 1
+        raw = np.zeros(2 * len(bits), dtype=np.int64)
+        if keep.any():
+            raw[keep] = self._coder.decode(self._uniform, sizes[keep].astype(np.int32))
+        raw = raw.reshape(-1, 2)
+        return raw[:, 0] + (raw[:, 1] << lo_bits)
+
     def read(self, name: str, count: int) -> np.ndarray:
         """The next `count` values of class `name` (int64)."""
         if count == 0:
@@ -159,14 +182,5 @@ class Decoder:
         esc = sym >= limit
         if esc.any():
             bits = sym[esc] - limit
-            lo_bits = np.minimum(bits, _CHUNK)
-            hi_bits = bits - lo_bits
-            sizes = np.stack([np.int64(1) << lo_bits, np.int64(1) << hi_bits], axis=1).reshape(-1)
-            keep = sizes > 1
-            raw = np.zeros(2 * len(bits), dtype=np.int64)
-            if keep.any():
-                raw[keep] = self._coder.decode(self._uniform, sizes[keep].astype(np.int32))
-            raw = raw.reshape(-1, 2)
-            u = (np.int64(1) << bits) + raw[:, 0] + (raw[:, 1] << lo_bits)
-            sym[esc] = u + limit - 1
+            sym[esc] = (np.int64(1) << bits) + self._raw(bits) + limit - 1
         return sym

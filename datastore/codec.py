@@ -300,6 +300,30 @@ _GAP_EDGES = np.array([0, 1, 2, 3, 5, 9, 17, 33])
 _TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
 
 
+CTX_MAX = 48  # context lists keep their 48 most frequent ids
+ID_ALPHABET = CTX_MAX + 33  # 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
+
+
+def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: np.ndarray, mask: np.ndarray):
+    """int64 ``[N, k]``: for each masked entry, how far before token index ``at[i]`` (inclusive, not before
+    the sample's first token ``start[i]``) its id last occurs in the shard's tokens; -1 when it does not
+    (and for unmasked entries). Tokens and ids are vocabulary ranks."""
+    n_tok = max(len(inp_rank), 1)
+    keys = inp_rank * n_tok + np.arange(len(inp_rank))
+    keys.sort()
+    out = np.full(id_rank.shape, -1, dtype=np.int64)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0 or keys.size == 0:
+        return out
+    v = id_rank[rows, cols]
+    i = np.searchsorted(keys, v * n_tok + at[rows], side="right") - 1
+    ok = i >= 0
+    hit = keys[np.maximum(i, 0)]
+    ok &= (hit // n_tok == v) & (hit % n_tok >= start[rows])
+    out[rows[ok], cols[ok]] = at[rows[ok]] - hit[ok] % n_tok
+    return out
+
+
 def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="right") - 1
 
@@ -325,6 +349,7 @@ class _Shard:
         tok_start = np.cumsum(self.n_tok) - self.n_tok
         pos = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)])
         self.pos_abs = pos + np.repeat(tok_start, self.n_pos)
+        self.tok_start_of_pos = np.repeat(tok_start, self.n_pos)
         self.topk_ids = np.concatenate(
             [np.asarray(s.topk_ids, dtype=np.int64).reshape(-1, k) for s in samples] + [np.zeros((0, k), np.int64)]
         )
@@ -386,6 +411,9 @@ def encode_shard(
     pair_ctx, pair_id = pairs[repeated] // nv, pairs[repeated] % nv
     order = np.lexsort((pair_id, -pair_counts[repeated], pair_ctx))
     ctx_keys, ctx_sizes = np.unique(pair_ctx, return_counts=True)
+    listed = _segment_index(ctx_sizes) < CTX_MAX  # ids further down a list are coded otherwise
+    order, pair_ctx, pair_id = order[listed], pair_ctx[order][listed], pair_id[order][listed]
+    ctx_keys, ctx_sizes = np.unique(pair_ctx, return_counts=True)
     code_of_pair = np.zeros(len(pairs), dtype=np.int64)
     code_of_pair[repeated[order]] = _segment_index(ctx_sizes) + 1
     codes = np.zeros((n, k), dtype=np.int64)
@@ -407,12 +435,27 @@ def encode_shard(
     absent = np.flatnonzero(~in_topk)
     below = gold_q[absent] - q[absent, kt[absent] - 1]
     enc.write("below", np.where(below >= 0, 2 * below, -2 * below - 1), _LIMITS["below"])
+    # an id not in its context's list (or too far down it) but seen earlier in the sample (the gold
+    # token's position included) is coded by how far back: symbol CTX_MAX + bit length of d + 1, then
+    # the low bits; else 0 and its vocabulary rank
+    inp_rank = _vocab_rank(vocab_ids, rank_of, sh.input_ids)
+    far = keep & ((codes == 0) | (codes > CTX_MAX))
+    dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, far)
+    recent = far & (dist >= 0)
+    bl = _ans._bitlen(dist[recent] + 1)
+    sym = np.where(far, 0, codes)
+    sym[recent] = CTX_MAX + bl
     rank_bucket = _bucket(np.arange(k), _RANK_EDGES)
-    escaped = []
+    recent_order, escaped = [], []
     for b in range(len(_RANK_EDGES)):
         sel = keep & (rank_bucket == b)[None, :]
-        enc.write(f"id.{b}", codes[sel], _LIMITS["id"])
-        escaped.append(id_rank[sel & (codes == 0)])
+        enc.write(f"id.{b}", sym[sel], ID_ALPHABET)
+        recent_order.append(np.flatnonzero(sel & recent))
+        escaped.append(id_rank[sel & far & ~recent])
+    recent_order = np.concatenate(recent_order)
+    d1 = dist.ravel()[recent_order] + 1
+    nb = _ans._bitlen(d1) - 1
+    enc.write_bits("recent", d1 - (np.int64(1) << nb), nb)
     enc.write("escape", np.concatenate(escaped), _LIMITS["escape"])
     words, hists = enc.finish()
 
@@ -420,7 +463,7 @@ def encode_shard(
         "vocab": vocab,
         "ctx_key_deltas": np.diff(ctx_keys, prepend=0),
         "ctx_sizes": ctx_sizes,
-        "pair_ids": pair_id[order],
+        "pair_ids": pair_id,
     }
     table_arrays.update({f"h:{name}": h for name, h in hists.items()})
     table = _pack_arrays(table_arrays, config.zstd_level)
@@ -785,18 +828,30 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     keep[present, rank[present]] = False
     codes = np.zeros((n, k), dtype=np.int64)
     rank_bucket = _bucket(np.arange(k), _RANK_EDGES)
-    escaped = []
+    recent, escaped = [], []
     for b in range(len(_RANK_EDGES)):
         sel = keep & (rank_bucket == b)[None, :]
         codes[sel] = dec.read(f"id.{b}", int(sel.sum()))
+        recent.append(np.flatnonzero(sel & (codes > CTX_MAX)))
         escaped.append(np.flatnonzero(sel & (codes == 0)))
-    escaped = np.concatenate(escaped)
+    recent, escaped = np.concatenate(recent), np.concatenate(escaped)
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
+    nb = codes.ravel()[recent] - CTX_MAX - 1
+    if len(recent):
+        if nb.max() > 32:
+            raise ValueError("corrupt shard: an id code outside the alphabet")
+        d = (np.int64(1) << nb) + dec.read_bits(nb) - 1
+        row = recent // k
+        src = r.pos_abs[row] + 1 - d
+        tok_start = np.repeat(np.cumsum(r.n_tok) - r.n_tok, r.n_pos)
+        if (src < tok_start[row]).any():
+            raise ValueError("corrupt shard: an id coded as a token before its sample")
+        topk_ids.flat[recent] = r.input_ids[src]
     esc_ranks = dec.read("escape", len(escaped))
     if len(esc_ranks) and esc_ranks.max() >= len(ctx.vocab):
         raise ValueError("corrupt shard: an escaped id outside the shard vocabulary")
     topk_ids.flat[escaped] = ctx.vocab[esc_ranks]
-    listed = keep & (codes > 0)
+    listed = keep & (codes > 0) & (codes <= CTX_MAX)
     if listed.any():
         cur_rank = np.broadcast_to(r.input_ranks[r.pos_abs][:, None], (n, k))[listed]
         ci = np.minimum(np.searchsorted(ctx.ctx_keys, cur_rank), max(len(ctx.ctx_keys) - 1, 0))

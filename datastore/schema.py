@@ -1,4 +1,4 @@
-"""The physical schema of a logits shard, declared once: every writer and reader uses `SHARD_SCHEMA`.
+"""The physical schema of a logits shard, declared once: writers and readers use `SHARD_SCHEMA` (v1: `SHARD_SCHEMA_V1`).
 
 One row per sample. The logical columns of DESIGN.md ("Stored logits") map to physical ones so:
 
@@ -7,11 +7,18 @@ One row per sample. The logical columns of DESIGN.md ("Stored logits") map to ph
 - `loss_spans`: flat ``[start, end)`` runs where `loss_mask` is True (a mask is mostly a few runs).
 - `position_spans`: flat ``[start, end)`` runs of consecutive scored positions.
 - `num_tokens`, `num_positions`: lengths, so counts never need a decode (and `scan()` can sum them).
-- Byte streams (`datastore.codec` owns their meaning), each three binary columns: ``NAME`` one byte per
-  value (255 = escape), ``NAME_u16`` one little-endian uint16 of ``value - 255`` per escape (65535 =
-  escape again), ``NAME_u32`` one little-endian uint32 of ``value - 255 - 65535`` per second escape:
+- `input_ids`: a byte stream (`datastore.codec` owns its meaning) of three binary columns: ``NAME`` one
+  byte per value (255 = escape), ``NAME_u16`` one little-endian uint16 of ``value - 255`` per escape
+  (65535 = escape again), ``NAME_u32`` one little-endian uint32 of ``value - 255 - 65535`` per second
+  escape; each token's rank in the shard vocabulary (token ids, most frequent first).
 
-  - `input_ids`: each token's rank in the shard vocabulary (token ids, most frequent first).
+Encoding v2 (`SHARD_SCHEMA`): the top-k of all rows are one rANS stream in the Parquet key-value metadata
+under `TOPK_KEY`; the shard's vocabulary, context table and class models under `TABLE_KEY`, the codec
+parameters under `CODEC_KEY` (`datastore.codec` describes the symbols).
+
+Encoding v1 (`SHARD_SCHEMA_V1`, read only, and written on when a v1 dataset is resumed) has the same
+columns plus the top-k as byte streams like `input_ids`:
+
   - `lp_top1`, `lp_delta`: quantised ``-logprob / step`` of the top-1, then the non-negative
     differences between consecutive ranks.
   - `gold_rank`: the rank of the gold next token in the top-k (its id is then not stored again, and its
@@ -20,9 +27,6 @@ One row per sample. The logical columns of DESIGN.md ("Stored logits") map to ph
   - `id_codes`: the remaining top-k ids, each as 1 + its index in the shard's candidate list for the
     current token ``input_ids[t]`` (the context table), or 0 when the id is in `id_escapes` as its
     shard vocabulary rank.
-
-The shard's vocabulary, context table and codec parameters are in the Parquet key-value metadata under
-`TABLE_KEY` and `CODEC_KEY`.
 """
 
 from __future__ import annotations

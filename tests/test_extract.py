@@ -170,3 +170,36 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, teacher_dir, dataset):
     assert "skipped 1 invalid sample" in ok.output
     (m,) = list_logits(store)
     assert m.num_samples == 1 and m.complete
+
+
+def test_truncation_option_is_part_of_the_logits_id_and_keeps_leading_entries(tmp_path, teacher_dir, dataset):
+    """`--top-p` / `--within-nats`: per position only the entries covering the mass / within X nats of the
+    top-1 are stored (padding -1 / -inf after them), and the setting is part of the logits id."""
+    from datastore.chat import load_dataset
+
+    data = load_dataset(dataset)
+    backend = HFBackend(teacher_dir, device="cpu")
+    full = extract(backend, data, str(tmp_path / "s"), "t", ExtractSettings(k=K), progress=False)
+    cut = extract(backend, data, str(tmp_path / "s"), "t", ExtractSettings(k=K, top_p=0.5, within_nats=2.0),
+                  progress=False)
+    assert cut.logits_id != full.logits_id
+    rc, rf = LogitsReader(cut.uri), LogitsReader(full.uri)
+    assert rc.manifest.meta.extra == {"top_p": 0.5, "within_nats": 2.0}
+    padded = 0
+    for a in rc.iter_samples():
+        b = rf.get(a.sample_id)
+        kept = a.topk_ids >= 0
+        assert kept[:, 0].all()
+        padded += int((~kept).sum())
+        assert np.all(np.isneginf(a.topk_logprobs[~kept]))
+        # the kept entries are the full run's leading ones, to the codec's bound
+        np.testing.assert_allclose(a.topk_logprobs[kept], b.topk_logprobs[kept], atol=CodecConfig().step + 1e-6)
+        lp = b.topk_logprobs.astype(np.float64)
+        before = np.cumsum(np.exp(lp), axis=1) - np.exp(lp)
+        needed = (before < 0.5 - 0.05) & (lp >= lp[:, :1] - 2.0 + 0.05)  # clear of the quantisation step
+        assert np.all(kept[needed])
+        np.testing.assert_array_equal(a.gold_logprob, b.gold_logprob)
+    assert padded > 0
+    result = CliRunner().invoke(app, ["extract", "--teacher", str(teacher_dir), "--dataset", str(dataset),
+                                      "--store", str(tmp_path / "x"), "--top-p", "1.5"])
+    assert result.exit_code == 2 and "--top-p 1.5" in result.output
