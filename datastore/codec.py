@@ -300,7 +300,8 @@ _GAP_EDGES = np.array([0, 1, 2, 3, 5, 9, 17, 33])
 _TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
 
 
-CTX_MAX = 48  # context lists keep their 48 most frequent ids
+CTX_MAX = 32  # context lists keep their 32 most frequent ids
+CTX_FIRST = 32  # a listed id at index <= this is coded by its index even when recency could code it
 ID_ALPHABET = CTX_MAX + 33  # 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
 
 
@@ -322,6 +323,19 @@ def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: n
     ok &= (hit // n_tok == v) & (hit % n_tok >= start[rows])
     out[rows[ok], cols[ok]] = at[rows[ok]] - hit[ok] % n_tok
     return out
+
+
+# the length of the current token's context list (0: no list) conditions its ids' codes
+_LIST_EDGES = np.array([0, 1, 3, 6, 12, 24])
+
+
+def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarray) -> np.ndarray:
+    """Per position: the bucket of the length of the context list of its current token (vocab rank)."""
+    if not len(ctx_keys):
+        return np.zeros(len(cur_rank), dtype=np.int64)
+    i = np.minimum(np.searchsorted(ctx_keys, cur_rank), len(ctx_keys) - 1)
+    size = np.where(ctx_keys[i] == cur_rank, ctx_sizes[i], 0)
+    return _bucket(size, _LIST_EDGES)
 
 
 def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -424,7 +438,9 @@ def encode_shard(
     enc = _ans.Encoder()
     enc.write("kt", kt - 1, k)
     enc.write("gold", rank, k + 1)
-    enc.write("top1", q[:, 0], _LIMITS["top1"])
+    gold_class = np.where(rank == 0, 0, np.where(rank < k, 1, 2))  # gold: the top-1, another entry, absent
+    for g in range(3):  # a teacher whose top-1 is the gold token tends to be sure of it
+        enc.write(f"top1.{g}", q[gold_class == g, 0], _LIMITS["top1"])
     gaps = np.diff(q, axis=1)
     for j in range(1, k):
         rows = np.flatnonzero(kt > j)
@@ -439,19 +455,22 @@ def encode_shard(
     # token's position included) is coded by how far back: symbol CTX_MAX + bit length of d + 1, then
     # the low bits; else 0 and its vocabulary rank
     inp_rank = _vocab_rank(vocab_ids, rank_of, sh.input_ids)
-    far = keep & ((codes == 0) | (codes > CTX_MAX))
-    dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, far)
-    recent = far & (dist >= 0)
+    near = keep & (codes > 0) & (codes <= CTX_FIRST)  # high in its list: the list index, whatever else
+    dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, keep & ~near)
+    recent = keep & ~near & (dist >= 0)
+    far = keep & ~recent & (codes == 0)  # neither listed nor seen: the vocabulary rank
     bl = _ans._bitlen(dist[recent] + 1)
     sym = np.where(far, 0, codes)
     sym[recent] = CTX_MAX + bl
     rank_bucket = _bucket(np.arange(k), _RANK_EDGES)
     recent_order, escaped = [], []
+    list_bucket = _list_bucket(inp_rank[sh.pos_abs] if n else np.zeros(0, np.int64), ctx_keys, ctx_sizes)
     for b in range(len(_RANK_EDGES)):
-        sel = keep & (rank_bucket == b)[None, :]
-        enc.write(f"id.{b}", sym[sel], ID_ALPHABET)
-        recent_order.append(np.flatnonzero(sel & recent))
-        escaped.append(id_rank[sel & far & ~recent])
+        for lb in range(len(_LIST_EDGES)):
+            sel = keep & (rank_bucket == b)[None, :] & (list_bucket == lb)[:, None]
+            enc.write(f"id.{b}.{lb}", sym[sel], ID_ALPHABET)
+            recent_order.append(np.flatnonzero(sel & recent))
+            escaped.append(id_rank[sel & far])
     recent_order = np.concatenate(recent_order)
     d1 = dist.ravel()[recent_order] + 1
     nb = _ans._bitlen(d1) - 1
@@ -805,7 +824,10 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     if n and (kt.max() > k or rank.max() > k):
         raise ValueError("corrupt shard: entry counts or gold ranks out of range")
     q = np.zeros((n, k), dtype=np.int64)
-    q[:, 0] = dec.read("top1", n)
+    gold_class = np.where(rank == 0, 0, np.where(rank < k, 1, 2))
+    for g in range(3):
+        sel = np.flatnonzero(gold_class == g)
+        q[sel, 0] = dec.read(f"top1.{g}", len(sel))
     for j in range(1, k):
         rows = np.flatnonzero(kt > j)
         prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(q[rows, j - 1], _GAP_EDGES)
@@ -829,11 +851,13 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     codes = np.zeros((n, k), dtype=np.int64)
     rank_bucket = _bucket(np.arange(k), _RANK_EDGES)
     recent, escaped = [], []
+    list_bucket = _list_bucket(r.input_ranks[r.pos_abs] if n else np.zeros(0, np.int64), ctx.ctx_keys, ctx.ctx_sizes)
     for b in range(len(_RANK_EDGES)):
-        sel = keep & (rank_bucket == b)[None, :]
-        codes[sel] = dec.read(f"id.{b}", int(sel.sum()))
-        recent.append(np.flatnonzero(sel & (codes > CTX_MAX)))
-        escaped.append(np.flatnonzero(sel & (codes == 0)))
+        for lb in range(len(_LIST_EDGES)):
+            sel = keep & (rank_bucket == b)[None, :] & (list_bucket == lb)[:, None]
+            codes[sel] = dec.read(f"id.{b}.{lb}", int(sel.sum()))
+            recent.append(np.flatnonzero(sel & (codes > CTX_MAX)))
+            escaped.append(np.flatnonzero(sel & (codes == 0)))
     recent, escaped = np.concatenate(recent), np.concatenate(escaped)
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
     nb = codes.ravel()[recent] - CTX_MAX - 1
