@@ -338,6 +338,15 @@ def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarr
     return _bucket(size, _LIST_EDGES)
 
 
+def _id_classes(keep: np.ndarray, list_bucket: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The flat indices of the ``[N, k]`` entries to code, grouped by class (rank bucket, then list-length
+    bucket; row-major inside a class), and the number in each class."""
+    flat = np.flatnonzero(keep.ravel())
+    cls = _bucket(flat % k, _RANK_EDGES) * len(_LIST_EDGES) + list_bucket[flat // k]
+    order = np.argsort(cls, kind="stable")
+    return flat[order], np.bincount(cls, minlength=len(_RANK_EDGES) * len(_LIST_EDGES))
+
+
 def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="right") - 1
 
@@ -446,8 +455,11 @@ def encode_shard(
         rows = np.flatnonzero(kt > j)
         prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(gaps[rows, j - 2], _GAP_EDGES)
         rb = _bucket(j, _RANK_EDGES)
-        for b in range(len(_GAP_EDGES)):
-            enc.write(f"gap.{rb}.{b}", gaps[rows[prev == b], j - 1], _LIMITS["gap"])
+        order = np.argsort(prev, kind="stable")
+        vals = gaps[rows[order], j - 1]
+        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
+        for b, part in enumerate(np.split(vals, np.cumsum(counts)[:-1])):
+            enc.write(f"gap.{rb}.{b}", part, _LIMITS["gap"])
     absent = np.flatnonzero(~in_topk)
     below = gold_q[absent] - q[absent, kt[absent] - 1]
     enc.write("below", np.where(below >= 0, 2 * below, -2 * below - 1), _LIMITS["below"])
@@ -462,16 +474,13 @@ def encode_shard(
     bl = _ans._bitlen(dist[recent] + 1)
     sym = np.where(far, 0, codes)
     sym[recent] = CTX_MAX + bl
-    rank_bucket = _bucket(np.arange(k), _RANK_EDGES)
-    recent_order, escaped = [], []
     list_bucket = _list_bucket(inp_rank[sh.pos_abs] if n else np.zeros(0, np.int64), ctx_keys, ctx_sizes)
-    for b in range(len(_RANK_EDGES)):
-        for lb in range(len(_LIST_EDGES)):
-            sel = keep & (rank_bucket == b)[None, :] & (list_bucket == lb)[:, None]
-            enc.write(f"id.{b}.{lb}", sym[sel], ID_ALPHABET)
-            recent_order.append(np.flatnonzero(sel & recent))
-            escaped.append(id_rank[sel & far])
-    recent_order = np.concatenate(recent_order)
+    entries, counts = _id_classes(keep, list_bucket, k)
+    sym_sorted = sym.ravel()[entries]
+    for c, part in enumerate(np.split(sym_sorted, np.cumsum(counts)[:-1])):
+        enc.write(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", part, ID_ALPHABET)
+    recent_order = entries[recent.ravel()[entries]]
+    escaped = [id_rank.ravel()[entries[far.ravel()[entries]]]]
     d1 = dist.ravel()[recent_order] + 1
     nb = _ans._bitlen(d1) - 1
     enc.write_bits("recent", d1 - (np.int64(1) << nb), nb)
@@ -832,9 +841,9 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         rows = np.flatnonzero(kt > j)
         prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(q[rows, j - 1], _GAP_EDGES)
         rb = _bucket(j, _RANK_EDGES)
-        for b in range(len(_GAP_EDGES)):
-            sel = rows[prev == b]
-            q[sel, j] = dec.read(f"gap.{rb}.{b}", len(sel))
+        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
+        vals = [dec.read(f"gap.{rb}.{b}", int(m)) for b, m in enumerate(counts)]
+        q[rows[np.argsort(prev, kind="stable")], j] = np.concatenate(vals)
     np.cumsum(q, axis=1, out=q)  # q[:, j] held the gap before rank j: now the values themselves
     valid = np.arange(k)[None, :] < kt[:, None]
     present = np.flatnonzero(rank < k)
@@ -849,16 +858,13 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     keep = valid.copy()
     keep[present, rank[present]] = False
     codes = np.zeros((n, k), dtype=np.int64)
-    rank_bucket = _bucket(np.arange(k), _RANK_EDGES)
-    recent, escaped = [], []
     list_bucket = _list_bucket(r.input_ranks[r.pos_abs] if n else np.zeros(0, np.int64), ctx.ctx_keys, ctx.ctx_sizes)
-    for b in range(len(_RANK_EDGES)):
-        for lb in range(len(_LIST_EDGES)):
-            sel = keep & (rank_bucket == b)[None, :] & (list_bucket == lb)[:, None]
-            codes[sel] = dec.read(f"id.{b}.{lb}", int(sel.sum()))
-            recent.append(np.flatnonzero(sel & (codes > CTX_MAX)))
-            escaped.append(np.flatnonzero(sel & (codes == 0)))
-    recent, escaped = np.concatenate(recent), np.concatenate(escaped)
+    entries, counts = _id_classes(keep, list_bucket, k)
+    sym_sorted = np.concatenate(
+        [dec.read(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", int(m)) for c, m in enumerate(counts)]
+    )
+    codes.ravel()[entries] = sym_sorted
+    recent, escaped = entries[sym_sorted > CTX_MAX], entries[sym_sorted == 0]
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
     nb = codes.ravel()[recent] - CTX_MAX - 1
     if len(recent):

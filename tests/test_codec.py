@@ -374,3 +374,34 @@ def test_real_model_distribution_compresses_below_goal():
     v1 = len(codec.encode_shard(samples, 10, codec.CodecConfig(version=1)))
     v2 = len(codec.encode_shard(samples, 10))
     assert v2 < v1
+
+
+def test_vllm_neg_inf_prompt_logprobs_are_stored_not_rejected(tmp_path):
+    """The vLLM backend's conversion keeps vLLM's -inf (a masked token, here also the gold) and the store
+    takes it at the floor: one sample with -inf no longer fails a whole extraction job."""
+    from collections import namedtuple
+
+    from teacher_server.backends.vllm import VLLMBackend
+    from teacher_server.render import TokenizedSample
+
+    Logprob = namedtuple("Logprob", "logprob rank")
+    ids = np.array([5, 9, 7, 3], dtype=np.int32)
+    ts = TokenizedSample("v", ids, np.ones(4, bool), np.arange(3, dtype=np.int32), "t", np.zeros((0, 2), np.int32),
+                         False)
+    prompt_logprobs = [None] + [
+        {9: Logprob(-0.1, 1), 4: Logprob(-2.5, 2), 6: Logprob(-np.inf, 3)},
+        {4: Logprob(-0.2, 1), 1: Logprob(-1.9, 2), 8: Logprob(-3.0, 3), 7: Logprob(-np.inf, 4)},
+        {3: Logprob(0.0, 1), 2: Logprob(-np.inf, 2), 1: Logprob(-np.inf, 3)},
+    ]
+    top = VLLMBackend._topk(ts, prompt_logprobs, 3)
+    assert np.isneginf(top.gold_logprob[1]) and np.isneginf(top.topk_logprobs[0, 2])
+    sample = ScoredSample("v", ids, np.ones(4, bool), np.arange(3, dtype=np.int32), top.topk_ids,
+                          top.topk_logprobs, top.gold_logprob)
+    meta = LogitsMeta(dataset_id="d", teacher_name="t", teacher_revision="0", tokenizer_fingerprint="f",
+                      k=3, chat_template="c", max_length=8, all_positions=True)
+    with LogitsWriter(str(tmp_path / "ds"), meta) as w:
+        w.write(sample)
+    out = LogitsReader(str(tmp_path / "ds")).get("v")
+    np.testing.assert_array_equal(out.topk_ids, top.topk_ids)
+    assert np.all(np.exp(out.topk_logprobs[np.isneginf(top.topk_logprobs)].astype(np.float64)) == 0)
+    assert np.exp(np.float64(out.gold_logprob[1])) == 0 and abs(out.gold_logprob[0] + 0.1) <= BOUND
