@@ -3,7 +3,7 @@ library: https://bamler-lab.github.io/constriction/), for the top-k codec (`data
 
 The encoder groups symbols into *classes* (one categorical model each, e.g. "logprob gap at rank 3 after
 a small gap"), counts each class's histogram over the whole shard, stores the histograms (log-quantised,
-one byte per symbol) beside the data, and codes every class's symbols with its model into one ANS stack.
+~one byte per symbol) beside the data, and codes every class's symbols with its model into one ANS stack.
 The decoder rebuilds the same models from the same bytes, so both sides agree bit for bit.
 
 Integers of any size (< 2**32) go through `IntClass`: values below `limit` are a symbol each; larger ones
@@ -36,8 +36,9 @@ def _bitlen(u: np.ndarray) -> np.ndarray:
 
 
 def quantise_counts(counts: np.ndarray) -> np.ndarray:
-    """Histogram counts -> uint8 ``rint(16 * log2(1 + count))`` (0 stays 0; a seen symbol gets >= 16)."""
-    return np.minimum(np.rint(16 * np.log2(1.0 + np.asarray(counts, np.float64))), 255).astype(np.uint8)
+    """Histogram counts -> uint16 ``rint(16 * log2(1 + count))`` (0 stays 0; a seen symbol gets >= 16;
+    one byte while counts stay below ~62k, as `datastore.codec._pack_arrays` stores the planes in use)."""
+    return np.rint(16 * np.log2(1.0 + np.asarray(counts, np.float64))).astype(np.uint16)
 
 
 def _probs(qcounts: np.ndarray) -> np.ndarray:

@@ -291,7 +291,7 @@ def truncate_topk(
 
 
 # Class alphabets (`_ans.IntClass` limits): values at or above escape to bit-length symbols + raw bits.
-_LIMITS = {"kt": None, "gold": None, "top1": 128, "below": 64, "gap": 64, "id": 64, "escape": 512}
+_LIMITS = {"top1": 128, "below": 64, "gap": 64, "escape": 512}
 # rank buckets (a class per bucket): ranks 1, 2, 3, 4, 5-7, 8-15, 16+
 _RANK_EDGES = np.array([0, 1, 2, 3, 4, 5, 8, 16])
 # the previous gap's bucket (the gap before rank j conditions the gap after it), and the top-1's q
@@ -351,13 +351,10 @@ def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="right") - 1
 
 
-def _class_limits(k: int) -> dict[str, int]:
-    return {"kt": k, "gold": k + 1}
-
-
 def _limit(name: str, k: int) -> int:
+    """The `_ans.IntClass` limit of a class, by the family before its first '.'."""
     base = name.split(".")[0]
-    return _class_limits(k).get(base) or _LIMITS[base]
+    return {"kt": k, "gold": k + 1, "id": ID_ALPHABET}.get(base) or _LIMITS[base]
 
 
 class _Shard:

@@ -405,3 +405,12 @@ def test_vllm_neg_inf_prompt_logprobs_are_stored_not_rejected(tmp_path):
     np.testing.assert_array_equal(out.topk_ids, top.topk_ids)
     assert np.all(np.exp(out.topk_logprobs[np.isneginf(top.topk_logprobs)].astype(np.float64)) == 0)
     assert np.exp(np.float64(out.gold_logprob[1])) == 0 and abs(out.gold_logprob[0] + 0.1) <= BOUND
+
+
+def test_large_shard_class_counts_beyond_one_byte():
+    """A shard whose classes count more than 62k symbols (log-quantised counts past one byte)."""
+    rng = np.random.default_rng(17)
+    samples = [make_sample(rng, f"big{i}", k=2, n_tokens=3000, vocab=500, all_positions=True) for i in range(24)]
+    assert sum(len(s.positions) for s in samples) > 70_000
+    for a, b in zip(samples, roundtrip(samples, 2), strict=True):
+        assert_same(a, b)
