@@ -56,7 +56,8 @@ def _register_stages() -> None:
 
     app.add_typer(store_app, name="store", help="List, show and verify logits and targets datasets in a store.")
     for module, attr, name, help_text in _STAGE_COMMANDS:
-        app.command(name, help=help_text)(getattr(importlib.import_module(module), attr))
+        mod = importlib.import_module(module)
+        app.command(name, help=help_text, cls=getattr(mod, "COMMAND_CLS", None))(getattr(mod, attr))
 
 
 @app.command()

@@ -372,12 +372,15 @@ def test_bad_checkpoints_raise_one_line_errors(tmp_path, bad, message):
 @pytest.mark.parametrize(
     "method,parameters,per_model,message",
     [
-        ("slerp", {}, None, r"unknown merge_method 'slerp': expected one of dare, linear, sce, task_arithmetic, ties, varm"),
+        ("slerpp", {}, None, r"unknown merge_method 'slerpp': did you mean 'slerp'\? expected one of dare, dare_linear, dare_ties, linear, sce, task_arithmetic, ties, varm \(ours\)"),
         ("sce", {"select_topk": 1.5}, None, r"bad parameters of merge_method sce: select_topk: .*less than or equal to 1"),
-        ("sce", {"density": 0.5}, None, r"bad parameters of merge_method sce: density: Extra inputs .*accepted: select_topk"),
+        ("sce", {"selct_topk": 0.5}, None, r"parameters: unknown parameter 'selct_topk' for merge_method sce \(did you mean 'select_topk'\?\)"),
+        ("sce", {"xyz": 0.5}, None, r"unknown parameter 'xyz' for merge_method sce \(accepted: select_topk, variant, normalize, mergekit_fallback\)"),
         ("sce", {"variant": "paper"}, None, r"variant: Input should be 'fusechat' or 'mergekit'"),
         ("ties", {}, [{"density": 0}], r"bad parameters of models\[0\] \(ties\): density: .*greater than 0"),
-        ("linear", {"weight": 0.0}, None, r"weights sum to 0"),
+        ("linear", {"weight": 0.0}, None, r"weights of .* sum to 0"),
+        ("ties", {"density": [0.5, "x"]}, None, r"bad parameters of models\[0\] \(ties\): density: .*\[tensor model.layers.0.mlp"),
+        ("ties", {"density": {"filter": "mlp"}}, None, r"parameters.density: a filter is \{filter: NAME, value: VALUE\}"),
     ],
 )
 def test_bad_parameters_raise_one_line_errors(models, tmp_path, method, parameters, per_model, message):
@@ -391,8 +394,14 @@ def test_bad_config_and_output_directory(models, tmp_path):
     pivot_dir, *target_dirs = models["dirs"]
     with pytest.raises(MergeError, match=r"models: List should have at least 1 item"):
         parse_config({"merge_method": "sce", "base_model": str(pivot_dir), "models": []})
-    with pytest.raises(MergeError, match=r"slices: Extra inputs are not permitted"):
+    with pytest.raises(MergeError, match=r"^config: give exactly one of models, slices or modules \(got models, slices\)$"):
         parse_config({"merge_method": "sce", "base_model": "x", "models": [{"model": "y"}], "slices": []})
+    with pytest.raises(MergeError, match=r"^config: unknown key 'slicez' \(did you mean 'slices'\?\)$"):
+        parse_config({"merge_method": "sce", "base_model": "x", "models": [{"model": "y"}], "slicez": []})
+    with pytest.raises(MergeError, match=r"^config: models\[0\]: unknown key 'paramters' \(did you mean 'parameters'\?\)$"):
+        parse_config({"merge_method": "sce", "base_model": "x", "models": [{"model": "y", "paramters": {}}]})
+    with pytest.raises(MergeError, match=r"merge_method sce needs base_model"):
+        run_merge(parse_config({"merge_method": "sce", "models": [{"model": str(pivot_dir)}]}), tmp_path / "out")
     with pytest.raises(MergeError, match=r"needs at least one model other than base_model"):
         run_merge(config("sce", pivot_dir, [pivot_dir]), tmp_path / "out")
     with pytest.raises(MergeError, match=r"is one of the input models"):
