@@ -1,6 +1,6 @@
 """The merge job: check the checkpoints, then merge and write one parameter at a time.
 
-The output is built in a hidden staging directory next to `out` (`.NAME.merging-PID`) and renamed into
+The output is built in a hidden staging directory next to `out` (`datastore.staging`) and renamed into
 place only when complete, so an interrupted merge never leaves a half-written `out` or `*.tmp` files that
 block the rerun (a stage left by a killed process is removed by the next run); `overwrite=True` replaces an
 existing output only once the new one is complete. A merged value that is NaN or infinite in the output
@@ -15,15 +15,15 @@ matrix is merged as a single chunk.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from datastore.errors import UserError
+from datastore.staging import check_target, staged_directory
 from merge.config import MergeConfig
 from merge.errors import MergeError
 from merge.parameters import ParameterPlan, count_layers
@@ -145,7 +145,7 @@ def run_merge(
 
         inputs = [Path(p) for p in (config.base_model, *(m.model for m in config.models or [])) if p]
         _check_out(out, inputs, overwrite)
-        with _staged(out, overwrite) as stage:
+        with staged_directory(out, overwrite) as stage:
             run_with_mergekit(config, stage, say, max_shard_size=parse_size(max_shard_size))
         return out
 
@@ -182,7 +182,7 @@ def run_merge(
         plan = [(n, base.tensors[n].shape, out_dtype or base.tensors[n].torch_dtype) for n in names]
         say(f"merging {len(entries)} model(s) onto {base_path} with {method.name}: {len(names)} tensors, "
             f"computing in {str(compute).removeprefix('torch.')}{' (in memory)' if in_memory else ''}")
-        with _staged(out, overwrite) as stage:
+        with staged_directory(out, overwrite) as stage:
             writer = _merge_tensors(base, targets, mapping, names, kwargs, method, plan, compute, stage, say,
                                     chunk_elements, parse_size(max_shard_size), in_memory, allow_nonfinite)
             copied = copy_side_files(base_path, stage, out_dtype)
@@ -246,49 +246,10 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
     for path in inputs:
         if _same_path(out, path):
             raise MergeError(f"--out {out} is one of the input models; choose a new directory")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"--out {out} exists and is not an empty directory (--overwrite replaces it)")
-
-
-def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh hidden directory beside `out` to write into; renamed to `out` when the block completes, removed
-    when it raises (also on Ctrl-C). Stages left by processes that no longer run are removed first."""
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}.merging-"
-    for stale in out.parent.glob(prefix + "*"):
-        pid = stale.name.removeprefix(prefix)
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    stage = out.parent / f"{prefix}{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists() or out.is_symlink():
-            if not overwrite:  # appeared while merging
-                raise MergeError(f"--out {out} was created by someone else while merging; the result is not written")
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        else:
-            os.replace(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        check_target(out, overwrite)
+    except UserError as e:
+        raise MergeError(str(e)) from None
 
 
 def _same_path(a: Path, b: Path) -> bool:

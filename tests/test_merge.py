@@ -515,7 +515,7 @@ def test_an_interrupted_merge_leaves_nothing_that_blocks_the_rerun(models, tmp_p
     assert not out.exists() and os.listdir(tmp_path) == []  # no *.tmp, no stage
     monkeypatch.setattr(safetensors_io.ShardedWriter, "write", real_write)
     # A stage left by a killed process (SIGKILL runs no cleanup) is removed by the next run.
-    stale = tmp_path / ".out.merging-999999999"
+    stale = tmp_path / ".out.staging-999999999"
     stale.mkdir()
     (stale / "model-00001-of-00001.safetensors.tmp").write_bytes(b"x")
     run_merge(config("sce", pivot_dir, target_dirs), out, chunk_elements=1024)
