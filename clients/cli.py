@@ -62,8 +62,12 @@ def _register_stages() -> None:
 
 @app.command()
 def extract(
-    teacher: Path = typer.Option(..., help="Teacher model directory (config, weights, tokenizer)."),
-    dataset: Path = typer.Option(..., help="Chat or plain-text dataset, .jsonl or .parquet."),
+    teacher: Path = typer.Option(
+        ..., help="Teacher model directory (config, weights, tokenizer), or a hub id already in the HF cache."
+    ),
+    dataset: Path = typer.Option(
+        ..., help="Chat or plain-text dataset, .jsonl or .parquet, or a hub dataset id already in the HF cache."
+    ),
     store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
     k: int = typer.Option(10, help="Top-k entries stored per position."),
     backend: str = typer.Option("hf", help="Teacher backend: hf (transformers) or vllm (needs the vllm extra)."),
@@ -92,7 +96,11 @@ def extract(
     from datastore.fs import resolve
 
     resolve(store)  # a bad store URI fails before any model is loaded
-    data = load_dataset(dataset, skip_invalid=skip_invalid)
+    from datastore.hub import resolve_dataset_file, resolve_local_or_cached
+
+    name = name or teacher.name  # a hub id's last part, not its cached snapshot's hash
+    teacher = resolve_local_or_cached(teacher, "model", "--teacher")
+    data = load_dataset(resolve_dataset_file(dataset), skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)
     if backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
@@ -109,7 +117,7 @@ def extract(
         batch_tokens=batch_tokens, shard_rows=shard_rows,
     )
     try:
-        result = run_extract(model, data, store, name or teacher.name, settings)
+        result = run_extract(model, data, store, name, settings)
     finally:
         model.close()
     typer.echo(

@@ -28,7 +28,6 @@ Invalid lines (rows) are reported by line number; nothing is written unless ever
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -434,16 +433,14 @@ def _import_meta(fmt: str, path: Path, stored: dict | None, k: int, tokenizer, t
         raise UserError(f"{path} carries no logitfuse meta: give --tokenizer (and --teacher-name)")
     if not teacher_name:
         raise UserError(f"{path}: give --teacher-name (the responses name no model)")
+    from datastore.chat import file_digest
     from datastore.tokenizers import tokenizer_fingerprint
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    digest = file_digest(path)
     return LogitsMeta(
-        dataset_id=dataset_id or f"{path.name}@{digest.hexdigest()[:12]}",
+        dataset_id=dataset_id or f"{path.name}@{digest[:12]}",
         teacher_name=teacher_name,
-        teacher_revision=f"imported:{fmt}:{digest.hexdigest()[:16]}",
+        teacher_revision=f"imported:{fmt}:{digest[:16]}",
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         k=k,
         chat_template="none (imported token ids)",
