@@ -14,8 +14,6 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from merge.config import load_config, parse_config
-from merge.engine import run_merge
 from merge.errors import MergeError
 
 _LIST_OPTIONS = ("--models", "--model", "--weight", "--density")
@@ -84,6 +82,9 @@ def merge_command(
     ),
 ) -> None:
     """Merge target models onto the pivot in parameter space (FuseChat uses sce), streaming tensor by tensor."""
+    from merge.config import load_config, parse_config  # torch: imported only when the command runs
+    from merge.engine import run_merge
+
     targets = list(models or [])
     flags: dict[str, Any] = {"select_topk": select_topk, "variant": sce_variant, "normalize": normalize, "seed": seed}
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -152,7 +152,10 @@ def test_linear_needs_no_base_and_overwrite_replaces_the_output(tmp_path, family
     out = tmp_path / "out"
     args = ["merge", "--method", "linear", "--models", str(targets[0]), str(targets[1]), "--weight", "0.3", "0.7",
             "--out", str(out)]
-    assert CliRunner().invoke(make_app(), args).exit_code == 0
+    from clients.cli import app  # the real CLI registers merge with MergeCommand too
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
     merged = load_file(str(next(out.glob("*.safetensors"))))
     a = load_file(str(next(targets[0].glob("*.safetensors"))))
     b = load_file(str(next(targets[1].glob("*.safetensors"))))

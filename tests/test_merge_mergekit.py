@@ -140,11 +140,13 @@ def test_dare_keeps_density_and_rescales_like_mergekit(family, tmp_path, method)
         delta = (target[name] - base[name]).double()
         for merged in (ours_out, mk_out):
             kept = merged[name].double() - base[name].double()
-            assert (kept != 0).double().mean().item() == pytest.approx(0.3, abs=0.03), name
+            fraction = (kept != 0).double().mean().item()
+            sigma = (0.3 * 0.7 / kept.numel()) ** 0.5  # binomial: mergekit's masks come from torch's RNG
+            assert fraction == pytest.approx(0.3, abs=5 * sigma), name
             assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5), name
-            factor = kept[kept != 0] / delta[kept != 0]  # one factor per matrix, about 1 / density
+            factor = kept[kept != 0] / delta[kept != 0]  # one factor per matrix, about 1 / kept fraction
             assert factor.std().item() < 1e-3 * factor.mean().item(), name
-            assert factor.mean().item() == pytest.approx(1 / 0.3, rel=0.12), name
+            assert factor.mean().item() == pytest.approx(1 / fraction, rel=0.2), name
 
 
 def _write(path: Path, data: dict) -> Path:
