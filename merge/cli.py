@@ -49,6 +49,7 @@ COMMAND_CLS = MergeCommand
 
 
 def merge_command(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
     config: Path | None = typer.Option(None, "--config", help="mergekit-shaped YAML merge config."),
     method: str | None = typer.Option(
@@ -61,19 +62,19 @@ def merge_command(
         None, "--models", "--model", help="Target model directories: --models A B C (or --models A --models B)."
     ),
     weight: list[float] | None = typer.Option(
-        None, "--weight", help="One weight for all models, or one per model: --weight 0.3 0.7. [default: 1.0]"
+        None, "--weight", help="One weight for all models, or one per model: --weight 0.3 0.7 (1.0 when not given)."
     ),
     density: list[float] | None = typer.Option(
-        None, "--density", help="TIES/DARE: one density for all models, or one per model. [default: 1.0]"
+        None, "--density", help="TIES/DARE: one density for all models, or one per model (1.0 when not given)."
     ),
-    select_topk: float | None = typer.Option(
-        None, "--select-topk", help="SCE: fraction tau of elements selected (FuseChat used 0.1). [default: 1.0]"
+    select_topk: float = typer.Option(
+        1.0, "--select-topk", help="SCE: fraction tau of elements selected (FuseChat used 0.1)."
     ),
-    sce_variant: str | None = typer.Option(None, "--sce-variant", help="SCE: fusechat | mergekit. [default: fusechat]"),
+    sce_variant: str = typer.Option("fusechat", "--sce-variant", help="SCE: fusechat | mergekit."),
     normalize: bool | None = typer.Option(None, "--normalize/--no-normalize", help="Override the method default."),
-    seed: int | None = typer.Option(None, "--seed", help="DARE: seed of the drop masks. [default: 0]"),
+    seed: int = typer.Option(0, "--seed", help="DARE: seed of the drop masks."),
     dtype: str | None = typer.Option(
-        None, "--dtype", help="Output dtype: bfloat16 | float16 | float32. [default: the base model's]"
+        None, "--dtype", help="Output dtype: bfloat16 | float16 | float32 (the base model's when not given)."
     ),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the merge is complete."),
@@ -86,13 +87,18 @@ def merge_command(
     from merge.engine import run_merge
 
     targets = list(models or [])
+    def given(param: str) -> bool:  # options left at their defaults are not passed: the method's defaults apply
+        source = ctx.get_parameter_source(param)  # typer's own click: compare the enum by name
+        return source is not None and source.name != "DEFAULT"
+
     flags: dict[str, Any] = {"select_topk": select_topk, "variant": sce_variant, "normalize": normalize, "seed": seed}
-    flags = {k: v for k, v in flags.items() if v is not None}
+    names = {"select_topk": "select_topk", "variant": "sce_variant", "normalize": "normalize", "seed": "seed"}
+    flags = {k: v for k, v in flags.items() if v is not None and given(names[k])}
     if config is not None:
-        given = [n for n, v in [("--method", method), ("--base", base), ("--dtype", dtype), ("--weight", weight),
-                                ("--density", density)] if v] + [f"--{k.replace('_', '-')}" for k in flags]
-        if targets or given:
-            raise MergeError(f"--config cannot be combined with {', '.join(given + ['--models'] * bool(targets))}; "
+        mixed = [n for n, v in [("--method", method), ("--base", base), ("--dtype", dtype), ("--weight", weight),
+                                ("--density", density)] if v] + [f"--{names[k].replace('_', '-')}" for k in flags]
+        if targets or mixed:
+            raise MergeError(f"--config cannot be combined with {', '.join(mixed + ['--models'] * bool(targets))}; "
                              "put those settings in the config")
         cfg = load_config(config)
     else:

@@ -201,3 +201,31 @@ def test_cli_rejects_config_mixed_with_flags_and_missing_inputs(tmp_path, family
     result = runner.invoke(make_app(), ["merge", "--method", "sce", "--base", str(pivot), "--models", *map(str, targets),
                                         "--weight", "1", "--weight", "2", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--weight: give one value or one per model (3), not 2" in result.output
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/merge.md"])
+def test_the_documented_merge_synopsis_shows_the_real_defaults(doc):
+    """Every `[--option VALUE]` of the merge synopsis is the option's default (or the method's, for the
+    per-model lists), and FuseChat's own τ is named next to it."""
+    import re
+
+    import typer.main
+
+    from merge.registry import get_method
+
+    text = Path(__file__).resolve().parent.parent.joinpath(doc).read_text()
+    synopsis = text[text.index("logitfuse merge --method sce"):]
+    synopsis = synopsis[: synopsis.index("```")]
+    command = typer.main.get_command(make_app()).commands["merge"]
+    defaults = {opt: p.default for p in command.params for opt in p.opts}
+    shown = re.findall(r"\[(--[a-z-]+) ([^\]\s|/]+)", synopsis)
+    assert {o for o, _ in shown} >= {"--select-topk", "--sce-variant", "--weight", "--density", "--seed"}
+    per_model = {"--weight": get_method("ties").per_model_params.model_fields["weight"].default,
+                 "--density": get_method("ties").per_model_params.model_fields["density"].default}
+    for option, value in shown:
+        if value.startswith("<"):
+            continue  # a description such as <the base's>
+        expected = per_model.get(option, defaults[option])
+        assert str(expected) == value, f"{doc}: {option} shows {value}, the default is {expected}"
+    assert get_method("sce").global_params.model_fields["select_topk"].default == 1.0
+    assert "τ = 10%" in text and "select_topk: 0.1" in text  # FuseChat's own setting, named as such
