@@ -199,8 +199,8 @@ def _vllm_rows(path: Path) -> Iterator[_Row]:
                 continue
             try:
                 yield _vllm_row(n, json.loads(text))
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                yield _Row(n, None, " ".join(str(e).split()) or type(e).__name__)
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as e:
+                yield _Row(n, None, " ".join(str(e).split())[:300] or type(e).__name__)
 
 
 def _vllm_row(n: int, obj) -> _Row:
@@ -220,8 +220,11 @@ def _vllm_row(n: int, obj) -> _Row:
     if not isinstance(sample_id, str) or not sample_id:
         raise ValueError("no sample id (custom_id or id)")
     ids = choice.get("prompt_token_ids")
-    if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) and i >= 0 for i in ids):
+    if not isinstance(ids, list) or len(ids) < 2:
         raise ValueError("choices[0].prompt_token_ids missing or not >= 2 token ids (request return_token_ids: true)")
+    bad = next((i for i, t in enumerate(ids) if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2**31), None)
+    if bad is not None:
+        raise ValueError(f"choices[0].prompt_token_ids[{bad}] = {str(ids[bad])[:40]} is not a token id in [0, 2**31)")
     logprobs = choice.get("prompt_logprobs")
     if not isinstance(logprobs, list) or len(logprobs) != len(ids):
         raise ValueError(f"choices[0].prompt_logprobs must be a list of {len(ids)} entries, one per prompt token "
@@ -289,8 +292,8 @@ def _parquet_rows(path: Path) -> tuple[Iterator[_Row], dict | None]:
                 n += 1
                 try:
                     yield _Row(n, _parquet_sample(rec))
-                except (ValueError, TypeError) as e:
-                    yield _Row(n, None, " ".join(str(e).split()))
+                except (ValueError, TypeError, OverflowError) as e:
+                    yield _Row(n, None, " ".join(str(e).split())[:300] or type(e).__name__)
 
     return rows(), meta
 

@@ -170,8 +170,11 @@ def test_vllm_prompt_logprobs_import_round_trip_and_bad_lines(tmp_path, spm_toke
     lacking = json.loads(json.dumps(responses[3]))
     gold = str(int(sources[3].input_ids[3]))
     lacking["choices"][0]["prompt_logprobs"][3].pop(gold, None)
+    huge = json.loads(json.dumps(responses[3]))
+    huge["choices"][0]["prompt_token_ids"][2] = 10**30
     bad_lines = [json.dumps(no_ids), "{not json", json.dumps(nan), json.dumps(lacking),
-                 good_lines[0]]  # the last one repeats s0
+                 good_lines[0],  # repeats s0
+                 "[" * 100000 + "]" * 100000, json.dumps(huge)]
     path = tmp_path / "responses.jsonl"
     path.write_text("\n".join(good_lines + bad_lines) + "\n")
     store = str(tmp_path / "store")
@@ -181,13 +184,14 @@ def test_vllm_prompt_logprobs_import_round_trip_and_bad_lines(tmp_path, spm_toke
     assert result.exit_code == 2
     for line, reason in [(4, r"choices\[0\].prompt_token_ids missing"), (5, "Expecting property name"),
                          (6, r"prompt_logprobs\[4\]\[\d+\]: logprob nan is not a finite value"),
-                         (7, rf"prompt_logprobs\[3\] lacks the prompt token {gold}"), (8, "duplicate sample id 'cmpl-s0'")]:
+                         (7, rf"prompt_logprobs\[3\] lacks the prompt token {gold}"), (8, "duplicate sample id 'cmpl-s0'"),
+                         (9, "maximum recursion depth|expected a JSON object"), (10, r"choices\[0\]\.prompt_token_ids\[2\] = 1000000000000000000000000000000 is not a token id")]:
         assert re.search(rf"responses.jsonl: line {line}: {reason}", result.output), result.output
-    assert "5 invalid line(s), listed above; nothing imported" in result.output
+    assert "7 invalid line(s), listed above; nothing imported" in result.output
     assert not (tmp_path / "store").exists()
 
     report = import_dataset(path, "vllm", store, tokenizer=spm_tokenizer, skip_invalid=True)
-    assert report.written == 3 and len(report.problems) == 5
+    assert report.written == 3 and len(report.problems) == 7
     reader = LogitsReader(report.uri)
     m = reader.manifest.meta
     assert (m.k, m.teacher_name, m.all_positions) == (K, "teacher-7b", True)
