@@ -52,7 +52,10 @@ def resolve_local_or_cached(name: str | Path, repo_type: Literal["model", "datas
 
 
 def resolve_dataset_file(name: str | Path) -> Path:
-    """A dataset file: a local path, or a cached hub dataset holding exactly one .jsonl or .parquet file."""
+    """A dataset file: a local path, or a cached hub dataset holding exactly one .jsonl or .parquet file. A
+    missing path that is not a hub id is returned as given: the dataset loader reports it."""
+    if not Path(name).expanduser().exists() and not looks_like_hub_id(str(name)):
+        return Path(name)
     path = resolve_local_or_cached(name, "dataset", "--dataset")
     if path.is_file():
         return path
