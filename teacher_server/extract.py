@@ -244,7 +244,8 @@ def _located(dataset: Dataset, problems: list[Problem]) -> list[Problem]:
     wanted = {p.where for p in problems}
     where: dict[str, str] = {}
     if dataset.source:
-        for loc, rec in iter_records(dataset.source):
+        for item in iter_records(dataset.source):
+            loc, rec = item[0], item[-1]  # (location, [decoded bytes,] record or ValueError)
             sid = rec.get("id") if isinstance(rec, dict) else None
             if sid is not None and str(sid) in wanted and str(sid) not in where:
                 where[str(sid)] = loc

@@ -55,7 +55,14 @@ def shared_templates() -> list[str]:
 
 
 def resolve_template(spec: str, tokenizer) -> str:
-    """The Jinja source for a template spec: `model`, a shared template's name, or a file path."""
+    """The Jinja source for a template spec: `model`, a shared template's name, or a file path.
+    Raises `UserError` for an unknown spec or a template that does not compile."""
+    source = _template_source(spec, tokenizer)
+    _compile(source)
+    return source
+
+
+def _template_source(spec: str, tokenizer) -> str:
     if spec == "model":
         source = getattr(tokenizer, "chat_template", None)
         if not source:
