@@ -306,6 +306,8 @@ def _encode(text: str, tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarr
     a sample that fits is tokenised exactly as before.
     """
     need = max_length + _CUT_MARGIN
+    if len(text) <= need * 8:  # the common case: no cut, and no vocabulary scan
+        return _tokenize(text, tokenizer)
     for chars_per_token in (8, max_token_chars(tokenizer)):
         cut = need * chars_per_token
         if len(text) <= cut:
