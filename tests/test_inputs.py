@@ -355,3 +355,36 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line(tmp_path, teacher,
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     line = _one_error_line(_extract("--teacher", str(teacher), "--dataset", str(data), "--store", s3))
     assert "cannot reach the S3 endpoint" in line and str(port) in line
+
+
+# ------------------------------------------------------------------- the same checks in a service job
+
+
+@pytest.mark.slow
+def test_service_job_names_refused_lines_and_skip_invalid_uploads_skip_them(tmp_path, teacher):
+    """Uploads name no teacher; a job checks its dataset against the teacher's template and tokenizer
+    before scoring: it fails at once with one line naming the line, nothing stored, or (dataset uploaded
+    with skip_invalid) scores the rest."""
+    from clients.client import TeacherClient, run_local_service
+
+    records = _valid(6, seed=9)
+    records.insert(3, _chat("sys", ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")))
+    data = write_jsonl(records, tmp_path / "d.jsonl")
+    cfg = {"store": str(tmp_path / "store"), "state_dir": str(tmp_path / "state"),
+           "teachers": [{"name": "v01", "model": str(teacher), "backend": "hf", "max_k": 8, "max_length": 256,
+                         "shard_rows": 4, "batch_tokens": 2048}]}
+    with run_local_service(cfg, log_path=tmp_path / "serve.log") as url, TeacherClient(url) as client:
+        strict = client.upload(data)
+        assert strict["samples"] == 7  # structurally valid: the upload cannot know the teacher
+        failed = client.wait(client.submit(strict["id"], "v01", k=K)["id"], progress=False, timeout=300)
+        assert failed["state"] == "failed", failed
+        (error,) = failed["errors"]
+        assert "line 4" in error and "roles must alternate" in error and "\n" not in error
+        assert list_logits(str(tmp_path / "store")) == []
+
+        # (a dataset keeps the skip_invalid of its first upload: upload other bytes to change it)
+        lenient = client.upload(write_jsonl(records[:-1], tmp_path / "d2.jsonl"), skip_invalid=True)
+        done = client.wait(client.submit(lenient["id"], "v01", k=K)["id"], progress=False, timeout=300)
+        assert done["state"] == "done", done
+    (m,) = list_logits(str(tmp_path / "store"))
+    assert m.num_samples == 5 and m.complete
