@@ -256,7 +256,7 @@ def timed(fn, *args, **kwargs):
 
 def report_statistics(what: str, stats: MappingStatistics) -> None:
     stats.compact()
-    pairs_bytes = stats.keys.nbytes + stats.counts.nbytes
+    pairs_bytes = stats.keys.nbytes + stats.counts.nbytes + stats.start_counts.nbytes
     stats.best_pivot()
     in_mem = stats.nbytes
     disk = len(stats.to_bytes())

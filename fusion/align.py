@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusion._edit import edit_distance, pad_bytes
-from fusion._sparse import SparseDist, coo_topk
+from fusion._sparse import SparseDist, coo_topk, topk_probs
 from fusion.vocab import MappingStatistics, TokenTable, VocabMap
 
 KIND_NAMES = ("1-1", "1-n", "n-1", "n-m")
+CLIP_START = 1  # Alignment.pivot_clipped / source_clipped flags
+CLIP_END = 2
 ALIGN_METHODS = ("offsets", "dtw")
 
 
@@ -60,6 +62,11 @@ class Alignment:
     coverage: dict = field(default_factory=dict)
     byte_start: np.ndarray | None = None  # offsets aligner: group extents in the segments' common bytes
     byte_end: np.ndarray | None = None
+    # uint8 [num tokens] per side: CLIP_START / CLIP_END when the token's text reaches before / past the
+    # aligned segment it was clipped to (a BPE merge across the template boundary: ``.`` + ``<|im_end|>``
+    # -> ``.<`` when the end marker is not special); None when nothing was clipped
+    pivot_clipped: np.ndarray | None = None
+    source_clipped: np.ndarray | None = None
 
     @property
     def num_groups(self) -> int:
@@ -86,8 +93,11 @@ class Alignment:
             )
         )
 
-    def token_pairs(self, *, many_to_many: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Every (pivot token index, source token index) pair inside a group: what mapping statistics count."""
+    def token_pairs(self, *, many_to_many: bool = False, with_first: bool = False):
+        """Every (pivot token index, source token index) pair inside a group: what mapping statistics count.
+
+        Returns int64 ``[P]`` pivot and source token indices; with ``with_first`` also bool ``[P]``, True for
+        the pair of the first tokens of each group (both start at the same text point)."""
         keep = np.ones(self.num_groups, bool) if many_to_many else self.kinds() != 3
         ps, ss = self.pivot_start[keep].astype(np.int64), self.source_start[keep].astype(np.int64)
         npv = self.pivot_end[keep] - ps
@@ -95,15 +105,41 @@ class Alignment:
         sizes = npv * nsr
         gid = np.repeat(np.arange(sizes.size), sizes)
         local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        return ps[gid] + local // nsr[gid], ss[gid] + local % nsr[gid]
+        pi, si = ps[gid] + local // nsr[gid], ss[gid] + local % nsr[gid]
+        if with_first:
+            return pi, si, local == 0
+        return pi, si
+
+    def open_end(self) -> np.ndarray:
+        """bool ``[G]``: groups whose last pivot or source token reaches past the segment's end (clipped):
+        its context then holds text beyond the group, so the group end is no common text point."""
+        out = np.zeros(self.num_groups, dtype=bool)
+        if self.pivot_clipped is not None:
+            out |= (self.pivot_clipped[self.pivot_end - 1] & CLIP_END) > 0
+        if self.source_clipped is not None:
+            out |= (self.source_clipped[self.source_end - 1] & CLIP_END) > 0
+        return out
+
+    def open_start(self) -> np.ndarray:
+        """bool ``[G]``: groups whose first pivot or source token starts before the segment (clipped)."""
+        out = np.zeros(self.num_groups, dtype=bool)
+        if self.pivot_clipped is not None:
+            out |= (self.pivot_clipped[self.pivot_start] & CLIP_START) > 0
+        if self.source_clipped is not None:
+            out |= (self.source_clipped[self.source_start] & CLIP_START) > 0
+        return out
 
     def context_map(self) -> np.ndarray:
         """int32 ``[num_pivot_tokens]``: for pivot token t, the source token s whose prefix ends at the same
         text point (last tokens of a group; anchors), else -1. Pivot position t (predicting token t + 1)
-        takes the source distribution at position s."""
+        takes the source distribution at position s. A group whose last token on either side was clipped
+        at the segment's end (`open_end`) gives no pair: ``Paris.`` + ``<|im_end|>`` tokenised ``.<`` by a
+        source without that special token must not give the source's distribution after ``<`` to the
+        pivot position that predicts ``<|im_end|>`` (nor the converse)."""
         out = np.full(self.num_pivot_tokens, -1, dtype=np.int32)
         out[self.anchor_pivot] = self.anchor_source
-        out[self.pivot_end - 1] = self.source_end - 1
+        ok = ~self.open_end()
+        out[self.pivot_end[ok] - 1] = self.source_end[ok] - 1
         return out
 
     @staticmethod
@@ -180,7 +216,9 @@ def byte_spans(text: str, char_offsets: np.ndarray, token_nbytes: np.ndarray) ->
 
 
 def _place(spans: np.ndarray, segments: np.ndarray, offsets: np.ndarray):
-    """Kept token indices and their [start, end) in the common coordinate (segments concatenated)."""
+    """Kept token indices, their [start, end) in the common coordinate (segments concatenated), their
+    segment, and uint8 ``[T]`` clip flags (CLIP_START / CLIP_END: the token's text reaches outside its
+    segment)."""
     s, e = spans[:, 0], spans[:, 1]
     seg_a = np.searchsorted(segments[:, 0], s, side="right") - 1
     seg_b = np.searchsorted(segments[:, 0], np.maximum(e - 1, s), side="right") - 1
@@ -191,6 +229,10 @@ def _place(spans: np.ndarray, segments: np.ndarray, offsets: np.ndarray):
     hi = np.minimum(e, segments[segc, 1])
     keep = np.flatnonzero((seg >= 0) & (hi > lo))
     seg, lo, hi = seg[keep], lo[keep], hi[keep]
+    clipped = np.zeros(spans.shape[0], dtype=np.uint8)
+    clipped[keep] = np.where(s[keep] < segments[seg, 0], CLIP_START, 0) | np.where(
+        e[keep] > segments[seg, 1], CLIP_END, 0
+    )
     shift = offsets[seg] - segments[seg, 0]
     lo, hi = lo + shift, hi + shift
     # uncovered bytes (SentencePiece may leave a space out of '▁word') belong to the following token
@@ -198,7 +240,7 @@ def _place(spans: np.ndarray, segments: np.ndarray, offsets: np.ndarray):
     prev_end = np.r_[0, hi[:-1]] if seg.size else hi
     lo = np.where(new_seg, offsets[seg], np.minimum(lo, prev_end))
     hi = np.maximum.accumulate(hi) if hi.size else hi
-    return keep, lo, hi, seg
+    return keep, lo, hi, seg, clipped
 
 
 def _cuts(lo: np.ndarray, hi: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -236,8 +278,8 @@ def align_spans(
     pseg = np.stack([pseg[:, 0], pseg[:, 0] + lengths], axis=1)
     sseg = np.stack([sseg[:, 0], sseg[:, 0] + lengths], axis=1)
 
-    pk, plo, phi, pseg_id = _place(pivot_spans, pseg, offsets)
-    sk, slo, shi, sseg_id = _place(source_spans, sseg, offsets)
+    pk, plo, phi, pseg_id, pclip = _place(pivot_spans, pseg, offsets)
+    sk, slo, shi, sseg_id, sclip = _place(source_spans, sseg, offsets)
     common = np.intersect1d(_cuts(plo, phi, pseg_id), _cuts(slo, shi, sseg_id))
     pg = np.searchsorted(common, phi, side="left")
     sg = np.searchsorted(common, shi, side="left")
@@ -258,9 +300,14 @@ def align_spans(
         int(source_spans.shape[0]),
         "offsets",
     )
-    # anchors: the token right before each segment's first group, when that group starts the segment
+    if pclip.any():
+        aln.pivot_clipped = pclip
+    if sclip.any():
+        aln.source_clipped = sclip
+    # anchors: the token right before each segment's first group, when that group starts the segment and
+    # neither first token reaches before it (a clipped one has template text in its prefix)
     gstart = np.minimum(plo[pfirst], slo[sfirst]) if pg.size else pg
-    at_seg = np.isin(gstart, offsets)
+    at_seg = np.isin(gstart, offsets) & ~aln.open_start()
     ap, as_ = aln.pivot_start[at_seg] - 1, aln.source_start[at_seg] - 1
     ok = (ap >= 0) & (as_ >= 0)
     aln.anchor_pivot, aln.anchor_source = ap[ok], as_[ok]
@@ -477,8 +524,8 @@ def _align_dtw_segments(
     """DTW inside each aligned segment, over the tokens the offsets aligner kept there."""
     lengths = pseg[:, 1] - pseg[:, 0]
     offsets = np.r_[0, np.cumsum(lengths)[:-1]]
-    pk, _, _, pseg_id = _place(pspans, pseg, offsets)
-    sk, _, _, sseg_id = _place(sspans, sseg, offsets)
+    pk, _, _, pseg_id, _ = _place(pspans, pseg, offsets)
+    sk, _, _, sseg_id, _ = _place(sspans, sseg, offsets)
     parts = []
     for g in range(len(pseg)):
         pidx, sidx = pk[pseg_id == g], sk[sseg_id == g]
@@ -495,6 +542,7 @@ def _align_dtw_segments(
     ]
     aln = Alignment(*cat, len(pids), len(sids), "dtw")
     aln.anchor_pivot, aln.anchor_source = offsets_aln.anchor_pivot, offsets_aln.anchor_source
+    aln.pivot_clipped, aln.source_clipped = offsets_aln.pivot_clipped, offsets_aln.source_clipped
     aln.coverage = dict(offsets_aln.coverage)
     return aln
 
@@ -515,12 +563,17 @@ class AlignedDistributions:
         source_mass: float32 ``[N]``: source top-k probability carried to each position (0 where it fell
             back). ``source_mass - unmapped_mass - dist.probs.sum(1)`` is what the top-k cut dropped after
             merges (0 unless more than k distinct pivot ids were hit).
+        gold_nll: float64 ``[N]``: the source's negative log-likelihood (nats) of the pivot's gold tokens,
+            per pivot position (see `align_gold_nll`); what MinCE / AvgCE rank the source by.
+        gold_from_source: bool ``[N]``: positions whose ``gold_nll`` comes from the source (else the pivot's).
     """
 
     dist: SparseDist
     from_source: np.ndarray
     unmapped_mass: np.ndarray
     source_mass: np.ndarray | None = None
+    gold_nll: np.ndarray | None = None
+    gold_from_source: np.ndarray | None = None
 
     @property
     def num_fallback(self) -> int:
@@ -571,7 +624,7 @@ def align_distributions(
         prow, srow, weight = _n_to_one_weights(pivot, source, alignment, stats, ppos, spos, prow, srow)
 
     mapped = vocab_map(np.asarray(source.topk_ids)[srow]).astype(np.int64)
-    probs = np.exp(np.asarray(source.topk_logprobs, dtype=np.float64)[srow]) * weight[:, None]
+    probs = topk_probs(np.asarray(source.topk_logprobs)[srow]) * weight[:, None]
     unmapped, carried = np.zeros(n), np.zeros(n)
     np.add.at(unmapped, prow, np.where(mapped < 0, probs, 0.0).sum(axis=1))
     np.add.at(carried, prow, probs.sum(axis=1))
@@ -587,7 +640,86 @@ def align_distributions(
     dist.probs[fb, :kk] = own.probs[fb, :kk]
     unmapped[fb] = 0.0
     carried[fb] = 0.0
-    return AlignedDistributions(dist, from_source, unmapped.astype(np.float32), carried.astype(np.float32))
+    nll, nll_from_source = align_gold_nll(pivot, source, alignment)
+    return AlignedDistributions(
+        dist, from_source, unmapped.astype(np.float32), carried.astype(np.float32), nll, nll_from_source
+    )
+
+
+def pivot_gold_nll(pivot) -> np.ndarray:
+    """float64 ``[N]``: ``-gold_logprob`` of a `ScoredSample`, the negative log-likelihood (nats) of the actual
+    next token under the full-vocabulary distribution (stored by extraction, not limited to the top-k)."""
+    return -np.asarray(pivot.gold_logprob, dtype=np.float64)
+
+
+def align_gold_nll(pivot, source, alignment: Alignment) -> tuple[np.ndarray, np.ndarray]:
+    """The source's negative log-likelihood of the pivot's gold tokens, at the pivot's scored positions.
+
+    Returns float64 ``[N]`` (nats) and bool ``[N]`` (True where the value comes from the source). The
+    source scores its own tokens, so the values are carried over per alignment group, by the chain rule:
+    a group's text has probability ``Π p_src(source tokens)`` under the source and ``Π p_pivot(pivot
+    tokens)`` under the pivot. For a group of pivot tokens ``[ps, pe)`` and source tokens ``[ss, se)``:
+
+    - the pivot position ``ps - 1`` (predicting the group's first pivot token, same context as the source
+      position ``ss - 1``) gets ``Σ_{j=ss}^{se-1} -source.gold_logprob`` at source position ``j - 1``: the
+      source NLL of the whole group text; the other pivot positions of the group (``ps .. pe - 2``) get 0.
+      So ``1-1`` is position to position; ``1-n`` (one source token over n pivot tokens) puts the source's
+      NLL of that token on the first of the n positions; ``n-1`` (n source tokens in one pivot token) sums
+      the n source NLLs on the one pivot position; ``n-m`` likewise sums.
+    - A group is used only when every pivot position ``ps - 1 .. pe - 2`` and every source position
+      ``ss - 1 .. se - 2`` was scored, its pivot tokens are all response tokens or all not (``loss_mask``),
+      and neither side's tokens reach outside the aligned segment (`Alignment.open_start` / `open_end`).
+    - Every other position (template tokens outside the aligned text, groups not used) takes the pivot's
+      own NLL, so it adds the same amount to both candidates' CE and the ranking is decided by the text
+      both scored.
+
+    Summed over a sample this is the source's NLL of the same text as the pivot's, divided by the same
+    number of pivot positions: unlike the reference code's per-model mean over its own tokens, a tokenizer
+    with longer tokens is not penalised (nor favoured) by its token count.
+    """
+    ppos = np.asarray(pivot.positions, dtype=np.int64)
+    spos = np.asarray(source.positions, dtype=np.int64)
+    nll = pivot_gold_nll(pivot).copy()
+    from_source = np.zeros(ppos.size, dtype=bool)
+    if alignment.num_groups == 0 or ppos.size == 0 or spos.size == 0:
+        return nll, from_source
+    tp, ts = alignment.num_pivot_tokens, alignment.num_source_tokens
+    # token j is "predicted" by position j - 1: token-level scored flags and NLL, as prefix sums
+    p_row = np.full(tp + 1, -1, dtype=np.int64)
+    p_row[ppos + 1] = np.arange(ppos.size)
+    s_scored = np.zeros(ts + 1, dtype=np.int64)
+    s_nll = np.zeros(ts + 1, dtype=np.float64)
+    s_scored[spos + 1] = 1
+    s_nll[spos + 1] = -np.asarray(source.gold_logprob, dtype=np.float64)
+    p_scored_cum = np.r_[0, np.cumsum(p_row >= 0)]
+    s_scored_cum = np.r_[0, np.cumsum(s_scored)]
+    s_nll_cum = np.r_[0.0, np.cumsum(s_nll)]
+    mask = np.asarray(pivot.loss_mask, dtype=bool)
+    mask_cum = np.r_[0, np.cumsum(mask)]
+
+    ps, pe = alignment.pivot_start.astype(np.int64), alignment.pivot_end.astype(np.int64)
+    ss, se = alignment.source_start.astype(np.int64), alignment.source_end.astype(np.int64)
+    n_mask = mask_cum[pe] - mask_cum[ps]
+    ok = (
+        (ps >= 1)
+        & (ss >= 1)
+        & (p_scored_cum[pe] - p_scored_cum[ps] == pe - ps)
+        & (s_scored_cum[se] - s_scored_cum[ss] == se - ss)
+        & ((n_mask == 0) | (n_mask == pe - ps))
+        & ~alignment.open_start()
+        & ~alignment.open_end()
+    )
+    if not ok.any():
+        return nll, from_source
+    ps, pe, ss, se = ps[ok], pe[ok], ss[ok], se[ok]
+    group_nll = s_nll_cum[se] - s_nll_cum[ss]
+    sizes = pe - ps
+    tok = np.repeat(ps, sizes) + np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    rows = p_row[tok]
+    first = tok == np.repeat(ps, sizes)
+    nll[rows] = np.where(first, np.repeat(group_nll, sizes), 0.0)
+    from_source[rows] = True
+    return nll, from_source
 
 
 def _n_to_one_weights(pivot, source, aln, stats, ppos, spos, prow, srow):

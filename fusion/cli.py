@@ -28,7 +28,11 @@ def fuse_command(
         help="Vocabulary mapping: ms (mapping statistics over the dataset), mined (min edit distance), em (exact).",
     ),
     fusion: str = typer.Option(
-        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (softmax(-CE) weights)."
+        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (CE-weighted average)."
+    ),
+    avgce_weights: str = typer.Option(
+        "softmax-ce",
+        help="AvgCE weights: softmax-ce (w = softmax(-CE)) or fusellm (FuseLLM's w = softmax(exp(-CE))).",
     ),
     mode: str = typer.Option(
         "pairwise",
@@ -54,6 +58,7 @@ def fuse_command(
         fusion=fusion,
         mode=mode,
         k=k or None,
+        avgce_weights=avgce_weights,
         shard_rows=shard_rows,
         progress=not quiet,
     )

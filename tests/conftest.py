@@ -36,3 +36,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real chat model's tokenizer (49,152-token byte-level BPE, ChatML; converted once into the cache)."""
+    from transformers import AutoTokenizer
+
+    from clients.smollm2 import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from _tokenizers import CODE, NON_LATIN, PROSE, levenshtein, scored, sentencepiece, tekken
 
-from fusion import Alignment, AlignmentError, align_dtw, align_sample, align_spans, byte_spans
+from fusion import (
+    Alignment,
+    AlignmentError,
+    ExactMatch,
+    align_distributions,
+    align_dtw,
+    align_sample,
+    align_spans,
+    byte_spans,
+)
 from fusion.align import dtw_pieces
 from fusion.vocab import TokenTable
 
@@ -226,3 +235,54 @@ def test_unalignable_inputs_fail_with_one_line():
     s.text = p.text = "same"
     with pytest.raises(AlignmentError, match="does not reproduce"):
         align_sample(scored(ptok, "same"), s, ptok, stok)
+
+
+def test_clipped_tokens_give_no_context_pair_hand_built():
+    # pivot "[A]ab." + "<e>" with the end marker its own token; source merges "." and "<" into ".<"
+    # pivot: [A] | a | b | . | <e>      source: [A] | a | b | .< | e>
+    pivot = [(0, 3), (3, 4), (4, 5), (5, 6), (6, 9)]
+    source = [(0, 3), (3, 4), (4, 5), (5, 7), (7, 9)]
+    a = align_spans(pivot, source, [[3, 6]], [[3, 6]])
+    assert groups(a) == [(1, 2, 1, 2), (2, 3, 2, 3), (3, 4, 3, 4)]
+    assert a.open_end().tolist() == [False, False, True]
+    # pivot "." (position 3, predicting "<e>") must not take the source position after ".<"
+    assert a.context_map().tolist() == [0, 1, 2, -1, -1]
+    # a source token reaching before the segment ("]a") gives no anchor
+    b = align_spans(pivot, [(0, 2), (2, 4), (4, 5), (5, 6)], [[3, 6]], [[3, 6]])
+    assert b.open_start().tolist()[0] and b.anchor_pivot.size == 0
+
+
+@pytest.mark.parametrize("pivot_is_smollm2", [True, False])
+def test_end_marker_merged_across_the_turn_boundary_does_not_donate(
+    smollm2_tokenizer, spm_tokenizer, pivot_is_smollm2
+):
+    """Issue 10, --all-positions: SmolLM2 renders ChatML with <|im_end|> special (``Paris.`` | ``<|im_end|>``);
+    the 32k SentencePiece tokenizer reads the same marker as text and merges ``.<``. The position that
+    predicts the end of the turn must keep the pivot's own distribution and CE, in both directions."""
+    answer = "The capital of France is Paris."
+    chat = f"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+    smol_text = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" + chat
+    spm_text = chat  # a template without the default system prompt: the texts differ, turns are matched
+
+    def sample_of(tok, text, seed):
+        at = text.index(answer)
+        return scored(tok, text, k=4, seed=seed, spans=[(at, at + len(answer))])  # every position scored
+
+    smol, spm = sample_of(smollm2_tokenizer, smol_text, 1), sample_of(spm_tokenizer, spm_text, 2)
+    assert ".<" in spm_tokenizer.convert_ids_to_tokens(spm.input_ids.tolist())
+    pivot, source = (smol, spm) if pivot_is_smollm2 else (spm, smol)
+    ptok, stok = (smollm2_tokenizer, spm_tokenizer) if pivot_is_smollm2 else (spm_tokenizer, smollm2_tokenizer)
+    pt, st = TokenTable.from_tokenizer(ptok), TokenTable.from_tokenizer(stok)
+    for method in ("offsets", "dtw"):
+        a = align_sample(pivot, source, ptok, stok, method)
+        out = align_distributions(pivot, source, a, ExactMatch(pt, st), k=4)
+        ptoks = ptok.convert_ids_to_tokens(pivot.input_ids.tolist())
+        # the pivot position whose token ends the answer: "." (SmolLM2) or ".<" (SentencePiece)
+        last = max(i for i, tk in enumerate(ptoks) if tk in (".", ".<") and i < len(ptoks) - 1)
+        row = int(np.flatnonzero(pivot.positions == last)[0])
+        assert not out.from_source[row], (method, ptoks[last])
+        assert np.array_equal(out.dist.ids[row], pivot.topk_ids[row])
+        assert not out.gold_from_source[row]
+        assert out.gold_nll[row] == pytest.approx(-float(pivot.gold_logprob[row]))
+        # the answer's other positions still come from the source
+        assert out.from_source[:row].sum() >= 5, method
