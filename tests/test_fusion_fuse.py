@@ -16,6 +16,7 @@ from fusion import (
     StatisticsMap,
     TokenTable,
     align_distributions,
+    align_gold_nll,
     align_sample,
     align_spans,
     build_vocab_map,
@@ -315,3 +316,31 @@ def test_source_ids_past_the_tokenizer_are_unmapped_mass(method):
     assert out.unmapped_mass == pytest.approx([0.3, 0.1], rel=1e-6)
     assert out.dist.ids.tolist() == [[1, -1, -1], [2, 5, -1]]
     assert ExactMatch(SOURCE, SOURCE)(np.array([padded, 3])).tolist() == [-1, 3]  # the identity too
+
+
+def test_gold_nll_carried_through_one_to_many_and_many_to_one_groups():
+    # "abcdef": pivot a|bc|d|ef, source a|b|c|def -> 1-1 (a), n-1 (bc = b + c), 1-n (def = d + ef)
+    aln = align_spans([(0, 1), (1, 3), (3, 4), (4, 6)], [(0, 1), (1, 2), (2, 3), (3, 6)])
+    assert aln.kinds().tolist() == [0, 2, 1]
+    pivot = sample([0, 3, 2, 5], [[1], [2], [5]], [[0.5], [0.5], [0.5]])
+    source = sample([0, 1, 2, 3], [[1], [2], [3]], [[0.5], [0.5], [0.5]])
+    pivot.gold_logprob = np.log([0.2, 0.3, 0.4]).astype(np.float32)
+    source.gold_logprob = np.log([0.6, 0.7, 0.8]).astype(np.float32)
+    nll, from_source = align_gold_nll(pivot, source, aln)
+    g = -source.gold_logprob.astype(np.float64)
+    # pivot position 0 predicts "bc": the source's NLL of "b" then "c" (chain rule); position 1 predicts
+    # "d", the start of the source token "def": its whole NLL; position 2 ("ef", inside it): 0
+    assert nll.tolist() == pytest.approx([g[0] + g[1], g[2], 0.0], abs=1e-12)
+    assert from_source.tolist() == [True, True, True]
+    assert nll.sum() == pytest.approx(g.sum(), abs=1e-12)  # the source's NLL of the same text
+
+    # a group with a source position left unscored, or with mixed response / prompt tokens: the pivot's own
+    partial = sample([0, 1, 2, 3], [[1], [3]], [[0.5], [0.5]], positions=[0, 2])
+    partial.gold_logprob = np.log([0.6, 0.8]).astype(np.float32)
+    nll, from_source = align_gold_nll(pivot, partial, aln)
+    assert from_source.tolist() == [False, True, True]
+    assert nll[0] == pytest.approx(-np.log(0.2), abs=1e-6)
+    pivot.loss_mask = np.array([True, True, True, False])
+    nll, from_source = align_gold_nll(pivot, source, aln)
+    assert from_source.tolist() == [True, False, False]
+    assert nll[1:].tolist() == pytest.approx((-pivot.gold_logprob[1:].astype(np.float64)).tolist())
