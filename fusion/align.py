@@ -5,9 +5,11 @@ Two aligners yield the same `Alignment`:
 - ``offsets`` (default, exact): cut both tokenizations at the byte positions where both have a token
   boundary, from the fast tokenizers' character offsets refined to bytes (byte-level BPE and byte-fallback
   pieces that split a multi-byte character share its character offsets).
-- ``dtw``: the papers' dynamic time warping over token strings (edit-distance cost, whitespace markers
-  normalised, 0.1 discount when one string contains the other), banded and computed by anti-diagonal
-  wavefront in numpy, for parity with published results.
+- ``dtw``: FuseChat-1.0's dynamic time warping over token strings (edit-distance cost, 0.1 discount when
+  one string contains the other) on canonical token bytes (whitespace markers and byte-level encoding
+  normalised), banded and computed by anti-diagonal wavefront in numpy, for parity with published results.
+- ``dtw2``: FuseChat-2.0's variant: the same DTW over each token decoded on its own
+  (``tokenizer.decode([id])``, compared per character), with no containment discount.
 
 Groups are named source-to-pivot as in FuseChat: ``1-1``; ``1-n`` one source token covering n pivot
 tokens; ``n-1`` n source tokens covering one pivot token; ``n-m`` when neither side has a boundary inside.
@@ -26,7 +28,8 @@ from fusion.vocab import MappingStatistics, TokenTable, VocabMap
 KIND_NAMES = ("1-1", "1-n", "n-1", "n-m")
 CLIP_START = 1  # Alignment.pivot_clipped / source_clipped flags
 CLIP_END = 2
-ALIGN_METHODS = ("offsets", "dtw")
+ALIGN_METHODS = ("offsets", "dtw", "dtw2")
+DTW_TIES = ("pivot", "source")
 
 
 class AlignmentError(ValueError):
@@ -347,8 +350,8 @@ def align_sample(
 
     Texts identical: the whole text is aligned. Texts different (templates differ): only the assistant
     spans, paired in order and kept when their text is identical (``coverage['skipped_spans']`` counts the
-    rest). ``method`` is ``offsets`` or ``dtw`` (``band``: DTW slack in characters, None for the full
-    matrix; ``strip_whitespace``: see `dtw_pieces`).
+    rest). ``method`` is ``offsets``, ``dtw`` or ``dtw2`` (``band``: DTW slack in characters, None for the
+    full matrix; ``strip_whitespace``: see `dtw_pieces`, ``dtw`` only).
     """
     if method not in ALIGN_METHODS:
         raise ValueError(f"unknown alignment {method!r}: expected one of {', '.join(ALIGN_METHODS)}")
@@ -365,9 +368,12 @@ def align_sample(
     seg_bytes = b"".join(pivot.text.encode()[a:b] for a, b in pseg)
     aln.coverage = _coverage(aln, seg_bytes)
     if method == "dtw":
-        aln = _align_dtw_segments(
-            pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip_whitespace, aln
-        )
+        sides = [lambda ids, t=t: dtw_pieces(t, ids, strip_whitespace=strip_whitespace) for t in (ptab, stab)]
+        aln = _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, band, aln, *sides, 0.1)
+    elif method == "dtw2":
+        sides = [lambda ids, t=t: decoded_pieces(t, ids) for t in (pivot_tokenizer, source_tokenizer)]
+        lengths = (ptab.nbytes, stab.nbytes)  # the band on the text's bytes, not the decoded strings
+        aln = _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, band, aln, *sides, 1.0, lengths)
     aln.coverage["skipped_spans"] = skipped
     return aln
 
@@ -410,22 +416,42 @@ def dtw_pieces(table: TokenTable, ids: np.ndarray, *, strip_whitespace: bool = F
     return [table.pieces[i] for i in np.asarray(ids).tolist()]
 
 
-def align_dtw(pivot_pieces: list[bytes], source_pieces: list[bytes], *, band: int | None = 32) -> Alignment:
+def decoded_pieces(tokenizer, ids: np.ndarray) -> list[str]:
+    """Each token decoded on its own (``tokenizer.decode([id])``): FuseChat-2.0's DTW strings. A byte-level
+    piece of a multi-byte character decodes to U+FFFD; SentencePiece drops a token's leading space."""
+    return tokenizer.batch_decode([[int(i)] for i in np.asarray(ids).tolist()])
+
+
+def align_dtw(
+    pivot_pieces: list[bytes] | list[str],
+    source_pieces: list[bytes] | list[str],
+    *,
+    band: int | None = 32,
+    discount: float = 0.1,
+    ties: str = "pivot",
+    text_lengths: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Alignment:
     """DTW alignment of two token-string sequences (indices local to the lists).
 
-    Cost of a cell: Levenshtein distance of the two byte strings, x0.1 when one contains the other
-    (FuseChat).
+    Cost of a cell: Levenshtein distance of the two strings (over bytes for ``bytes``, characters for
+    ``str``), times ``discount`` when one contains the other (FuseChat-1.0: 0.1; FuseChat-2.0: 1.0, none).
     With ``band``, only cells whose strings lie within ``band`` characters of each other in the running
     text are evaluated (the optimal path of two tokenizations of one text never leaves that band); None
-    evaluates the full matrix. Path ties prefer diagonal, then pivot step, then source step.
+    evaluates the full matrix. Path ties prefer the diagonal, then ``ties``: ``pivot`` a pivot step before
+    a source step (FuseChat-2.0's order), ``source`` the converse (FuseChat-1.0's and FuseLLM's).
+    ``text_lengths``: (pivot, source) int arrays, each token's length in the running text, on which the
+    band is measured (default: the strings' own lengths; decoded SentencePiece strings drop their leading
+    space, so `decoded_pieces` need the tokens' byte lengths here).
     """
+    if ties not in DTW_TIES:
+        raise ValueError(f"unknown DTW tie order {ties!r}: expected one of {', '.join(DTW_TIES)}")
     n, m = len(pivot_pieces), len(source_pieces)
     if n == 0 or m == 0:
         z = np.zeros(0, np.int32)
         return Alignment(z, z, z, z, n, m, "dtw")
-    pi, sj = _band_cells(pivot_pieces, source_pieces, band)
-    cost = _cell_costs(pivot_pieces, source_pieces, pi, sj)
-    path_i, path_j = _dtw_path(n, m, pi, sj, cost)
+    pi, sj = _band_cells(pivot_pieces, source_pieces, band, text_lengths)
+    cost = _cell_costs(pivot_pieces, source_pieces, pi, sj, discount)
+    path_i, path_j = _dtw_path(n, m, pi, sj, cost, ties)
     new = np.r_[True, (np.diff(path_i) == 1) & (np.diff(path_j) == 1)]
     first = np.flatnonzero(new)
     last = np.r_[first[1:] - 1, path_i.size - 1]
@@ -440,13 +466,16 @@ def align_dtw(pivot_pieces: list[bytes], source_pieces: list[bytes], *, band: in
     )
 
 
-def _band_cells(pp: list[bytes], sp: list[bytes], band: int | None):
+def _band_cells(pp: list, sp: list, band: int | None, text_lengths=None):
     n, m = len(pp), len(sp)
     if band is None:
         lo, hi = np.zeros(n, np.int64), np.full(n, m, np.int64)
     else:
-        pl = np.fromiter(map(len, pp), np.int64, n)
-        sl = np.fromiter(map(len, sp), np.int64, m)
+        if text_lengths is None:
+            pl = np.fromiter(map(len, pp), np.int64, n)
+            sl = np.fromiter(map(len, sp), np.int64, m)
+        else:
+            pl, sl = (np.asarray(x, dtype=np.int64) for x in text_lengths)
         pe, se = np.cumsum(pl), np.cumsum(sl)
         ps, ss = pe - pl, se - sl
         lo = np.searchsorted(se, ps - band, side="right")
@@ -462,22 +491,44 @@ def _band_cells(pp: list[bytes], sp: list[bytes], band: int | None):
     return rows, cols
 
 
-def _cell_costs(pp: list[bytes], sp: list[bytes], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _pad_pieces(pieces: list) -> tuple[np.ndarray, np.ndarray]:
+    """`pad_bytes` for bytes; for str, each distinct character gets its own uint16 symbol (above the
+    padding symbols), so that distances count characters."""
+    if not pieces or isinstance(pieces[0], bytes):
+        return pad_bytes(pieces)
+    codes: dict[str, int] = {}
+    as_codes = [[codes.setdefault(ch, 258 + len(codes)) for ch in p] for p in pieces]
+    if len(codes) > 65535 - 258:
+        raise ValueError("too many distinct characters for the DTW string cost")
+    lengths = np.fromiter(map(len, as_codes), dtype=np.int64, count=len(as_codes))
+    out = np.full((len(as_codes), max(int(lengths.max(initial=0)), 1)), 256, dtype=np.uint16)
+    for r, c in enumerate(as_codes):
+        out[r, : len(c)] = c
+    return out, lengths
+
+
+def _cell_costs(pp: list, sp: list, rows: np.ndarray, cols: np.ndarray, discount: float = 0.1) -> np.ndarray:
     # distances are computed once per distinct (pivot string, source string) pair
-    pu: dict[bytes, int] = {}
-    su: dict[bytes, int] = {}
+    pu: dict = {}
+    su: dict = {}
     pcode = np.fromiter((pu.setdefault(p, len(pu)) for p in pp), np.int64, len(pp))
     scode = np.fromiter((su.setdefault(s, len(su)) for s in sp), np.int64, len(sp))
     keys = pcode[rows] * len(su) + scode[cols]
     ukeys, inv = np.unique(keys, return_inverse=True)
-    pmat, plen = pad_bytes(list(pu))
-    smat, slen = pad_bytes(list(su))
+    if isinstance(pp[0], str):  # one symbol table for both sides
+        mat, lengths = _pad_pieces(list(pu) + list(su))
+        pmat, plen, smat, slen = mat[: len(pu)], lengths[: len(pu)], mat[len(pu) :], lengths[len(pu) :]
+    else:
+        pmat, plen = pad_bytes(list(pu))
+        smat, slen = pad_bytes(list(su))
     a, b = ukeys // len(su), ukeys % len(su)
-    dist, contains = edit_distance(pmat[a], plen[a], smat[b], slen[b], contains=True)
-    return (dist * np.where(contains, 0.1, 1.0))[inv]
+    dist, contains = edit_distance(pmat[a], plen[a], smat[b], slen[b], contains=discount != 1.0)
+    if discount == 1.0:
+        return dist[inv].astype(np.float64)
+    return (dist * np.where(contains, discount, 1.0))[inv]
 
 
-def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarray):
+def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, ties: str = "pivot"):
     w = m + 1
     acc = np.full((n + 1) * w, np.inf)
     acc[0] = 0.0
@@ -493,9 +544,13 @@ def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarr
             continue
         f = flat[s:e]
         acc[f] = c[s:e] + np.minimum(np.minimum(acc[f - w - 1], acc[f - w]), acc[f - 1])
-    # moves, with the reference's preference on ties: diagonal, then pivot step, then source step
+    # moves, preferring on ties the diagonal, then (ties="pivot") a pivot step (1), then a source step (2)
     dg, up, left = acc[flat - w - 1], acc[flat - w], acc[flat - 1]
-    move = np.where((dg <= up) & (dg <= left), 0, np.where(up <= left, 1, 2)).astype(np.uint8)
+    if ties == "pivot":
+        move = np.where((dg <= up) & (dg <= left), 0, np.where(up <= left, 1, 2))
+    else:
+        move = np.where((dg <= up) & (dg <= left), 0, np.where(left <= up, 2, 1))
+    move = move.astype(np.uint8)
     moves = np.full((n + 1) * w, 3, dtype=np.uint8)
     moves[flat] = move
     moves = moves.tobytes()
@@ -519,9 +574,22 @@ def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarr
 
 
 def _align_dtw_segments(
-    pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip, offsets_aln
+    pspans,
+    sspans,
+    pseg,
+    sseg,
+    pids,
+    sids,
+    band,
+    offsets_aln,
+    pivot_pieces,
+    source_pieces,
+    discount,
+    nbytes=None,
 ) -> Alignment:
-    """DTW inside each aligned segment, over the tokens the offsets aligner kept there."""
+    """DTW inside each aligned segment, over the tokens the offsets aligner kept there; ``pivot_pieces(ids)``
+    / ``source_pieces(ids)`` give the token strings, ``discount`` the containment discount, ``nbytes``
+    (pivot, source) functions of ids giving the tokens' text lengths for the band (default: the strings')."""
     lengths = pseg[:, 1] - pseg[:, 0]
     offsets = np.r_[0, np.cumsum(lengths)[:-1]]
     pk, _, _, pseg_id, _ = _place(pspans, pseg, offsets)
@@ -531,8 +599,9 @@ def _align_dtw_segments(
         pidx, sidx = pk[pseg_id == g], sk[sseg_id == g]
         if pidx.size == 0 or sidx.size == 0:
             continue
-        pp = dtw_pieces(ptab, pids[pidx], strip_whitespace=strip)
-        a = align_dtw(pp, dtw_pieces(stab, sids[sidx], strip_whitespace=strip), band=band)
+        pp, sp = pivot_pieces(pids[pidx]), source_pieces(sids[sidx])
+        tl = (nbytes[0](pids[pidx]), nbytes[1](sids[sidx])) if nbytes else None
+        a = align_dtw(pp, sp, band=band, discount=discount, text_lengths=tl)
         parts.append(
             (pidx[a.pivot_start], pidx[a.pivot_end - 1] + 1, sidx[a.source_start], sidx[a.source_end - 1] + 1)
         )
@@ -540,7 +609,7 @@ def _align_dtw_segments(
         np.concatenate([p[i] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
         for i in range(4)
     ]
-    aln = Alignment(*cat, len(pids), len(sids), "dtw")
+    aln = Alignment(*cat, len(pids), len(sids), "dtw" if discount != 1.0 else "dtw2")
     aln.anchor_pivot, aln.anchor_source = offsets_aln.anchor_pivot, offsets_aln.anchor_source
     aln.pivot_clipped, aln.source_clipped = offsets_aln.pivot_clipped, offsets_aln.source_clipped
     aln.coverage = dict(offsets_aln.coverage)

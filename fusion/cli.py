@@ -21,7 +21,10 @@ def fuse_command(
         "targets dataset per source under OUT/<source logits id>.",
     ),
     align: str = typer.Option(
-        "offsets", help="Sequence alignment: offsets (exact, from character offsets) or dtw."
+        "offsets",
+        help="Sequence alignment: offsets (exact, from character offsets), dtw (FuseChat-1.0's DTW: edit "
+        "distance of canonical token bytes, x0.1 when one contains the other) or dtw2 (FuseChat-2.0's: "
+        "tokens decoded one by one, no discount).",
     ),
     vocab_map: str = typer.Option(
         "ms",

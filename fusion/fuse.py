@@ -69,7 +69,9 @@ def cross_entropy(nll: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(v.mean()) if v.size else 0.0
 
 
-def candidate_weights(ces: np.ndarray, method: str = "mince", avgce_weights: str = "softmax-ce") -> np.ndarray:
+def candidate_weights(
+    ces: np.ndarray, method: str = "mince", avgce_weights: str = "softmax-ce"
+) -> np.ndarray:
     """float64 ``[M]`` weights of the candidates from their CEs (nats): one-hot on the lowest CE for
     ``mince`` (the first on ties), else ``softmax(-CE)`` or FuseLLM's ``softmax(exp(-CE))``."""
     ces = np.asarray(ces, dtype=np.float64)
@@ -82,7 +84,9 @@ def candidate_weights(ces: np.ndarray, method: str = "mince", avgce_weights: str
     elif avgce_weights == "fusellm":
         z = np.exp(-ces)
     else:
-        raise ValueError(f"unknown AvgCE weights {avgce_weights!r}: expected one of {', '.join(AVGCE_WEIGHTS)}")
+        raise ValueError(
+            f"unknown AvgCE weights {avgce_weights!r}: expected one of {', '.join(AVGCE_WEIGHTS)}"
+        )
     w = np.exp(z - z.max())
     return w / w.sum()
 

@@ -354,7 +354,13 @@ def fuse_logits(
         src.index = _sample_index(src.reader)
 
     report = FuseReport(
-        pivot=pivot_uri, align=align, vocab_map=vocab_map, fusion=fusion, mode=mode, k=k, avgce_weights=avgce_weights
+        pivot=pivot_uri,
+        align=align,
+        vocab_map=vocab_map,
+        fusion=fusion,
+        mode=mode,
+        k=k,
+        avgce_weights=avgce_weights,
     )
     report.sources = [SourceReport(s.name, s.reader.uri, s.logits_id) for s in sources]
 

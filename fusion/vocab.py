@@ -297,7 +297,9 @@ class MappingStatistics:
         if not self._pending:
             return
         keys = np.concatenate([self.keys.astype(np.int64)] + [k for k, _ in self._pending])
-        counts = np.concatenate([self.counts.astype(np.int64)] + [np.ones(k.size, np.int64) for k, _ in self._pending])
+        counts = np.concatenate(
+            [self.counts.astype(np.int64)] + [np.ones(k.size, np.int64) for k, _ in self._pending]
+        )
         starts = np.concatenate(
             [self.start_counts.astype(np.int64)] + [f.astype(np.int64) for _, f in self._pending]
         )
@@ -338,9 +340,7 @@ class MappingStatistics:
         if self._best is None:
             keys = self.keys.astype(np.int64)
             src, piv = keys // self.pivot_vocab, keys % self.pivot_vocab
-            order = np.lexsort(
-                (piv, -self.start_counts.astype(np.int64), -self.counts.astype(np.int64), src)
-            )
+            order = np.lexsort((piv, -self.start_counts.astype(np.int64), -self.counts.astype(np.int64), src))
             src, piv = src[order], piv[order]
             first = np.flatnonzero(np.r_[True, src[1:] != src[:-1]]) if src.size else np.zeros(0, np.int64)
             best = np.full(self.source_vocab, -1, dtype=np.int32)
