@@ -52,3 +52,13 @@ def _weights_cache(tmp_path_factory):
         os.environ.pop("LOGITFUSE_WEIGHTS_CACHE", None)
     else:
         os.environ["LOGITFUSE_WEIGHTS_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real chat model's tokenizer (49,152-token byte-level BPE, ChatML; converted once into the cache)."""
+    from transformers import AutoTokenizer
+
+    from clients.smollm2 import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
