@@ -253,7 +253,6 @@ def test_fusion_and_training_pages(site, browser, shots):
 
 
 def test_keyboard_labels_and_phone_width(site, browser, shots):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     url, _ = site
