@@ -5,25 +5,12 @@ Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad 
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import typer
 
-from datastore import codec, fs
-from datastore.reader import LogitsReader
+from datastore.words import plural
+from datastore.words import size as _size
 
 store_app = typer.Typer(help="Inspect and check logits datasets in a store (local directory or s3://).")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> None:
@@ -31,20 +18,21 @@ def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> Non
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}")
-        typer.echo(f"{len(problems)} problem(s) in {uri}")
+        typer.echo(f"{plural(len(problems), 'problem')} in {uri}")
         raise typer.Exit(1)
     typer.echo(f"OK {uri}: {summary}, {'complete' if complete else 'incomplete (writer not closed)'}")
 
 
 @store_app.command("ls")
-def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucket/prefix")) -> None:
-    """List the logits datasets in a store."""
+def ls(uri: str = typer.Argument(..., metavar="STORE", help="store: local directory or s3://bucket/prefix")) -> None:
+    """List the logits and targets datasets in STORE (a local directory or s3://bucket/prefix)."""
+    from datastore import fs
     from datastore.targets import list_targets
 
     manifests = fs.list_logits(uri)
     for t in list_targets(uri):
         typer.echo(f"targets {t.targets_id:16}  pivot {t.meta.pivot[:20]:20} {t.meta.fusion:6} k {t.meta.k:>3} "
-                   f"{t.num_samples:>8} samples {_size(t.num_bytes):>10}  {'complete' if t.complete else 'incomplete'}")
+                   f"{t.num_samples:>8} {'sample ' if t.num_samples == 1 else 'samples'} {_size(t.num_bytes):>10}  {'complete' if t.complete else 'incomplete'}")
     if not manifests:
         typer.echo(f"no logits datasets in {uri}")
         return
@@ -58,6 +46,7 @@ def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucke
 
 def _targets_reader(uri: str):
     """A TargetsReader when `uri` holds a targets dataset (datastore.targets), else None."""
+    from datastore import fs
     from datastore.targets import TargetsReader, is_targets_manifest
 
     fsys, root = fs.resolve(uri)
@@ -75,7 +64,7 @@ def _show_targets(reader) -> None:
         f"pivot         {meta.pivot}   sources {', '.join(meta.sources) or '-'}",
         f"fusion        {meta.fusion}   align {meta.align}   vocab map {meta.vocab_map}   k {meta.k}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards",
+        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}",
         f"encoding      probs {m.encoding.get('topk_probs')}",
         f"written by    logitfuse {m.code_version}   created {m.created}   updated {m.updated}",
     ]))
@@ -93,18 +82,21 @@ def _verify_targets(uri: str, reader) -> None:
             problems.append(f"{shard.file}: {type(e).__name__}: {e}")
             continue
         if len(arrays) != shard.rows:
-            problems.append(f"{shard.file}: {len(arrays)} rows, manifest says {shard.rows}")
+            problems.append(f"{shard.file}: {plural(len(arrays), 'row')}, manifest says {shard.rows}")
         dup = seen.intersection(arrays.sample_ids)
         if dup:
             problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
         seen.update(arrays.sample_ids)
         rows += len(arrays)
-    _verdict(uri, problems, m.complete, f"targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions")
+    _verdict(uri, problems, m.complete, f"targets, {plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, "
+             f"{plural(m.num_positions, 'position')}")
 
 
 @store_app.command("show")
-def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
-    """Print one logits (or targets) dataset's manifest summary."""
+def show(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Print the manifest summary of DATASET: STORE/logits/<logits_id> or STORE/targets/<id>."""
+    from datastore.reader import LogitsReader
+
     targets = _targets_reader(uri)
     if targets is not None:
         _show_targets(targets)
@@ -120,7 +112,7 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> 
         f"k             {meta.k}   template {meta.chat_template}   max_length {meta.max_length}   "
         f"all_positions {meta.all_positions}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards"
+        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}"
         + (f"   {m.num_bytes / entries:.3f} B/entry ({topk / entries:.3f} top-k only)" if entries else ""),
         f"encoding      {m.encoding.get('codec')}  step {m.encoding.get('logprob_step')} nat  "
         f"max |error| {m.encoding.get('logprob_max_abs_error')} nat  ids {m.encoding.get('ids')}",
@@ -130,8 +122,18 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> 
 
 
 @store_app.command("verify")
-def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
-    """Re-read every shard: checksum, row count, and a full decode. Exit 1 on any problem."""
+def verify(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Re-read every shard of DATASET (STORE/logits/<logits_id> or STORE/targets/<id>): checksum, row count,
+    and a full decode. Exit status 1 on any problem."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datastore import codec, fs
+    from datastore.reader import LogitsReader
+
     targets = _targets_reader(uri)
     if targets is not None:
         _verify_targets(uri, targets)
@@ -149,13 +151,13 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
             problems.append(f"{shard.file}: missing or unreadable ({e})")
             continue
         if len(data) != shard.bytes:
-            problems.append(f"{shard.file}: {len(data)} bytes, manifest says {shard.bytes}")
+            problems.append(f"{shard.file}: {plural(len(data), 'byte')}, manifest says {shard.bytes}")
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
         try:
             n_rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
             if n_rows != shard.rows:
-                problems.append(f"{shard.file}: {n_rows} rows, manifest says {shard.rows}")
+                problems.append(f"{shard.file}: {plural(n_rows, 'row')}, manifest says {shard.rows}")
             table, ctx = codec.read_shard_bytes(data)
             samples = codec.decode_rows(table, ctx)
         except Exception as e:  # noqa: BLE001 - any failure to decode is a finding, not a crash
@@ -165,7 +167,7 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
         n_tok = sum(len(s.input_ids) for s in samples)
         if (n_pos, n_tok) != (shard.positions, shard.tokens):
             problems.append(
-                f"{shard.file}: {n_pos} positions/{n_tok} tokens, manifest says "
+                f"{shard.file}: {plural(n_pos, 'position')}/{plural(n_tok, 'token')}, manifest says "
                 f"{shard.positions}/{shard.tokens}"
             )
         for s in samples:
@@ -176,4 +178,5 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
                 problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
         rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
     _verdict(uri, problems, m.complete,
-             f"{len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens")
+             f"{plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, {plural(positions, 'position')}, "
+             f"{plural(tokens, 'token')}")

@@ -4,9 +4,18 @@
 registered methods (sce, varm, linear, task_arithmetic, ties, dare); `MergeError` is every bad-input error.
 """
 
-from merge.config import MergeConfig, load_config, parse_config
-from merge.engine import run_merge
-from merge.errors import MergeError
-from merge.registry import METHODS, get_method, merge_method
+from datastore._lazy import lazy_exports
 
-__all__ = ["METHODS", "MergeConfig", "MergeError", "get_method", "load_config", "merge_method", "parse_config", "run_merge"]
+# imported on first use (PEP 562): the CLI imports this package's light modules only
+_EXPORTS = {
+    "MergeConfig": "merge.config",
+    "load_config": "merge.config",
+    "parse_config": "merge.config",
+    "run_merge": "merge.engine",
+    "MergeError": "merge.errors",
+    "METHODS": "merge.registry",
+    "get_method": "merge.registry",
+    "merge_method": "merge.registry",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -11,8 +11,6 @@ from typing import Any
 
 import typer
 
-from merge.config import load_config, parse_config
-from merge.engine import run_merge
 from merge.errors import MergeError
 
 
@@ -35,6 +33,9 @@ def merge_command(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB."),
 ) -> None:
     """Merge target models onto the pivot in parameter space (FuseChat uses sce), streaming tensor by tensor."""
+    from merge.config import load_config, parse_config  # torch: imported when a merge runs, not for --help
+    from merge.engine import run_merge
+
     targets = [*(models or []), *(more_models or [])]
     flags: dict[str, Any] = {"select_topk": select_topk, "variant": sce_variant, "normalize": normalize, "seed": seed}
     flags = {k: v for k, v in flags.items() if v is not None}
