@@ -136,25 +136,25 @@ def _register_stages() -> None:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _check_local_model(path: Path, option: str) -> None:
+def _check_local_model(text: str, option: str) -> None:
     """A model given as a path that does not exist is named as a missing directory (UserError), rather than
     left to transformers, which would call it an invalid hub id. Only a bare ``org/name`` whose ``org`` is
-    not a local directory is passed on as a hub id."""
+    not a local directory is passed on as a hub id (``./org/name`` is a path)."""
+    path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"{option} {path}: not a directory (expected a model directory: config.json, "
+            raise UserError(f"{option} {text}: not a directory (expected a model directory: config.json, "
                             "weights, tokenizer)")
         return
-    text = str(path)
     if _HUB_ID.fullmatch(text) and not Path(text.split("/")[0]).exists():
         return
-    raise UserError(f"{option} {path}: no such directory (expected a local model directory: config.json, "
+    raise UserError(f"{option} {text}: no such directory (expected a local model directory: config.json, "
                     "weights, tokenizer)")
 
 
 @app.command(short_help="Score a dataset with one teacher into a store.")
 def extract(
-    teacher: Path = typer.Option(..., help="Teacher model directory (config, weights, tokenizer)."),
+    teacher: str = typer.Option(..., help="Teacher model directory (config, weights, tokenizer)."),
     dataset: Path = typer.Option(..., help="Chat or plain-text dataset, .jsonl or .parquet."),
     store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
     k: int = typer.Option(10, help="Top-k entries stored per position."),
@@ -206,7 +206,7 @@ def extract(
         batch_tokens=batch_tokens, shard_rows=shard_rows,
     )
     try:
-        result = run_extract(model, data, store, name or teacher.name, settings)
+        result = run_extract(model, data, store, name or Path(teacher).name, settings)
     finally:
         model.close()
     typer.echo(

@@ -62,6 +62,7 @@ def _show_targets(reader) -> None:
     typer.echo("\n".join([
         f"targets id    {m.targets_id}  ({'complete' if m.complete else 'INCOMPLETE'})",
         f"pivot         {meta.pivot}   sources {', '.join(meta.sources) or '-'}",
+        f"tokenizer     {meta.pivot_tokenizer or 'not recorded'}   {plural(meta.pivot_vocab_size, 'token')}",
         f"fusion        {meta.fusion}   align {meta.align}   vocab map {meta.vocab_map}   k {meta.k}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
         f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}",

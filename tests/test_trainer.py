@@ -30,7 +30,8 @@ def pivot_dir(tmp_path_factory, spm_tokenizer):
 
 @pytest.fixture(scope="module")
 def targets_uri(tmp_path_factory, spm_tokenizer):
-    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer))
+    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer),
+                           pivot_tokenizer=spm_tokenizer)
     return uri
 
 
