@@ -117,7 +117,8 @@ def tiny_config(arch: str, vocab_size: int, bos_token_id: int, eos_token_id: int
 def build_model(arch: str, tokenizer, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **overrides)
+    vocab_size = overrides.pop("vocab_size", len(tokenizer))  # fewer rows than tokens: a broken model for tests
+    config = tiny_config(arch, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, **overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
