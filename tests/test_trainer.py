@@ -4,6 +4,7 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,5 @@ def test_resume_compares_resolved_paths(pivot_dir, targets_uri, tmp_path, monkey
     monkeypatch.chdir(targets_uri)
     resumed = train(config(str(tmp_path / "link"), ".", tmp_path / "r", max_steps=2, plot=False))
     assert resumed.steps == 2 and [r["step"] for r in resumed.losses] == [1, 2]
+    record = json.loads((tmp_path / "r" / "train_config.json").read_text())  # paths stored resolved
+    assert (record["targets"], record["model"]) == (str(Path(targets_uri).resolve()), str(Path(pivot_dir).resolve()))

@@ -229,16 +229,23 @@ def _resolved(uri: str) -> str:
     return str(Path(uri).expanduser().resolve())
 
 
+def _config_record(cfg: TrainConfig) -> dict:
+    """What `OUT/train_config.json` holds: the config, with `--targets` and `--model` resolved when the run
+    starts (a relative path means nothing once the working directory has changed)."""
+    record = json.loads(cfg.model_dump_json(by_alias=True))
+    return {**record, **{key: _resolved(record[key]) for key in _PATH_FIELDS}}
+
+
 def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
     """Refuse to resume the run in `out` with settings that change its trajectory (`UserError`); paths are
     compared resolved, so ``--targets ./t`` resumes a run started with ``--targets /abs/t``."""
     path = out / "train_config.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        new = json.loads(cfg.model_dump_json(by_alias=True))
-        for key in _PATH_FIELDS:
+        new = _config_record(cfg)
+        for key in _PATH_FIELDS:  # a record written before paths were resolved: resolve it now
             if isinstance(old.get(key), str):
-                old[key], new[key] = _resolved(old[key]), _resolved(new[key])
+                old[key] = _resolved(old[key])
         diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
         if diffs:
             raise UserError(
@@ -312,7 +319,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     tb = None
     if accelerator.is_main_process:
         log_dir.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(cfg.model_dump_json(by_alias=True, indent=2))
+        (out / "train_config.json").write_text(json.dumps(_config_record(cfg), indent=2))
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         tb = _tensorboard(log_dir / "tensorboard", cfg.tensorboard)
         accelerator.print(f"training {plural(total_steps, 'step')} ({plural(accum, 'micro-batch', 'micro-batches')} "
