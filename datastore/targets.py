@@ -113,7 +113,7 @@ class TargetSample:
 class TargetsMeta(BaseModel):
     """Identity of a targets dataset (hashed into its id): which pivot, sources and fusion made it.
 
-    `pivot_tokenizer` (the pivot logits' tokenizer fingerprint, `teacher_server.render.tokenizer_fingerprint`)
+    `pivot_tokenizer` (the pivot logits' tokenizer fingerprint, `datastore.tokenizers.tokenizer_fingerprint`)
     and `pivot_vocab_size` (``len(tokenizer)``) say which model the targets can train: the trainer refuses
     any other. Empty / 0 in datasets written before they were recorded (nothing to check against).
     """

@@ -8,8 +8,6 @@ tokenizer's own `chat_template`), by the name of a shared template in `teacher_s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +19,7 @@ import numpy as np
 
 from datastore.chat import Message, Sample
 from datastore.errors import UserError
+from datastore.tokenizers import tokenizer_fingerprint  # noqa: F401  (defined with the datastore's meta)
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 # Private-use code points: never produced by a template or tokenizer on their own.
@@ -178,14 +177,3 @@ def tokenize_sample(
         assistant_spans=np.asarray(content_spans, dtype=np.int32).reshape(-1, 2),
         truncated=truncated,
     )
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the vocabulary and special tokens: two tokenizers with equal fingerprints
-    tokenise identically for our purposes."""
-    vocab = tokenizer.get_vocab()
-    payload = json.dumps(
-        {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "special": sorted(tokenizer.all_special_tokens)},
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

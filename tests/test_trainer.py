@@ -146,7 +146,7 @@ def _save_model(out, arch, tokenizer, **overrides):
 def test_a_model_that_is_not_the_targets_pivot_is_refused(targets_uri, tmp_path, spm_tokenizer, bpe_tokenizer):
     """Mistral-pivot (32k SentencePiece) targets and a Qwen2 model on the 131k BPE tokenizer: every target id
     fits its vocabulary, yet the targets mean other tokens. One line naming both tokenizers; nothing written."""
-    from teacher_server.render import tokenizer_fingerprint
+    from datastore.tokenizers import tokenizer_fingerprint
 
     qwen = _save_model(tmp_path / "qwen2", "qwen2", bpe_tokenizer)
     r = _cli(["--targets", targets_uri, "--model", qwen, "--out", str(tmp_path / "o"), "--max-steps", "1"])

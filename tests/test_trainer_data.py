@@ -37,7 +37,7 @@ def write_targets(path, n: int, shard_rows: int = 7, pivot_tokenizer=None, **kw)
     """`n` random samples; with `pivot_tokenizer`, the meta records its fingerprint and size as fusion does."""
     recorded = {}
     if pivot_tokenizer is not None:
-        from teacher_server.render import tokenizer_fingerprint
+        from datastore.tokenizers import tokenizer_fingerprint
 
         recorded = dict(pivot_tokenizer=tokenizer_fingerprint(pivot_tokenizer), pivot_vocab_size=len(pivot_tokenizer))
     meta = TargetsMeta(pivot="p", sources=["s"], align="offsets", vocab_map="ms", fusion="mince", k=K, **recorded)

@@ -174,9 +174,9 @@ def load_pivot(model_dir: str, targets: TargetsMeta | None = None):
 
 def check_pivot_tokenizer(tokenizer, targets: TargetsMeta, model_dir: str) -> None:
     """Raise `UserError` unless `tokenizer` is the pivot tokenizer the targets were fused in: the same
-    fingerprint (`teacher_server.render.tokenizer_fingerprint`: vocabulary and special tokens) and the
+    fingerprint (`datastore.tokenizers.tokenizer_fingerprint`: vocabulary and special tokens) and the
     same ``len(tokenizer)``. Targets written before these were recorded are not checked."""
-    from teacher_server.render import tokenizer_fingerprint
+    from datastore.tokenizers import tokenizer_fingerprint
 
     if not targets.pivot_tokenizer:
         return
