@@ -177,3 +177,23 @@ def test_a_fusion_rerun_reports_complete_targets():
     assert report.lines() == ["nothing to fuse: the targets were already complete (96 samples in store/targets/t)"]
     report.samples, report.targets[0].written, report.targets[0].already_done = 4, 4, 92
     assert report.lines()[0].startswith("fused 4 sample(s)")
+
+
+def test_tokenizer_caches_are_never_a_fixed_path(tmp_path_factory, tmp_path, monkeypatch):
+    """tiny_models used to cache converted tokenizers in a fixed directory of the system temp dir: now the
+    tests' cache is under pytest's base temp dir, and without one a process gets its own temporary
+    directory, removed at exit."""
+    import tempfile
+
+    import clients.tiny_models as tm
+
+    assert Path(os.environ[tm.TOKENIZER_CACHE_ENV]).is_relative_to(tmp_path_factory.getbasetemp())
+    assert tm.tokenizer_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.delenv(tm.TOKENIZER_CACHE_ENV)
+    monkeypatch.setattr(tm, "_process_cache", None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    own = tm.tokenizer_cache_dir()
+    assert own.parent == tmp_path and own.name.startswith("logitfuse-tokenizers-") and own.is_dir()
+    assert tm.tokenizer_cache_dir() == own  # one per process
+    tm._process_cache.cleanup()
+    assert list(tmp_path.iterdir()) == []
