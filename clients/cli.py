@@ -130,32 +130,18 @@ def _register_stages() -> None:
     app.add_typer(store_app, name="store", short_help="List, show and verify the datasets in a store.",
                   help="List, show and verify logits and targets datasets in a store.")
     for module, attr, name, short_help in _STAGE_COMMANDS:
-        app.command(name, short_help=short_help)(getattr(importlib.import_module(module), attr))
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _check_local_model(text: str, option: str) -> None:
-    """A model given as a path that does not exist is named as a missing directory (UserError), rather than
-    left to transformers, which would call it an invalid hub id. Only a bare ``org/name`` whose ``org`` is
-    not a local directory is passed on as a hub id (``./org/name`` is a path)."""
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{option} {text}: not a directory (expected a model directory: config.json, "
-                            "weights, tokenizer)")
-        return
-    if _HUB_ID.fullmatch(text) and not Path(text.split("/")[0]).exists():
-        return
-    raise UserError(f"{option} {text}: no such directory (expected a local model directory: config.json, "
-                    "weights, tokenizer)")
+        mod = importlib.import_module(module)
+        app.command(name, short_help=short_help, cls=getattr(mod, "COMMAND_CLS", None))(getattr(mod, attr))
 
 
 @app.command(short_help="Score a dataset with one teacher into a store.")
 def extract(
-    teacher: str = typer.Option(..., help="Teacher model directory (config, weights, tokenizer)."),
-    dataset: Path = typer.Option(..., help="Chat or plain-text dataset, .jsonl or .parquet."),
+    teacher: str = typer.Option(
+        ..., help="Teacher model directory (config, weights, tokenizer), or a hub id already in the HF cache."
+    ),
+    dataset: Path = typer.Option(
+        ..., help="Chat or plain-text dataset, .jsonl or .parquet, or a hub dataset id already in the HF cache."
+    ),
     store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
     k: int = typer.Option(10, help="Top-k entries stored per position."),
     backend: Literal["hf", "vllm"] = typer.Option(
@@ -180,16 +166,21 @@ def extract(
 ) -> None:
     """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
     from datastore.chat import load_dataset
-    from teacher_server.extract import ExtractSettings
+    from teacher_server.extract import ExtractSettings, check_store
     from teacher_server.extract import extract as run_extract
 
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
     from datastore.fs import resolve
 
-    resolve(store)  # a bad store URI fails before any model is loaded
-    _check_local_model(teacher, "--teacher")
-    data = load_dataset(dataset, skip_invalid=skip_invalid)
+    resolve(store)  # a bad store URI, a missing bucket or an unreachable endpoint fail before any model loads
+    check_store(store)
+    from datastore.hub import resolve_dataset_file, resolve_local_or_cached
+
+    # `teacher` stays the string given: "./teachers/x" is a path that does not exist, not the hub id "teachers/x"
+    name = name or Path(teacher).name  # a hub id's last part, not its cached snapshot's hash
+    teacher = resolve_local_or_cached(teacher, "model", "--teacher")
+    data = load_dataset(resolve_dataset_file(dataset), skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {plural(len(data.skipped), 'invalid sample')}; first: {data.skipped[0]}", err=True)
     if backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
@@ -203,12 +194,16 @@ def extract(
         model = HFBackend(teacher, dtype=dtype, device=device or None)
     settings = ExtractSettings(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
-        batch_tokens=batch_tokens, shard_rows=shard_rows,
+        batch_tokens=batch_tokens, shard_rows=shard_rows, skip_invalid=skip_invalid,
     )
     try:
-        result = run_extract(model, data, store, name or Path(teacher).name, settings)
+        result = run_extract(model, data, store, name, settings)
     finally:
         model.close()
+    for problems, what in ((result.skipped, "the teacher's template or tokenizer refuses"),
+                           (result.nonfinite, "scored non-finite log-probabilities (not stored)")):
+        if problems:
+            typer.echo(f"skipped {plural(len(problems), 'sample')} {what}; first: {problems[0]}", err=True)
     typer.echo(
         f"{result.uri}: {plural(result.samples_scored, 'sample')} scored, {result.samples_already_stored} already "
         f"stored, {plural(result.tokens, 'token')}, {plural(result.positions, 'position')}, "

@@ -1,4 +1,4 @@
-"""`logitfuse store ls|show|verify URI`: the catalog and integrity commands of the datastore.
+"""`logitfuse store ls|show|verify|export|import`: the catalog, integrity and interchange commands of the datastore.
 
 Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad URIs raise `UserError`.
 """
@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import typer
 
+from datastore.interchange import export_command, import_command
 from datastore.words import plural
 from datastore.words import size as _size
 
 store_app = typer.Typer(help="Inspect and check logits datasets in a store (local directory or s3://).")
+store_app.command("export")(export_command)
+store_app.command("import")(import_command)
 
 
 def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> None:

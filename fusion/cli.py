@@ -22,15 +22,22 @@ def fuse_command(
         help="Targets URI (local directory or s3://bucket/prefix). Pairwise with several sources: one "
         "targets dataset per source under OUT/<source logits id>.",
     ),
-    align: Literal["offsets", "dtw"] = typer.Option(
-        "offsets", help="Sequence alignment: offsets (exact, from character offsets) or dtw."
+    align: Literal["offsets", "dtw", "dtw2"] = typer.Option(
+        "offsets",
+        help="Sequence alignment: offsets (exact, from character offsets), dtw (FuseChat-1.0's DTW: edit "
+        "distance of canonical token bytes, x0.1 when one contains the other) or dtw2 (FuseChat-2.0's: "
+        "tokens decoded one by one, no discount).",
     ),
     vocab_map: Literal["ms", "mined", "em"] = typer.Option(
         "ms",
         help="Vocabulary mapping: ms (mapping statistics over the dataset), mined (min edit distance), em (exact).",
     ),
     fusion: Literal["mince", "avgce"] = typer.Option(
-        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (softmax(-CE) weights)."
+        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (CE-weighted average)."
+    ),
+    avgce_weights: Literal["softmax-ce", "fusellm"] = typer.Option(
+        "softmax-ce",
+        help="AvgCE weights: softmax-ce (w = softmax(-CE)) or fusellm (FuseLLM's w = softmax(exp(-CE))).",
     ),
     mode: Literal["pairwise", "multi"] = typer.Option(
         "pairwise",
@@ -56,6 +63,7 @@ def fuse_command(
         fusion=fusion,
         mode=mode,
         k=k or None,
+        avgce_weights=avgce_weights,
         shard_rows=shard_rows,
         progress=not quiet,
     )

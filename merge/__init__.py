@@ -1,7 +1,9 @@
 """Merging pivot-shaped target models in parameter space (FuseChat's last stage), streamed tensor by tensor.
 
 `run_merge(config, out_dir)` runs a merge; `load_config` reads mergekit-shaped YAML; `METHODS` lists the
-registered methods (sce, varm, linear, task_arithmetic, ties, dare); `MergeError` is every bad-input error.
+registered methods (sce, varm, linear, task_arithmetic, ties, dare_linear, dare_ties, dare); `MergeError`
+is every bad-input error. Names are imported on first use, so `merge.cli` (and `logitfuse --help`) does not
+import torch.
 """
 
 from datastore._lazy import lazy_exports

@@ -53,6 +53,7 @@ def train_command(
     log_every: int = _opt(1, "Log every N steps."),
     stop_after: int = _opt(0, "Stop (with a checkpoint) after N steps of this run, 0 = run to the end."),
     resume: bool = _opt(True, "Continue from OUT's last checkpoint.", "--resume/--no-resume"),
+    report_to: str = _opt("tensorboard", "Loggers, comma-separated: tensorboard, wandb, none."),
 ) -> None:
     """Train a pivot-shaped model on fused targets with λ·SFT + (1-λ)·fusion (resumable)."""
     given = {name: value for name, value in locals().items()  # first line: only the options
