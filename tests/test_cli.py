@@ -28,7 +28,7 @@ def _invoke(*args: str):
 
 
 def test_help_imports_neither_torch_nor_transformers():
-    """Every command's --help, in a fresh interpreter, leaves torch and transformers unimported
+    """Every command's --help, in a fresh interpreter, leaves torch, transformers and pyarrow unimported
     (they cost seconds; `logitfuse --help` must answer at once)."""
     script = (
         "import json, sys\n"
@@ -37,7 +37,7 @@ def test_help_imports_neither_torch_nor_transformers():
         "group = typer.main.get_command(app)\n"
         f"for args in {COMMANDS!r}:\n"
         "    group.main([*args, '--help'], prog_name='logitfuse', standalone_mode=False)\n"
-        "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'pyarrow') if m in sys.modules)))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
