@@ -36,6 +36,7 @@ from datastore.errors import UserError
 from datastore.reader import LogitsReader
 from datastore.sample import ScoredSample
 from datastore.targets import TargetSample, TargetsMeta, TargetsWriter
+from datastore.words import plural
 from fusion._sparse import SparseDist
 from fusion.align import (
     ALIGN_METHODS,
@@ -139,6 +140,9 @@ class FuseReport:
 
     def lines(self) -> list[str]:
         """The human report ``logitfuse fuse`` prints."""
+        if self.samples == 0 and self.targets and all(t.already_done for t in self.targets):  # a rerun
+            return [f"nothing to fuse: the targets were already complete ({plural(t.already_done, 'sample')} in "
+                    f"{t.uri})" for t in self.targets]
         out = [
             f"fused {self.samples} sample(s) in {self.seconds:.1f}s ({self.statistics_seconds:.1f}s building "
             f"mapping statistics): align={self.align} vocab-map={self.vocab_map} fusion={self.fusion} "
@@ -386,6 +390,8 @@ def fuse_logits(
             k=k,
             extra={"mode": mode, "dataset_id": dataset_id}
             | ({"avgce_weights": avgce_weights} if fusion == "avgce" else {}),
+            pivot_tokenizer=pivot_reader.manifest.meta.tokenizer_fingerprint,  # the trainer checks --model
+            pivot_vocab_size=pivot.table.vocab_size,
         )
         writers.append(TargetsWriter(uri, meta, shard_rows=shard_rows))
     for (uri, members), w in zip(jobs, writers, strict=True):
