@@ -1,13 +1,16 @@
 """Extraction driver: one teacher over one dataset into the datastore, resumable.
 
-Samples are tokenised a window at a time, sorted by length and cut into batches under a token budget
-(bucketing, so padding wastes little compute), scored by a `Backend`, and streamed into a
-`LogitsWriter`. The writer knows which samples are already committed; a re-run after an interruption
-scores only the rest, so every sample lands exactly once.
+Any number of `extract` processes (CLI runs, service workers) may work on the same logits dataset at
+once: the writer hands out ranges of the input's samples under expiring leases
+(`datastore.shards.ShardedWriter.claims`), each range is tokenised, sorted by length and cut into
+batches under a token budget (bucketing, so padding wastes little compute), scored by a `Backend`, and
+committed as one shard. A range whose holder died is taken over once its lease expires; a re-run after an
+interruption scores only what is not committed, so every sample lands exactly once.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +34,10 @@ class ExtractSettings:
     max_length: int = 2048
     all_positions: bool = False
     batch_tokens: int = 16384  # padded tokens per forward batch
-    shard_rows: int = 512
-    window: int = 4096  # samples tokenised and sorted together
+    shard_rows: int = 512  # samples per shard and claimed range, when this run creates the dataset
+    window: int = 4096  # unused since ranges are claimed: kept so callers that set it keep working
+    lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LOGITFUSE_LEASE_SECONDS", "60")))
+    team: str | None = None  # recorded in the dataset's log (default $LOGITFUSE_TEAM)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ExtractResult:
     truncated: int = 0
     seconds: float = 0.0
     truncated_ids: list[str] = field(default_factory=list)
+    samples_lost_to_others: int = 0  # scored here, but another writer committed their range first
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,7 +81,11 @@ def extract(
     progress: bool = True,
     on_batch: Callable[[ExtractResult], None] | None = None,
 ) -> ExtractResult:
-    """Score every sample of `dataset` not yet stored and commit them under `STORE/logits/<id>`."""
+    """Score every sample of `dataset` not yet stored and commit them under `STORE/logits/<id>`.
+
+    Returns when every sample of the dataset is committed — by this process or by concurrent ones (ranges
+    leased by live writers are waited for, ranges of dead ones taken over) — and the dataset is marked
+    complete. Raises UserError for bad settings or a dataset that holds other logits."""
     settings = settings or ExtractSettings()
     if settings.k < 1:
         raise UserError(f"k={settings.k}: must be at least 1")
@@ -90,27 +100,29 @@ def extract(
     uri = f"{store_uri.rstrip('/')}/logits/{lid}"
     result = ExtractResult(uri=uri, logits_id=lid)
     t0 = time.perf_counter()
-    with LogitsWriter(uri, meta, shard_rows=settings.shard_rows) as writer:
+    with LogitsWriter(uri, meta, shard_rows=settings.shard_rows, team=settings.team,
+                      lease_seconds=settings.lease_seconds) as writer:
         save_tokenizer(uri, tok)
+        by_id = {s.id: s for s in dataset.samples}
         done = writer.done_ids
-        todo = [s for s in dataset.samples if s.id not in done]
-        result.samples_already_stored = len(dataset.samples) - len(todo)
+        result.samples_already_stored = sum(1 for sid in by_id if sid in done)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(dataset.samples), initial=result.samples_already_stored, unit="sample",
                        desc=f"{teacher_name}", file=sys.stderr, dynamic_ncols=True)
-        for w in range(0, len(todo), settings.window):
+        for claim in writer.claims(list(by_id)):
             window = [
-                tokenize_sample(s, tok, template, settings.max_length, settings.all_positions)
-                for s in todo[w : w + settings.window]
+                tokenize_sample(by_id[sid], tok, template, settings.max_length, settings.all_positions)
+                for sid in claim.sample_ids
             ]
+            scored: list[ScoredSample] = []
             for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
                 batch: list[TokenizedSample] = [window[i] for i in idx]
                 scores = backend.score(batch, settings.k)
                 for ts, sc in zip(batch, scores, strict=True):
-                    writer.write(
+                    scored.append(
                         ScoredSample(
                             sample_id=ts.sample_id,
                             input_ids=ts.input_ids,
@@ -137,7 +149,11 @@ def extract(
                     bar.set_postfix(tok_s=f"{result.tokens_per_s:,.0f}")
                 if on_batch is not None:
                     on_batch(result)
+            if not claim.commit(scored):  # another writer committed this range first: ours is dropped
+                result.samples_scored -= len(scored)
+                result.samples_lost_to_others += len(scored)
         if bar is not None:
             bar.close()
+        result.samples_already_stored = len(dataset.samples) - result.samples_scored
     result.seconds = time.perf_counter() - t0
     return result
