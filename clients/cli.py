@@ -115,6 +115,8 @@ def extract(
         f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
         f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "
         f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
+        + (f"; {result.samples_lost_to_others} scored but committed first by another writer"
+           if result.samples_lost_to_others else "")
     )
     if backend == "vllm":
         # Every shard and the manifest are committed. vLLM's engine threads can abort the interpreter at

@@ -88,10 +88,16 @@ def describe(kind: str, uri: str, name: str, with_manifest: bool = False) -> dic
     return entry
 
 
-def iter_datasets(store_uri: str, kind: str | None = None) -> Iterator[tuple[str, str, str]]:
-    """(kind, dataset uri, id) of every dataset directory in a store (UserError: no such store)."""
+def iter_datasets(store_uri: str, kind: str | None = None, missing_ok: bool = False
+                  ) -> Iterator[tuple[str, str, str]]:
+    """(kind, dataset uri, id) of every dataset directory in a store (UserError: no such store, unless
+    `missing_ok`, which lists nothing for a store not created yet)."""
     if kind is not None and kind not in KINDS:
         raise UserError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if missing_ok:
+        filesystem, root = fs.resolve(store_uri)
+        if filesystem.get_file_info(root).type == pafs.FileType.NotFound:
+            return
     filesystem, root = check_store(store_uri)
     for k in KINDS if kind is None else (kind,):
         for name in fs.list_dirs(filesystem, fs.join(root, _DIRS[k])):
@@ -99,7 +105,7 @@ def iter_datasets(store_uri: str, kind: str | None = None) -> Iterator[tuple[str
 
 
 def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None, dataset: str | None = None,
-            with_manifest: bool = False) -> list[dict[str, Any]]:
+            with_manifest: bool = False, missing_ok: bool = False) -> list[dict[str, Any]]:
     """Every dataset of a store, one plain dict each (``kind``, ``id``, ``uri``, ``status`` "ok" or
     "broken" with ``error``; for readable ones teacher (the pivot for targets), revision, tokenizer, k,
     template, dataset, samples, positions, tokens, bytes, bytes_per_entry, shards, version, team, teams,
@@ -110,11 +116,12 @@ def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None,
         teacher: keep datasets whose teacher (or pivot) name contains this text.
         dataset: keep logits datasets whose input dataset id starts with this text.
         with_manifest: add the `Manifest` object under "manifest" (Python callers).
+        missing_ok: a store root that does not exist yet lists nothing instead of raising.
     Raises:
         UserError: the store does not exist, or a filter value is not accepted.
     """
     out = []
-    for k, uri, name in iter_datasets(store_uri, kind):
+    for k, uri, name in iter_datasets(store_uri, kind, missing_ok):
         entry = describe(k, uri, name, with_manifest)
         if entry["status"] == "ok":
             if teacher and teacher not in entry["teacher"]:

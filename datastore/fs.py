@@ -257,7 +257,8 @@ def list_logits(store_uri: str):
     that also reports broken datasets and filters."""
     from datastore.catalog import catalog
 
-    return [e["manifest"] for e in catalog(store_uri, kind="logits", with_manifest=True) if "manifest" in e]
+    return [e["manifest"] for e in catalog(store_uri, kind="logits", with_manifest=True, missing_ok=True)
+            if "manifest" in e]
 
 
 TOKENIZER_DIR = "tokenizer"

@@ -8,7 +8,8 @@ trying to create the same generation exactly one succeeds:
 
 - **claim** a free range: create ``g000001``;
 - **take over** a range whose newest generation has expired (its holder stopped renewing: killed,
-  crashed, or stalled longer than the lease): create the next generation;
+  crashed, or stalled longer than the lease), or whose holder is a process of this host that no longer
+  exists: create the next generation;
 - **renew** (a background thread, every third of the lease): the holder rewrites its own generation
   file with a later ``expires``; if a newer generation exists, the lease was taken over and is lost;
 - **release** after the range is committed (or abandoned): the holder rewrites its file with
@@ -42,6 +43,29 @@ _GEN_RE = re.compile(r"^g(\d{6})\.json$")
 def holder_id() -> str:
     """A writer's identity in lease files and commits: host, pid and a random suffix."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _dead_local_holder(holder: str) -> bool:
+    """True when `holder` is a process of this host that no longer runs: its lease need not be waited
+    out (a killed local run is taken over at once; holders on other hosts expire with their lease)."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) runs no more either
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @dataclass
@@ -106,7 +130,8 @@ class LeaseManager:
         """Claim a free range or take over an expired one; None when a live holder has it (or another
         writer won the race for the same generation)."""
         g, newest = self._newest(range_key)
-        if newest is not None and float(newest.get("expires", 0)) > time.time():
+        if newest is not None and float(newest.get("expires", 0)) > time.time() and \
+                not _dead_local_holder(str(newest.get("holder", ""))):
             return None
         lease = Lease(range_key, g + 1, self.holder, time.time() + self.lease_seconds)
         if not fs.create_exclusive(self.fs, self._path(range_key, lease.generation), self._body(lease)):

@@ -32,7 +32,14 @@ from pydantic import BaseModel
 from datastore import fs
 from datastore.errors import UserError
 from datastore.leases import LEASE_SECONDS, Lease, LeaseManager, holder_id
-from datastore.manifest import ShardedManifest, ShardInfo, bloom_admits, code_version, id_bloom, meta_differences
+from datastore.manifest import (
+    ShardedManifest,
+    ShardInfo,
+    bloom_admits,
+    code_version,
+    id_bloom,
+    meta_differences,
+)
 from datastore.table import CorruptDataset, DeltaDataset, Snapshot, shard_file
 
 # (absolute shard path, sha256, size, mtime) of every shard file this process has verified: `scan()` and id
@@ -180,7 +187,7 @@ class ShardedWriter(ABC):
     def _info(self) -> dict:
         """The dataset description stored at creation: kind, id, meta, encoding."""
 
-    def _open_info(self, info: dict) -> None:
+    def _open_info(self, info: dict) -> None:  # noqa: B027 - optional hook, most kinds need nothing
         """Take what the writer needs from an existing (or just created) dataset's description."""
 
     @abstractmethod

@@ -190,7 +190,8 @@ def list_targets(store_uri: str) -> list[TargetsManifest]:
     `datastore.catalog` for the listing that reports broken datasets too."""
     from datastore.catalog import catalog
 
-    return [e["manifest"] for e in catalog(store_uri, kind="targets", with_manifest=True) if "manifest" in e]
+    return [e["manifest"] for e in catalog(store_uri, kind="targets", with_manifest=True, missing_ok=True)
+            if "manifest" in e]
 
 
 # ---------------------------------------------------------------- validation and encoding
