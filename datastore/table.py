@@ -121,8 +121,6 @@ class DeltaDataset:
             if "already exists" in str(e) or self.exists():
                 return False
             raise
-        if fs.is_local(self.fs):
-            fs.honour_umask(fs.join(self.root, fs.DELTA_LOG))
         return True
 
     def table(self, refresh: bool = True):
@@ -239,8 +237,6 @@ class DeltaDataset:
             if app_txn is None:
                 raise
             return False
-        if fs.is_local(self.fs):
-            fs.honour_umask(fs.join(self.root, fs.DELTA_LOG))
         return True
 
 

@@ -94,7 +94,7 @@ def _dataset_uri(store: str) -> str | None:
     return entries[0]["uri"] if entries else None
 
 
-def _wait_for_a_commit(store: str, procs, timeout: float = 240) -> str:
+def _wait_for_a_commit(store: str, procs, timeout: float = 900) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         uri = _dataset_uri(store)
@@ -110,7 +110,7 @@ def _wait_for_a_commit(store: str, procs, timeout: float = 240) -> str:
     pytest.fail("no writer committed a shard in time")
 
 
-def _finish(proc, timeout: float = 400) -> str:
+def _finish(proc, timeout: float = 900) -> str:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-2000:]
     return out
@@ -151,7 +151,7 @@ def _four_writers_two_killed(tmp_path, teacher, store: str, seed: int) -> None:
                 p.kill()
                 p.wait()
     again = subprocess.run(_extract_args(teacher, data, store, 4), capture_output=True, text=True, env=env,
-                           timeout=400)
+                           timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     m = SCORED.search(again.stdout)
     assert m and int(m.group(1)) == 0 and int(m.group(2)) == len(records), again.stdout
