@@ -263,3 +263,42 @@ def migrate(uri: str = typer.Argument(..., help="a 0.1 dataset (with manifest.js
     targets = [uri] if dataset_kind(uri) is not None else [d for _k, d, _n in iter_datasets(uri)]
     for ds_uri in targets:
         typer.echo(migrate_dataset(ds_uri))
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise UserError(f"--older-than {text!r}: expected seconds or a number with s, m, h or d (e.g. 2h)") from None
+
+
+@store_app.command("gc")
+def gc(
+    uri: str = typer.Argument(..., help="a dataset or a store root"),
+    older_than: str = typer.Option("1h", help="Only files older than this (seconds, or 30m, 2h, 7d): a concurrent "
+                                   "writer's shard is unreferenced for a moment before its commit."),
+    dry_run: bool = typer.Option(False, help="List what would be deleted, delete nothing."),
+) -> None:
+    """Delete files no version of a dataset references (uncommitted shards, temp files, leases of committed
+    ranges), in one dataset or every dataset of a store."""
+    from datastore.catalog import dataset_kind, iter_datasets
+    from datastore.retention import gc_dataset
+
+    seconds = _duration(older_than)
+    datasets = [uri] if dataset_kind(uri) is not None else [d for _k, d, _n in iter_datasets(uri)]
+    total = 0
+    for ds_uri in datasets:
+        for rel in gc_dataset(ds_uri, seconds, dry_run=dry_run):
+            typer.echo(f"{'would delete' if dry_run else 'deleted'} {ds_uri}/{rel}")
+            total += 1
+    typer.echo(f"{total} file(s) {'to delete' if dry_run else 'deleted'} in {len(datasets)} dataset(s)")
+
+
+@store_app.command("rm")
+def rm(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Delete one dataset (its log, shards, tokenizer and leases)."""
+    from datastore.retention import rm_dataset
+
+    typer.echo(rm_dataset(uri))
