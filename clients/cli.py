@@ -115,6 +115,7 @@ def extract(
         f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
         f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "
         f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
+        + (f"; {result.samples_reused} reused from earlier datasets" if result.samples_reused else "")
         + (f"; {result.samples_lost_to_others} scored but committed first by another writer"
            if result.samples_lost_to_others else "")
     )

@@ -93,6 +93,7 @@ class ShardInfo(BaseModel):
     id_bloom: str = ""  # `id_bloom` of the shard's sample ids; empty: unknown, `get` reads the shard
     writer: str = ""  # holder id of the process that committed it (`datastore.leases.holder_id`)
     team: str = ""  # team of that writer
+    sample_keys: list[str] = Field(default_factory=list)  # content key of each row (`datastore.reuse`)
 
 
 class ShardedManifest(BaseModel):

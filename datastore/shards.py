@@ -205,6 +205,10 @@ class ShardedWriter(ABC):
     def _topk_bytes(self, data: bytes) -> int:
         return 0
 
+    def _sample_keys(self, samples: list[Any]) -> list[str]:
+        """Content key of each sample, in row order (`datastore.reuse`); empty: the kind has none."""
+        return []
+
     # ------------------------------------------------------------ public API
 
     @property
@@ -338,6 +342,7 @@ class ShardedWriter(ABC):
             id_bloom=id_bloom([s.sample_id for s in samples]),
             writer=self.holder,
             team=self.team,
+            sample_keys=self._sample_keys(samples),
         )
         _VERIFIED.add(_stamp(self._fs, fs.join(self._root, name), sha))
         return info, data

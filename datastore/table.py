@@ -218,7 +218,9 @@ class DeltaDataset:
         from deltalake.exceptions import CommitFailedError
         from deltalake.transaction import AddAction, CommitProperties, Transaction
 
-        dt = self.table()
+        # a blind append needs no fresh snapshot (delta-rs rebases it onto the newest version); a fenced
+        # one checks the range against the newest version, and conflicts with any commit after it
+        dt = self.table(refresh=app_txn is not None)
         if app_txn is not None and dt.transaction_version(app_txn[0]) is not None:
             return False
         now_ms = int(time.time() * 1000)

@@ -74,6 +74,12 @@ class LogitsWriter(ShardedWriter):
     def _topk_bytes(self, data: bytes) -> int:
         return codec.topk_bytes(data)
 
+    def _sample_keys(self, samples: list[ScoredSample]) -> list[str]:
+        from datastore.reuse import sample_key, scoring_key
+
+        scoring = scoring_key(self.meta)
+        return [sample_key(scoring, s.text, s.input_ids, s.loss_mask, s.positions) for s in samples]
+
 
 def manifest_from_snapshot(snap: Snapshot) -> Manifest:
     """The `Manifest` view of a logits table snapshot (`datastore.table`)."""

@@ -20,6 +20,7 @@ from datastore.chat import Dataset
 from datastore.errors import UserError
 from datastore.fs import save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
+from datastore.reuse import ReuseIndex, sample_key, scoring_key
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
 from teacher_server.backends.base import Backend
@@ -38,6 +39,7 @@ class ExtractSettings:
     window: int = 4096  # unused since ranges are claimed: kept so callers that set it keep working
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LOGITFUSE_LEASE_SECONDS", "60")))
     team: str | None = None  # recorded in the dataset's log (default $LOGITFUSE_TEAM)
+    reuse: bool = True  # copy samples that earlier datasets of the store scored with the same settings
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ExtractResult:
     seconds: float = 0.0
     truncated_ids: list[str] = field(default_factory=list)
     samples_lost_to_others: int = 0  # scored here, but another writer committed their range first
+    samples_reused: int = 0  # copied from an earlier dataset of the store with the same scoring settings
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,12 +115,29 @@ def extract(
 
             bar = tqdm(total=len(dataset.samples), initial=result.samples_already_stored, unit="sample",
                        desc=f"{teacher_name}", file=sys.stderr, dynamic_ncols=True)
+        reuse = ReuseIndex.build(store_uri, meta, exclude_uri=uri) if settings.reuse else None
+        scoring = scoring_key(meta)
         for claim in writer.claims(list(by_id)):
             window = [
                 tokenize_sample(by_id[sid], tok, template, settings.max_length, settings.all_positions)
                 for sid in claim.sample_ids
             ]
             scored: list[ScoredSample] = []
+            reused_here = 0
+            if reuse is not None and len(reuse):  # samples an earlier dataset already scored: copied
+                keys = {sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions): ts.sample_id
+                        for ts in window}
+                found = reuse.fetch(keys)
+                if found:
+                    scored.extend(found.values())
+                    reused_here = len(found)
+                    result.samples_reused += reused_here
+                    result.samples_already_stored += reused_here  # progress counts them as stored
+                    window = [ts for ts in window if ts.sample_id not in found]
+                    if bar is not None:
+                        bar.update(reused_here)
+                    if on_batch is not None:
+                        on_batch(result)
             for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
                 batch: list[TokenizedSample] = [window[i] for i in idx]
                 scores = backend.score(batch, settings.k)
@@ -150,10 +170,11 @@ def extract(
                 if on_batch is not None:
                     on_batch(result)
             if not claim.commit(scored):  # another writer committed this range first: ours is dropped
-                result.samples_scored -= len(scored)
-                result.samples_lost_to_others += len(scored)
+                result.samples_scored -= len(scored) - reused_here
+                result.samples_lost_to_others += len(scored) - reused_here
+                result.samples_reused -= reused_here
         if bar is not None:
             bar.close()
-        result.samples_already_stored = len(dataset.samples) - result.samples_scored
+        result.samples_already_stored = len(dataset.samples) - result.samples_scored  # incl. reused ones
     result.seconds = time.perf_counter() - t0
     return result
