@@ -4,12 +4,15 @@
                shard + one Delta commit + refresh) against the 0.1 writer's way (shard file, then the whole
                manifest.json rewritten atomically), both on the same pre-encoded shards in a local
                directory; ms per shard and the ratio (process CPU time and wall time).
+  reuse        extending a dataset by a fraction (default 2,000 samples + 5%): extract of the extended
+               dataset into a store that holds the original (only the new samples are scored, the rest
+               copied) against extract of it from scratch; process CPU time, same tiny teacher, ratio.
   writers      aggregate extraction throughput of 1 vs N concurrent writers (separate processes, each
                with its own tiny teacher, all extracting the same dataset through range claims); wall
                time from a common start (models already loaded) to the last writer's exit; samples/s and
                the ratio. CPU-bound: the machine's free cores cap it.
 
-    python bench/bench_datastore.py [--shards 60] [--samples 96] [--writers 4]
+    python bench/bench_datastore.py [--shards 60] [--samples 96] [--writers 4] [--reuse-samples 2000]
 """
 
 from __future__ import annotations
@@ -95,15 +98,10 @@ def _writer(store: str, data_path: str, shard_rows: int, start, ready, out) -> N
     import torch
 
     torch.set_num_threads(1)
-    from clients.tiny_models import build_model, load_tokenizer
     from datastore.chat import load_dataset
-    from teacher_server.backends.hf import HFBackend
     from teacher_server.extract import ExtractSettings, extract
 
-    tok = load_tokenizer("spm32k")
-    model = build_model("mistral", tok, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)
-    backend = HFBackend("bench-tiny", model_obj=model.eval(), tokenizer=tok, device="cpu")
+    backend = _tiny_backend()
     data = load_dataset(data_path)
     ready.put(1)
     start.wait()
@@ -141,19 +139,65 @@ def bench_writers(samples: int, writers: int, tmp: Path) -> None:
           f"(cores on this machine: {os.cpu_count()})")
 
 
+def _tiny_backend():
+    from clients.tiny_models import build_model, load_tokenizer
+    from teacher_server.backends.hf import HFBackend
+
+    tok = load_tokenizer("spm32k")
+    model = build_model("mistral", tok, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    return HFBackend("bench-tiny", model_obj=model.eval(), tokenizer=tok, device="cpu")
+
+
+def bench_reuse(samples: int, fraction: float, tmp: Path) -> None:
+    import torch
+
+    from clients.corpus import chat_samples, write_jsonl
+    from datastore.chat import load_dataset
+    from teacher_server.extract import ExtractSettings, extract
+
+    torch.set_num_threads(1)
+    backend = _tiny_backend()
+    n_new = max(1, round(samples * fraction))
+    records = chat_samples(samples + n_new, seed=17, max_turns=3)
+    original = load_dataset(write_jsonl(records[:samples], tmp / "original.jsonl"))
+    extended = load_dataset(write_jsonl(records, tmp / "extended.jsonl"))
+    settings = ExtractSettings(k=10, chat_template="inst", shard_rows=512)
+
+    def timed(data, store: Path):
+        c = time.process_time()
+        res = extract(backend, data, str(store), "bench", settings, progress=False)
+        return time.process_time() - c, res
+
+    extract(backend, original, str(tmp / "shared"), "bench", settings, progress=False)  # the earlier dataset
+    scratch_s, scratch = timed(extended, tmp / "scratch")
+    reuse_s, reused = timed(extended, tmp / "shared")
+    assert reused.samples_scored == n_new and reused.samples_reused == samples, reused
+    print(f"\nreuse: {samples} samples + {n_new} new ({fraction:.0%}), {scratch.tokens} tokens scored from scratch")
+    print("| extract of the extended dataset | CPU s | samples scored | vs from scratch |")
+    print("|---|---:|---:|---:|")
+    print(f"| from scratch | {scratch_s:.2f} | {scratch.samples_scored} | 1.00x |")
+    print(f"| over the store holding the original | {reuse_s:.2f} | {reused.samples_scored} | "
+          f"{reuse_s / scratch_s:.3f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=60)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--writers", type=int, default=4)
-    ap.add_argument("--skip", choices=["commit", "writers"], default=None)
+    ap.add_argument("--reuse-samples", type=int, default=2000)
+    ap.add_argument("--reuse-fraction", type=float, default=0.05)
+    ap.add_argument("--only", choices=["commit", "reuse", "writers"], default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-datastore-"))
     try:
-        if args.skip != "commit":
+        if args.only in (None, "commit"):
             bench_commit(args.shards, args.rows, tmp)
-        if args.skip != "writers":
+        if args.only in (None, "reuse"):
+            bench_reuse(args.reuse_samples, args.reuse_fraction, tmp)
+        if args.only in (None, "writers"):
             bench_writers(args.samples, args.writers, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

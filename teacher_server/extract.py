@@ -36,7 +36,6 @@ class ExtractSettings:
     all_positions: bool = False
     batch_tokens: int = 16384  # padded tokens per forward batch
     shard_rows: int = 512  # samples per shard and claimed range, when this run creates the dataset
-    window: int = 4096  # unused since ranges are claimed: kept so callers that set it keep working
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LOGITFUSE_LEASE_SECONDS", "60")))
     team: str | None = None  # recorded in the dataset's log (default $LOGITFUSE_TEAM)
     reuse: bool = True  # copy samples that earlier datasets of the store scored with the same settings

@@ -110,9 +110,14 @@ def _wait_for_a_commit(store: str, procs, timeout: float = 900) -> str:
     pytest.fail("no writer committed a shard in time")
 
 
+def _spawn(args: list[str], env: dict, log) -> subprocess.Popen:
+    """A writer process; stderr (progress bars) goes to a file so that no pipe fills up and blocks it."""
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+
+
 def _finish(proc, timeout: float = 900) -> str:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-2000:]
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (proc.args, out)
     return out
 
 
@@ -135,8 +140,8 @@ def _four_writers_two_killed(tmp_path, teacher, store: str, seed: int) -> None:
     data = write_jsonl(records, tmp_path / "chats.jsonl")
     rng = random.Random()
     env = _env(LOGITFUSE_LEASE_SECONDS="20")
-    procs = [subprocess.Popen(_extract_args(teacher, data, store, 4), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    log = open(tmp_path / "writers.log", "w")
+    procs = [_spawn(_extract_args(teacher, data, store, 4), env, log) for _ in range(4)]
     try:
         uri = _wait_for_a_commit(store, procs)
         victims = rng.sample(procs, 2)
@@ -177,11 +182,10 @@ def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):  # 
     records = chat_samples(60, seed=5, max_turns=2)
     data = write_jsonl(records, tmp_path / "chats.jsonl")
     store = str(tmp_path / "store")
-    first = subprocess.Popen(_extract_args(teacher_dir, data, store, 8), env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / "writers.log", "w")
+    first = _spawn(_extract_args(teacher_dir, data, store, 8), _env(), log)
     time.sleep(2.0)
-    second = subprocess.Popen(_extract_args(teacher_dir, data, store, 5), env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    second = _spawn(_extract_args(teacher_dir, data, store, 5), _env(), log)
     outputs = [_finish(first), _finish(second)]
     uri = _dataset_uri(store)
     _check_exactly_once(uri, records, outputs)
