@@ -81,7 +81,7 @@ def extract(
 ) -> None:
     """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
     from datastore.chat import load_dataset
-    from teacher_server.extract import ExtractSettings
+    from teacher_server.extract import ExtractSettings, check_store
     from teacher_server.extract import extract as run_extract
 
     if backend not in ("hf", "vllm"):
@@ -90,7 +90,8 @@ def extract(
         raise UserError(f"--k {k}: must be at least 1")
     from datastore.fs import resolve
 
-    resolve(store)  # a bad store URI fails before any model is loaded
+    resolve(store)  # a bad store URI, a missing bucket or an unreachable endpoint fail before any model loads
+    check_store(store)
     data = load_dataset(dataset, skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)
@@ -105,12 +106,16 @@ def extract(
         model = HFBackend(teacher, dtype=dtype, device=device or None)
     settings = ExtractSettings(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
-        batch_tokens=batch_tokens, shard_rows=shard_rows,
+        batch_tokens=batch_tokens, shard_rows=shard_rows, skip_invalid=skip_invalid,
     )
     try:
         result = run_extract(model, data, store, name or teacher.name, settings)
     finally:
         model.close()
+    for problems, what in ((result.skipped, "the teacher's template or tokenizer refuses"),
+                           (result.nonfinite, "scored non-finite log-probabilities (not stored)")):
+        if problems:
+            typer.echo(f"skipped {len(problems)} sample(s) {what}; first: {problems[0]}", err=True)
     typer.echo(
         f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
         f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "

@@ -1,6 +1,6 @@
 """Retention: `logitfuse store rm` (delete a dataset) and `logitfuse store gc` (delete files no version
 of a dataset references: shards of commits that never happened, temp files of interrupted writes, lease
-files of committed ranges).
+files no live writer renews).
 
 Only files older than a grace period are collected (default one hour): a concurrent writer's shard lies
 in the dataset directory for a moment between its write and its commit, and must not be taken from it.
@@ -30,7 +30,8 @@ def _files(filesystem, root: str) -> list[pafs.FileInfo]:
 def gc_dataset(uri: str, older_than_s: float = GRACE_SECONDS, dry_run: bool = False) -> list[str]:
     """Delete (or with `dry_run` only list) the files of the dataset at `uri` that no version references
     and that are older than `older_than_s` seconds: unreferenced ``shard-*.parquet``, ``.tmp-*`` files,
-    and lease files of ranges the log says are committed. Returns their paths relative to the dataset.
+    and lease files (a live holder rewrites its lease every third of the lease, so an old one is released
+    or its holder dead). Returns their paths relative to the dataset.
     Raises UserError when `uri` is not a Delta dataset."""
     if older_than_s < 0:
         raise UserError(f"--older-than {older_than_s}: must be >= 0 seconds")
@@ -53,9 +54,9 @@ def gc_dataset(uri: str, older_than_s: float = GRACE_SECONDS, dry_run: bool = Fa
         parts = rel.split("/")
         orphan_shard = len(parts) == 1 and _SHARD_RE.match(name) and name not in live
         temp = name.startswith(".tmp-")
-        committed_lease = parts[0] == LEASES_DIR and len(parts) == 3 and \
-            table.range_version(parts[1]) is not None
-        if orphan_shard or temp or committed_lease:
+        # a holder rewrites its lease every third of the lease: an old lease file is released or dead
+        old_lease = parts[0] == LEASES_DIR and len(parts) == 3
+        if orphan_shard or temp or old_lease:
             out.append(rel)
             if not dry_run:
                 fs.delete(table.fs, info.path)

@@ -75,11 +75,12 @@ class ReuseIndex:
     def has(self, key: str) -> bool:
         return key in self._locations
 
-    def fetch(self, wanted: dict[str, str]) -> dict[str, object]:
-        """{content key: new sample id} -> {new sample id: ScoredSample} for the keys the index holds,
-        each read from one verified shard (rows of a shard decoded together) and renamed."""
+    def fetch(self, wanted: list[tuple[str, str]]) -> dict[str, object]:
+        """[(content key, new sample id)] -> {new sample id: ScoredSample} for the keys the index holds
+        (several new ids may share a key: identical samples), each read from one verified shard (rows of
+        a shard decoded together) and renamed."""
         by_shard: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
-        for key, new_id in wanted.items():
+        for key, new_id in wanted:
             if key in self._locations:
                 uri, i, row = self._locations[key]
                 by_shard[(uri, i)].append((row, new_id))

@@ -125,12 +125,14 @@ def load_manifest(uri: str, build, parse_legacy, what: str) -> ShardedManifest:
 class Claim:
     """A range of samples this writer holds the lease for: score `sample_ids`, then `commit` them."""
 
-    def __init__(self, writer: ShardedWriter, range_key: str, lease: Lease, sample_ids: list[str]):
+    def __init__(self, writer: ShardedWriter, range_key: str, lease: Lease, sample_ids: list[str], app_id: str):
         self.writer, self.range_key, self.lease, self.sample_ids = writer, range_key, lease, sample_ids
+        self.app_id = app_id
 
     def commit(self, samples: list[Any]) -> bool:
-        """Commit the range's samples as one shard, fenced by the range's application transaction.
-        False when the range was committed by another writer (this one's work is dropped)."""
+        """Commit the claimed samples (all of them, or fewer: the rest stay unstored) as one shard, fenced
+        by the claim's application transaction. False when another writer committed the same claim first
+        (this one's work is dropped). Raises ValueError for a sample the claim does not hold."""
         return self.writer._commit_claim(self, samples)
 
 
@@ -276,7 +278,8 @@ class ShardedWriter(ABC):
             self.close()
         # on an error the buffer is dropped: its samples are not in done_ids, a resume writes them again
 
-    def claims(self, sample_ids: list[str], poll_seconds: float | None = None) -> Iterator[Claim]:
+    def claims(self, sample_ids: list[str], poll_seconds: float | None = None,
+               exclude: set[str] | None = None) -> Iterator[Claim]:
         """Claims over an input's ordered sample ids, for any number of concurrent writers.
 
         The ids are cut into ranges of `range_rows` (the table's, not this writer's `shard_rows`). Yields
@@ -284,8 +287,14 @@ class ShardedWriter(ABC):
         holder died), holding only the range's ids not yet stored; the caller scores them and calls
         `Claim.commit`. Ranges leased by live writers are waited for (polling every `poll_seconds`,
         default a quarter of the lease, at most 1 s) and taken over if their holder dies. Returns when
-        every range is committed, by whichever writer. Leases are renewed in the background.
+        every sample is committed, by whichever writer, except those in `exclude` (a set the caller may
+        grow while iterating: samples it gave up on, e.g. non-finite scores). Leases are renewed in the
+        background.
+
+        A claim's commit is fenced by a Delta application transaction whose id names the range and the
+        exact samples it stores, so two writers that claimed the same samples never both commit them.
         """
+        exclude = exclude if exclude is not None else set()
         ranges = []
         for start in range(0, len(sample_ids), self.range_rows):
             ids = sample_ids[start : start + self.range_rows]
@@ -298,7 +307,7 @@ class ShardedWriter(ABC):
             while True:
                 self.refresh()
                 pending = [(key, ids) for key, ids in pending
-                           if self.table.range_version(key) is None and any(i not in self._done for i in ids)]
+                           if any(i not in self._done and i not in exclude for i in ids)]
                 if not pending:
                     return
                 got_one = False
@@ -309,9 +318,10 @@ class ShardedWriter(ABC):
                     got_one = True
                     try:
                         self.refresh()
-                        todo = [i for i in ids if i not in self._done]
-                        if self.table.range_version(key) is None and todo:
-                            yield Claim(self, key, lease, todo)
+                        todo = [i for i in ids if i not in self._done and i not in exclude]
+                        if todo:
+                            digest = hashlib.sha256("\n".join(todo).encode()).hexdigest()[:12]
+                            yield Claim(self, key, lease, todo, f"{key}.{digest}")
                     finally:
                         leases.release(lease)
                 if not got_one:
@@ -354,15 +364,15 @@ class ShardedWriter(ABC):
 
     def _commit_claim(self, claim: Claim, samples: list[Any]) -> bool:
         got = [s.sample_id for s in samples]
-        if sorted(got) != sorted(claim.sample_ids):
-            raise ValueError(f"claim {claim.range_key}: committing {len(got)} samples, the claim holds "
-                             f"{len(claim.sample_ids)} (every claimed sample, each once)")
+        if len(set(got)) != len(got) or not set(got) <= set(claim.sample_ids):
+            raise ValueError(f"claim {claim.range_key}: committing samples it does not hold, or twice "
+                             f"(each claimed sample at most once)")
         if not samples:
             return True
         validated = [self._validate(s) for s in samples]
         info, _ = self._write_shard(validated)
         extra = {**self._commit_extra(), "logitfuse.range": claim.range_key}
-        if not self.table.commit([info], "shards", extra, app_txn=(claim.range_key, claim.lease.generation)):
+        if not self.table.commit([info], "shards", extra, app_txn=(claim.app_id, claim.lease.generation)):
             self.refresh()  # the range is another writer's: our file is an orphan for `store gc`
             return False
         self._committed(info, got)

@@ -36,3 +36,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weights_cache(tmp_path_factory):
+    """Teacher weight digests (`teacher_server.weights`) are cached under the session's tmp path, not in
+    the user's cache; subprocesses inherit the setting."""
+    import os
+
+    path = tmp_path_factory.mktemp("weights-cache") / "weight-digests.json"
+    before = os.environ.get("LOGITFUSE_WEIGHTS_CACHE")
+    os.environ["LOGITFUSE_WEIGHTS_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("LOGITFUSE_WEIGHTS_CACHE", None)
+    else:
+        os.environ["LOGITFUSE_WEIGHTS_CACHE"] = before
