@@ -17,6 +17,8 @@ files written through a temporary name (`tempfile.mkstemp` creates 0600): `file_
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -264,9 +266,7 @@ def list_logits(store_uri: str):
 TOKENIZER_DIR = "tokenizer"
 
 
-def _sha256(data: bytes) -> str:
-    import hashlib
-
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -283,7 +283,7 @@ def tokenizer_problems(filesystem: pafs.FileSystem, root: str, recorded: dict[st
         except (FileNotFoundError, OSError):
             problems.append(f"{TOKENIZER_DIR}/{name}: missing")
             continue
-        if _sha256(data) != want.get("sha256"):
+        if sha256_hex(data) != want.get("sha256"):
             problems.append(f"{TOKENIZER_DIR}/{name}: sha256 mismatch")
     return problems
 
@@ -306,9 +306,7 @@ def save_tokenizer(dataset_uri: str, tokenizer) -> None:
             with open(os.path.join(tmp, name), "rb") as f:
                 data = f.read()
             write_atomic(table.fs, join(table.root, TOKENIZER_DIR, name), data)
-            record[name] = {"sha256": _sha256(data), "bytes": len(data)}
-    import json
-
+            record[name] = {"sha256": sha256_hex(data), "bytes": len(data)}
     table.commit([], "tokenizer", {TOKENIZER_KEY: json.dumps(record, sort_keys=True)})
 
 
@@ -335,8 +333,6 @@ def load_tokenizer(dataset_uri: str):
             raise UserError(f"{dataset_uri} has no stored tokenizer ({TOKENIZER_DIR}/): re-run extract to add it")
     if is_local(filesystem):
         return AutoTokenizer.from_pretrained(source)
-    import hashlib
-
     cache = os.path.join(tempfile.gettempdir(), "logitfuse-tokenizers-remote",
                          hashlib.sha256(dataset_uri.encode()).hexdigest()[:16])
     os.makedirs(cache, exist_ok=True)

@@ -58,7 +58,7 @@ def migrate_dataset(uri: str) -> str:
         record = {}
         for name in names:
             blob = fs.read_bytes(table.fs, fs.join(table.root, fs.TOKENIZER_DIR, name))
-            record[name] = {"sha256": fs._sha256(blob), "bytes": len(blob)}
+            record[name] = {"sha256": fs.sha256_hex(blob), "bytes": len(blob)}
         table.commit([], "tokenizer", {TOKENIZER_KEY: json.dumps(record, sort_keys=True)})
     if fs.is_local(table.fs):
         import os

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -69,16 +70,10 @@ def ensure_verified(filesystem, root: str, shards: list[ShardInfo]) -> None:
     for s in shards:
         path = fs.join(root, s.file)
         info = filesystem.get_file_info(path)
-        if info.type != pafs_file_type():
+        if info.type != pafs.FileType.File:
             raise FileNotFoundError(f"{path}: shard listed in the dataset log is missing")
         if (path, s.sha256, info.size, info.mtime_ns) not in _VERIFIED:
             read_verified(filesystem, root, s)
-
-
-def pafs_file_type():
-    import pyarrow.fs as pafs
-
-    return pafs.FileType.File
 
 
 def sample_ids_of(data: bytes) -> list[str]:

@@ -83,11 +83,9 @@ class LogitsWriter(ShardedWriter):
 
 def manifest_from_snapshot(snap: Snapshot) -> Manifest:
     """The `Manifest` view of a logits table snapshot (`datastore.table`)."""
-    from datastore.errors import UserError as _UserError
-
     info = snap.info
     if info.get("kind") != KIND:
-        raise _UserError(f"not a logits dataset (its table holds {info.get('kind')!r})")
+        raise UserError(f"not a logits dataset (its table holds {info.get('kind')!r})")
     return Manifest(
         table="delta", version=snap.version, code_version=info.get("code_version", "unknown"),
         created=snap.created, updated=snap.updated, complete=snap.complete, shards=snap.shards,
