@@ -1,4 +1,5 @@
-"""`logitfuse store ls|show|verify|migrate`: the catalog and integrity commands of the datastore.
+"""`logitfuse store ls|show|verify|migrate|gc|rm|export|import`: the catalog, integrity, retention and
+interchange commands of the datastore.
 
 Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad URIs, a missing store or
 a corrupt log raise `UserError` (one line, exit 2); `verify` exits 1 when it finds a problem.
@@ -7,6 +8,7 @@ a corrupt log raise `UserError` (one line, exit 2); `verify` exits 1 when it fin
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,16 +18,10 @@ import typer
 from datastore import codec, fs
 from datastore.errors import UserError
 from datastore.reader import LogitsReader
+from datastore.words import plural
+from datastore.words import size as _size
 
 store_app = typer.Typer(help="Inspect and check logits and targets datasets in a store (local directory or s3://).")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> None:
@@ -302,3 +298,54 @@ def rm(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or
     from datastore.retention import rm_dataset
 
     typer.echo(rm_dataset(uri))
+
+
+# ------------------------------------------------------------------ interchange (datastore/interchange.py)
+
+
+def export_command(
+    uri: str = typer.Argument(..., help="logits dataset: STORE/logits/<logits_id>"),
+    format: str = typer.Option(..., "--format", help="axolotl | parquet | hf"),
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the export is complete."),
+) -> None:
+    """Export a logits dataset for other trainers: axolotl KD columns, plain parquet, or a datasets dataset."""
+    from datastore.interchange import export_dataset
+
+    n = export_dataset(uri, format, out, overwrite=overwrite)
+    typer.echo(f"exported {plural(n, 'sample')} from {uri} to {out} ({format})")
+
+
+def import_command(
+    file: Path = typer.Argument(..., help="vLLM prompt_logprobs responses (.jsonl) or a parquet export file."),
+    format: str = typer.Option(..., "--format", help="vllm | parquet"),
+    store: str = typer.Option(..., "--store", help="Store URI: a local directory or s3://bucket/prefix."),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="The teacher's tokenizer: a directory or a cached hub id (required for vllm)."
+    ),
+    teacher_name: str | None = typer.Option(None, "--teacher-name", help="Teacher name (default: the responses' model)."),
+    dataset_id: str | None = typer.Option(None, "--dataset-id", help="Dataset id (default: the file name and digest)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the valid lines, reporting the others."),
+) -> None:
+    """Import teacher distributions produced elsewhere into a logits dataset (then fuse and train as usual)."""
+    from datastore.errors import UserError
+    from datastore.interchange import import_dataset
+
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        from datastore.hub import resolve_local_or_cached
+
+        tok = AutoTokenizer.from_pretrained(resolve_local_or_cached(tokenizer, "model", "--tokenizer"))
+    report = import_dataset(file, format, store, tokenizer=tok, teacher_name=teacher_name, dataset_id=dataset_id,
+                            skip_invalid=skip_invalid, on_problem=lambda m: typer.echo(m, err=True))
+    if report.uri is None:
+        raise UserError(f"{file}: {plural(len(report.problems), 'invalid line')}, listed above; nothing imported "
+                        "(--skip-invalid imports the others)")
+    typer.echo(f"{report.uri}: {plural(report.written, 'sample')} imported, {report.already_stored} already stored, "
+               f"{plural(len(report.problems), 'invalid line')} skipped")
+
+
+store_app.command("export")(export_command)
+store_app.command("import")(import_command)

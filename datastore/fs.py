@@ -296,8 +296,8 @@ def save_tokenizer(dataset_uri: str, tokenizer) -> None:
     from datastore.table import TOKENIZER_KEY, DeltaDataset
 
     table = DeltaDataset(dataset_uri)
-    snap = table.snapshot()
-    if snap.tokenizer and not tokenizer_problems(table.fs, table.root, snap.tokenizer):
+    snap = table.snapshot() if table.exists() else None  # no table: files only, nothing to record them in
+    if snap is not None and snap.tokenizer and not tokenizer_problems(table.fs, table.root, snap.tokenizer):
         return
     record = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,12 +307,13 @@ def save_tokenizer(dataset_uri: str, tokenizer) -> None:
                 data = f.read()
             write_atomic(table.fs, join(table.root, TOKENIZER_DIR, name), data)
             record[name] = {"sha256": sha256_hex(data), "bytes": len(data)}
-    table.commit([], "tokenizer", {TOKENIZER_KEY: json.dumps(record, sort_keys=True)})
+    if snap is not None:
+        table.commit([], "tokenizer", {TOKENIZER_KEY: json.dumps(record, sort_keys=True)})
 
 
 def load_tokenizer(dataset_uri: str):
     """The tokenizer stored with a logits dataset (`save_tokenizer`), each file checked against the sha256
-    in the dataset's log; copied to a local cache when remote. Raises UserError when it is missing or
+    in the dataset's log; a remote one is copied to a temporary directory. Raises UserError when it is missing or
     damaged."""
     from transformers import AutoTokenizer
 
@@ -333,9 +334,7 @@ def load_tokenizer(dataset_uri: str):
             raise UserError(f"{dataset_uri} has no stored tokenizer ({TOKENIZER_DIR}/): re-run extract to add it")
     if is_local(filesystem):
         return AutoTokenizer.from_pretrained(source)
-    cache = os.path.join(tempfile.gettempdir(), "logitfuse-tokenizers-remote",
-                         hashlib.sha256(dataset_uri.encode()).hexdigest()[:16])
-    os.makedirs(cache, exist_ok=True)
-    for name in names:
-        write_atomic(pafs.LocalFileSystem(), os.path.join(cache, name), read_bytes(filesystem, join(source, name)))
-    return AutoTokenizer.from_pretrained(cache)
+    with tempfile.TemporaryDirectory(prefix="logitfuse-tokenizer-") as copy:  # no fixed cache path
+        for name in names:
+            write_atomic(pafs.LocalFileSystem(), os.path.join(copy, name), read_bytes(filesystem, join(source, name)))
+        return AutoTokenizer.from_pretrained(copy)

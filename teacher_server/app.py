@@ -327,6 +327,9 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
                                           req.max_length, req.all_positions)
         return {"teacher": req.teacher, "k": req.k, "results": results}
 
+    from teacher_server.dashboard import mount_dashboard
+
+    mount_dashboard(app, service, auth)
     return app
 
 

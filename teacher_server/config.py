@@ -88,6 +88,8 @@ class ServiceConfig(BaseModel):
     max_resident: int | None = Field(None, ge=1)
     max_upload_bytes: int = Field(1 << 30, ge=1)
     max_topk_samples: int = Field(8, ge=1)
+    #: training-run directories the dashboard shows (`logitfuse train --out` directories or their parents)
+    runs: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> ServiceConfig:

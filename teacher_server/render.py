@@ -8,8 +8,6 @@ tokenizer's own `chat_template`), by the name of a shared template in `teacher_s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +21,7 @@ import numpy as np
 
 from datastore.chat import Message, Sample
 from datastore.errors import UserError
+from datastore.tokenizers import tokenizer_fingerprint  # noqa: F401  (defined with the datastore's meta)
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 # Markers are private-use code points chosen per render among those absent from the chat and the template,
@@ -334,14 +333,3 @@ def sample_problem(sample: Sample, tokenizer, template_source: str | None, max_l
     except UserError as e:
         return str(e)
     return None
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the vocabulary and special tokens: two tokenizers with equal fingerprints
-    tokenise identically for our purposes."""
-    vocab = tokenizer.get_vocab()
-    payload = json.dumps(
-        {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "special": sorted(tokenizer.all_special_tokens)},
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
