@@ -220,6 +220,9 @@ def extract(
         f"stored, {plural(result.tokens, 'token')}, {plural(result.positions, 'position')}, "
         f"{result.truncated} truncated, "
         f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
+        + (f"; {result.samples_reused} reused from earlier datasets" if result.samples_reused else "")
+        + (f"; {result.samples_lost_to_others} scored but committed first by another writer"
+           if result.samples_lost_to_others else "")
     )
     if backend == "vllm":
         # Every shard and the manifest are committed. vLLM's engine threads can abort the interpreter at
