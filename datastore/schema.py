@@ -1,6 +1,6 @@
 """The physical schema of a logits shard, declared once: writers and readers use `SHARD_SCHEMA` (v1: `SHARD_SCHEMA_V1`).
 
-One row per sample. The logical columns of DESIGN.md ("Stored logits") map to physical ones so:
+One row per sample. The logical columns of docs/contract.md ("Stored logits") map to physical ones so:
 
 - `sample_id`, `text`, `truncated`: as they are.
 - `assistant_spans`: flat ``[s0, e0, s1, e1, ...]`` character spans.

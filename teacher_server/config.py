@@ -1,6 +1,6 @@
 """`teachers.yaml`: the service's typed configuration, validated once at the edge (`load_config`).
 
-The keys of DESIGN.md (`store`, `teachers[].name/model/backend/max_k/max_length/chat_template`, `tokens`)
+The keys of docs/contract.md (`store`, `teachers[].name/model/backend/max_k/max_length/chat_template`, `tokens`)
 plus the service's own: where job state lives, upload and `/v1/topk` limits, how many teachers may be
 resident at once (`max_resident`), and per teacher its devices, dtype, tensor-parallel size and the
 extraction knobs (`batch_tokens`, `shard_rows`).
