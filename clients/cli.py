@@ -45,6 +45,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"logitfuse {version('logitfuse')}")
+        except PackageNotFoundError:
+            typer.echo("logitfuse (not installed: run pip install -e .)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """logitfuse: teacher top-k extraction, fusion, training and merging for knowledge fusion of LLMs."""
+
+
 # Stage commands live with their stage's package. (module, attribute, command name, help)
 _STAGE_COMMANDS = [
     ("merge.cli", "merge_command", "merge", "Merge target models in parameter space (SCE, linear, TIES, DARE, ...)."),

@@ -126,6 +126,9 @@ class Checkpoint:
                 self.config = json.loads(config.read_text())
             except ValueError as e:
                 raise MergeError(f"{config}: not JSON ({e})") from None
+            if not isinstance(self.config, dict):
+                raise MergeError(f"{config}: expected a JSON object (a transformers model config), got "
+                                 f"{type(self.config).__name__}")
         self._fds: dict[Path, int] = {}
 
     def read(self, info: TensorInfo, start: int = 0, end: int | None = None) -> torch.Tensor:

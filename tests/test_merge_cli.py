@@ -229,6 +229,27 @@ def test_cli_bad_inputs_found_by_review_exit_2_and_write_nothing(tmp_path, famil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "notes.txt"]
 
 
+def test_a_model_config_that_is_not_an_object_is_one_line_and_version_prints(tmp_path, family):
+    """A target whose config.json is a JSON list merged with exit 0 (its checks skipped); a base's raised
+    AttributeError. `logitfuse --version` did not exist."""
+    import shutil
+
+    from clients.cli import app
+
+    pivot, targets = family
+    for role in ("base", "target"):
+        broken = tmp_path / role
+        shutil.copytree(pivot if role == "base" else targets[0], broken)
+        (broken / "config.json").write_text("[1, 2]")
+        base, model = (broken, targets[0]) if role == "base" else (pivot, broken)
+        result = CliRunner().invoke(app, ["merge", "--method", "sce", "--base", str(base), "--models", str(model),
+                                          "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert f"{broken}/config.json: expected a JSON object" in result.output and not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("logitfuse ")
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/merge.md"])
 def test_the_documented_merge_synopsis_shows_the_real_defaults(doc):
     """Every `[--option VALUE]` of the merge synopsis is the option's default (or the method's, for the
