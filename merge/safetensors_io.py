@@ -229,7 +229,7 @@ class ShardedWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         path = self.out_dir / (self.shard_name(shard) + ".tmp")
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
         self._write_all(struct.pack("<Q", len(blob)) + blob)
         self._open_shard = shard
 

@@ -4,12 +4,11 @@ extracted through the datastore, fused, read back as targets and checked value b
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cache_dir
 from typer.testing import CliRunner
 
 from clients.cli import app
@@ -25,9 +24,8 @@ from teacher_server.extract import ExtractSettings, extract
 from teacher_server.render import TEMPLATE_DIR
 
 K = 5
-TEACHER_CACHE = Path(tempfile.gettempdir()) / "logitfuse-test-fusion-teachers"
 QUANT = 1.0 / 65535 + 1e-6  # targets store probabilities as floor(p * 65535) / 65535
-# Teachers are cached across runs (make_teacher reuses a directory holding the same settings). The pivot
+# Teachers are cached for the session (make_teacher reuses a directory holding the same settings). The pivot
 # is barely trained, the source for a few dozen steps: MinCE should prefer the source.
 TEACHERS = {
     "pivot": dict(arch="mistral", tokenizer_kind="spm32k", template="inst", steps=1, batch_size=2),
@@ -35,9 +33,14 @@ TEACHERS = {
 }
 
 
+def teacher_cache() -> Path:
+    """Where the tiny teachers are kept: the session's cache under pytest's tmp path (`conftest.cache_dir`)."""
+    return cache_dir("fusion-teachers")
+
+
 @pytest.fixture(scope="module")
 def logits(tmp_path_factory) -> dict[str, str]:
-    cache = TEACHER_CACHE
+    cache = teacher_cache()
     data = load_dataset(write_jsonl(chat_samples(8, seed=31), tmp_path_factory.mktemp("data") / "chat.jsonl"))
     store = str(tmp_path_factory.mktemp("store"))
     uris = {}
@@ -197,11 +200,16 @@ def test_cli_fuses_and_reports(logits, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(logits["source"], other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["meta"]["dataset_id"] = "0123456789abcdef"
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    from datastore.fs import save_tokenizer
+    from datastore.reader import LogitsReader
+    from datastore.writer import LogitsWriter
+
+    other = tmp_path / "other"  # the source's logits, recorded as scoring another input dataset
+    src = LogitsReader(logits["source"])
+    with LogitsWriter(str(other), src.manifest.meta.model_copy(update={"dataset_id": "0123456789abcdef"})) as w:
+        for s in src.iter_samples():
+            w.write(s)
+    save_tokenizer(str(other), src.tokenizer())
     out = str(tmp_path / "out")
     base = ["--pivot", logits["pivot"], "--out", out]
     cases = [
