@@ -42,7 +42,8 @@ def _quiet_model_loading() -> None:
 
 
 class _Group(TyperGroup):
-    """Turns a `UserError` raised by any command, and a command line that does not parse (an unknown
+    """Turns a `UserError` or an `OSError` naming a path (a directory that cannot
+    be made, a read-only store) raised by any command, and a command line that does not parse (an unknown
     option, a value outside the choices), into one line on stderr and exit status 2 (also under typer's
     CliRunner, which calls the group directly rather than `main()`), and silences transformers' per-model
     loading bars for every command."""
@@ -53,6 +54,11 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a path the user gave that cannot be made or written (/proc/x, read-only, ...)
+            if e.filename is None:
+                raise
+            typer.echo(f"error: {e.filename}: {e.strerror or e}; expected a writable location", err=True)
             raise typer.Exit(2) from None
         except UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else ctx.command_path
