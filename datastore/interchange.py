@@ -192,8 +192,13 @@ class _Row:
 
 
 def _vllm_rows(path: Path) -> Iterator[_Row]:
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield _Row(n, None, f"not UTF-8 text (byte {e.start + 1}); expected a JSON completion response per line")
+                continue
             if not text.strip():
                 continue
             try:
@@ -273,6 +278,30 @@ def _vllm_row(n: int, obj) -> _Row:
 
 
 def _parquet_rows(path: Path) -> tuple[Iterator[_Row], dict | None]:
+    """Rows of one exported Parquet file, or of every `*.parquet` file of an export directory in name order
+    (rows numbered across the files)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise UserError(f"{path}: a directory without .parquet files (give a `store export --format parquet` "
+                            f"directory or one of its files)")
+        parts = [_parquet_file_rows(f) for f in files]
+        metas = {json.dumps(m, sort_keys=True) for _, m in parts}
+        if len(metas) > 1:
+            raise UserError(f"{path}: its .parquet files come from different logits datasets; import them one by one")
+
+        def chained() -> Iterator[_Row]:
+            n = 0
+            for rows, _ in parts:
+                for row in rows:
+                    n += 1
+                    yield _Row(n, row.sample, row.error)
+
+        return chained(), parts[0][1]
+    return _parquet_file_rows(path)
+
+
+def _parquet_file_rows(path: Path) -> tuple[Iterator[_Row], dict | None]:
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowInvalid) as e:
@@ -348,8 +377,8 @@ def import_dataset(
     path = Path(path)
     if fmt not in IMPORT_FORMATS:
         raise UserError(f"unknown import format {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
+    if not (path.is_file() or (fmt == "parquet" and path.is_dir())):
+        raise UserError(f"{path}: no such file" + (" (a directory: give the file)" if path.is_dir() else ""))
     if fmt == "vllm" and tokenizer is None:
         raise UserError("--format vllm needs --tokenizer (the teacher's tokenizer: a directory or a cached hub id)")
 

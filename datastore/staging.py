@@ -28,7 +28,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def check_target(out: Path, overwrite: bool, flag: str = "--out") -> None:
-    """Raises UserError when `out` exists and is not an empty directory, unless `overwrite`."""
+    """Raises UserError when `out` exists and is not an empty directory, unless `overwrite` (which never
+    replaces a plain file: only a directory of an earlier run)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file, not a directory; give a new or empty directory")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{flag} {out} exists and is not an empty directory (--overwrite replaces it)")
 

@@ -219,3 +219,28 @@ def test_import_needs_a_tokenizer_and_one_k(tmp_path, spm_tokenizer):
         import_dataset(path, "vllm", str(tmp_path / "store"))
     with pytest.raises(UserError, match="unknown import format 'csv'"):
         import_dataset(path, "csv", str(tmp_path / "store"))
+
+
+def test_review_cases_directory_import_binary_lines_and_file_out(stored, tmp_path, spm_tokenizer):
+    """Found by review: an export directory imports as a whole (rows numbered across its files); a
+    non-UTF-8 line is one invalid line, not a traceback; --overwrite never replaces a plain file."""
+    uri, samples = stored
+    export_dataset(uri, "parquet", tmp_path / "pq", rows_per_file=2)
+    assert len(list((tmp_path / "pq").glob("*.parquet"))) == 3
+    report = import_dataset(tmp_path / "pq", "parquet", str(tmp_path / "store2"))
+    assert report.written == len(samples)
+    assert [s.sample_id for s in LogitsReader(report.uri).iter_samples()] == [s.sample_id for s in samples]
+
+    junk = tmp_path / "junk.jsonl"
+    junk.write_bytes(b"\xff\xfe\x00binary\n")
+    said: list[str] = []
+    with pytest.raises(UserError, match="no valid samples"):
+        import_dataset(junk, "vllm", str(tmp_path / "store3"), tokenizer=spm_tokenizer, on_problem=said.append)
+    assert len(said) == 1 and "line 1: not UTF-8 text" in said[0]
+    assert not (tmp_path / "store3").exists()
+
+    plain = tmp_path / "afile"
+    plain.write_text("keep me")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        export_dataset(uri, "parquet", plain, overwrite=True)
+    assert plain.read_text() == "keep me"
