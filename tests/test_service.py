@@ -257,7 +257,7 @@ def test_submit_command_and_cancel(server, tmp_path):
     ("teachers:\n  - {name: 'a b', model: m}", ["teachers.0.name"]),
     ("teachers:\n  - {name: a, model: m, colour: red}", ["colour"]),
     ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: abc, scope: write}", ["sha256"]),
-    ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: " + "0" * 64 + ", scope: admin}",
+    ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: " + "0" * 64 + ", scope: root}",
      ["scope"]),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, content, words):
