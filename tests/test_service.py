@@ -259,6 +259,8 @@ def test_submit_command_and_cancel(server, tmp_path):
     ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: abc, scope: write}", ["sha256"]),
     ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: " + "0" * 64 + ", scope: root}",
      ["scope"]),
+    ("teachers:\n  - {name: a, model: m}\nteam_queue_limits: {research: 0}", ["team_queue_limits", "research"]),
+    ("teachers:\n  - {name: a, model: m}\nmax_json_bytes: 10", ["max_json_bytes", "1024"]),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, content, words):
     path = tmp_path / "teachers.yaml"
