@@ -23,10 +23,20 @@ same cost as ours: edit distance, x0.1 when one string contains the other); it r
 ``--python-samples`` full 2048-token samples (the text kinds in turn) and is reported per sample. Its token
 strings are given to it for free (not timed).
 
+Agreement with the authors' DTWs (``--reference-samples`` samples, the kinds in turn): each reference is
+run over the full matrix with its own token strings, cost and tie order, as their code has them (read, not
+copied): FuseChat-1.0 (``FuseChat/train/align_token_and_vocab.py`` as of 2024-04) compares each
+tokenizer's token strings with its own whitespace marker (``▁`` / ``Ġ``) removed, edit distance x0.1 when
+one contains the other, ties diagonal > source step > pivot step; FuseChat-2.0 (the same file since
+2024-08) compares ``tokenizer.decode([id])`` of each token, edit distance with no discount, ties diagonal >
+pivot step > source step. Agreement = share of a reference's groups that our ``dtw`` / ``dtw2`` (banded,
+as the pipeline runs them) reproduce exactly; also each reference against the exact ``offsets`` groups.
+
 Mapping statistics: built over the samples from their offsets alignments, and over a vocabulary sweep
 (every token of both vocabularies, decoded, shuffled, ``--sweep-rounds`` times), because the generated
 corpus uses only a few thousand distinct words and a real dataset reaches far more pairs. In-memory size is
-`MappingStatistics.nbytes` (sorted uint32 keys + uint32 counts + the best-partner table), on-disk size is
+`MappingStatistics.nbytes` (sorted uint32 keys + uint32 counts + uint32 start counts + the best-partner
+table), on-disk size is
 the compressed ``.npz`` that `logitfuse fuse` saves next to the targets.
 """
 
@@ -59,7 +69,7 @@ from fusion import (  # noqa: E402
     build_vocab_map,
     fuse_sample,
 )
-from fusion.align import dtw_pieces  # noqa: E402
+from fusion.align import align_dtw, decoded_pieces, dtw_pieces  # noqa: E402
 
 TOKENS = 2048
 KINDS = ("prose", "code", "non_latin")
@@ -248,6 +258,50 @@ def plain_python_dtw(pp: list[bytes], sp: list[bytes]) -> list[tuple[int, int]]:
 # ------------------------------------------------------------------------------------------ main
 
 
+def fusechat1_pieces(tokenizer, ids, marker: str) -> list[str]:
+    """FuseChat-1.0's DTW strings: the token strings with the tokenizer's whitespace marker removed."""
+    return [t.replace(marker, "") for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+
+
+def reference_agreement(samples, aligned, ptok, stok) -> None:
+    """Share of the FuseChat-1.0 / 2.0 reference DTW groups that ours reproduce (module docstring)."""
+    if not samples:
+        return
+    rows: dict[str, dict[str, list]] = {k: {} for k in KINDS}
+    c0 = time.process_time()
+    for (kind, p, s), (off, dtw, dtw2) in zip(samples, aligned, strict=False):
+        ref1 = align_dtw(
+            fusechat1_pieces(ptok, p.input_ids, "▁"),
+            fusechat1_pieces(stok, s.input_ids, "Ġ"),
+            band=None,
+            discount=0.1,
+            ties="source",
+        ).group_tuples()
+        ref2 = align_dtw(
+            decoded_pieces(ptok, p.input_ids), decoded_pieces(stok, s.input_ids), band=None, discount=1.0
+        ).group_tuples()
+        exact = off.group_tuples()
+        for name, ours, ref in (
+            ("dtw vs FuseChat-1.0", dtw.group_tuples(), ref1),
+            ("dtw vs FuseChat-2.0", dtw.group_tuples(), ref2),
+            ("dtw2 vs FuseChat-1.0", dtw2.group_tuples(), ref1),
+            ("dtw2 vs FuseChat-2.0", dtw2.group_tuples(), ref2),
+            ("FuseChat-1.0 vs offsets", ref1, exact),
+            ("FuseChat-2.0 vs offsets", ref2, exact),
+        ):
+            rows[kind].setdefault(name, []).append(len(ours & ref) / len(ref))
+    names = list(next(r for r in rows.values() if r))
+    print(
+        f"\nagreement with the reference DTWs (full matrix, their strings / cost / ties) on {len(samples)} "
+        f"sample(s), {time.process_time() - c0:.0f} s CPU: share of the second's groups the first reproduces"
+    )
+    print("  " + " " * 24 + "".join(f"{k:>11s}" for k in KINDS) + "        all")
+    for name in names:
+        vals = [np.mean(rows[k][name]) if rows[k] else float("nan") for k in KINDS]
+        every = np.mean([v for k in KINDS for v in rows[k].get(name, [])])
+        print(f"  {name:24s}" + "".join(f"{v:11.1%}" for v in vals) + f"{every:11.1%}")
+
+
 def timed(fn, *args, **kwargs):
     c0, w0 = time.process_time(), time.perf_counter()
     out = fn(*args, **kwargs)
@@ -256,7 +310,7 @@ def timed(fn, *args, **kwargs):
 
 def report_statistics(what: str, stats: MappingStatistics) -> None:
     stats.compact()
-    pairs_bytes = stats.keys.nbytes + stats.counts.nbytes
+    pairs_bytes = stats.keys.nbytes + stats.counts.nbytes + stats.start_counts.nbytes
     stats.best_pivot()
     in_mem = stats.nbytes
     disk = len(stats.to_bytes())
@@ -276,6 +330,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--sweep-rounds", type=int, default=4, help="rounds of the vocabulary sweep (statistics size)"
+    )
+    ap.add_argument(
+        "--reference-samples", type=int, default=12, help="samples aligned by the FuseChat-1.0/2.0 reference DTWs"
     )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -308,8 +365,9 @@ def main() -> None:
     align_sample(samples[0][1], samples[0][2], ptok, stok, "dtw")
 
     stats = MappingStatistics(pt.vocab_size, st.vocab_size)
-    cpu = {"offsets": 0.0, "dtw": 0.0}
-    wall = {"offsets": 0.0, "dtw": 0.0}
+    cpu = {"offsets": 0.0, "dtw": 0.0, "dtw2": 0.0}
+    wall = {"offsets": 0.0, "dtw": 0.0, "dtw2": 0.0}
+    aligned = []
     per_kind: dict[str, dict[str, list]] = {
         k: {"agree": [], "chars": [], "aligned": [], "groups": []} for k in KINDS
     }
@@ -320,6 +378,10 @@ def main() -> None:
         dtw, c, w = timed(align_sample, p, s, ptok, stok, "dtw")
         cpu["dtw"] += c
         wall["dtw"] += w
+        dtw2, c, w = timed(align_sample, p, s, ptok, stok, "dtw2")
+        cpu["dtw2"] += c
+        wall["dtw2"] += w
+        aligned.append((off, dtw, dtw2))
         stats.add(off, p.input_ids, s.input_ids)
         pk = per_kind[kind]
         pk["agree"].append(len(off.group_tuples() & dtw.group_tuples()) / off.num_groups)
@@ -340,7 +402,7 @@ def main() -> None:
 
     per = {m: cpu[m] / n for m in cpu}
     print("\nper 2048-token sample:")
-    for m in ("offsets", "dtw"):
+    for m in ("offsets", "dtw", "dtw2"):
         print(
             f"  {m:8s} {per[m] * 1e3:8.1f} ms CPU  ({n / cpu[m]:7.1f} samples/s per core; "
             f"wall {wall[m] / n * 1e3:.1f} ms)"
@@ -365,6 +427,8 @@ def main() -> None:
         )
     print(f"  all        dtw agreement {np.mean([a for k in KINDS for a in per_kind[k]['agree']]):.1%}")
 
+    reference_agreement(samples[: args.reference_samples], aligned, ptok, stok)
+
     print(
         f"\nplain-Python DTW (full matrix, Python Levenshtein per cell) on {args.python_samples} full sample(s):"
     )
@@ -381,6 +445,7 @@ def main() -> None:
         print("\nspeed-up per sample over the plain-Python DTW:")
         print(f"  offsets {ref / per['offsets']:9,.0f}x   (goal >= 1000x)")
         print(f"  dtw     {ref / per['dtw']:9,.0f}x   (goal >= 30x)")
+        print(f"  dtw2    {ref / per['dtw2']:9,.0f}x")
         print(f"  fuse    {ref / (fuse_cpu / n):9,.0f}x   (the whole per-sample fusion, offsets alignment)")
 
     report_statistics(f"over the {n} samples ({n * TOKENS:,} pivot tokens)", stats)
@@ -396,8 +461,8 @@ def main() -> None:
             sweep,
         )
     print(
-        f"  8 bytes per distinct pair: 100 MB holds {100e6 / 8 / 1e6:.1f}M pairs, "
-        f"{100e6 / 8 / st.vocab_size:.0f} pivot partners for every source token; a dense uint32 matrix "
+        f"  12 bytes per distinct pair: 100 MB holds {100e6 / 12 / 1e6:.1f}M pairs, "
+        f"{100e6 / 12 / st.vocab_size:.0f} pivot partners for every source token; a dense uint32 matrix "
         f"would be {pt.vocab_size * st.vocab_size * 4 / 2**30:.1f} GiB"
     )
 

@@ -56,13 +56,18 @@ def _register_stages() -> None:
 
     app.add_typer(store_app, name="store", help="List, show and verify logits and targets datasets in a store.")
     for module, attr, name, help_text in _STAGE_COMMANDS:
-        app.command(name, help=help_text)(getattr(importlib.import_module(module), attr))
+        mod = importlib.import_module(module)
+        app.command(name, help=help_text, cls=getattr(mod, "COMMAND_CLS", None))(getattr(mod, attr))
 
 
 @app.command()
 def extract(
-    teacher: Path = typer.Option(..., help="Teacher model directory (config, weights, tokenizer)."),
-    dataset: Path = typer.Option(..., help="Chat or plain-text dataset, .jsonl or .parquet."),
+    teacher: Path = typer.Option(
+        ..., help="Teacher model directory (config, weights, tokenizer), or a hub id already in the HF cache."
+    ),
+    dataset: Path = typer.Option(
+        ..., help="Chat or plain-text dataset, .jsonl or .parquet, or a hub dataset id already in the HF cache."
+    ),
     store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
     k: int = typer.Option(10, help="Top-k entries stored per position."),
     backend: str = typer.Option("hf", help="Teacher backend: hf (transformers) or vllm (needs the vllm extra)."),
@@ -81,7 +86,7 @@ def extract(
 ) -> None:
     """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
     from datastore.chat import load_dataset
-    from teacher_server.extract import ExtractSettings
+    from teacher_server.extract import ExtractSettings, check_store
     from teacher_server.extract import extract as run_extract
 
     if backend not in ("hf", "vllm"):
@@ -90,8 +95,13 @@ def extract(
         raise UserError(f"--k {k}: must be at least 1")
     from datastore.fs import resolve
 
-    resolve(store)  # a bad store URI fails before any model is loaded
-    data = load_dataset(dataset, skip_invalid=skip_invalid)
+    resolve(store)  # a bad store URI, a missing bucket or an unreachable endpoint fail before any model loads
+    check_store(store)
+    from datastore.hub import resolve_dataset_file, resolve_local_or_cached
+
+    name = name or teacher.name  # a hub id's last part, not its cached snapshot's hash
+    teacher = resolve_local_or_cached(teacher, "model", "--teacher")
+    data = load_dataset(resolve_dataset_file(dataset), skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)
     if backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
@@ -105,12 +115,16 @@ def extract(
         model = HFBackend(teacher, dtype=dtype, device=device or None)
     settings = ExtractSettings(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
-        batch_tokens=batch_tokens, shard_rows=shard_rows,
+        batch_tokens=batch_tokens, shard_rows=shard_rows, skip_invalid=skip_invalid,
     )
     try:
-        result = run_extract(model, data, store, name or teacher.name, settings)
+        result = run_extract(model, data, store, name, settings)
     finally:
         model.close()
+    for problems, what in ((result.skipped, "the teacher's template or tokenizer refuses"),
+                           (result.nonfinite, "scored non-finite log-probabilities (not stored)")):
+        if problems:
+            typer.echo(f"skipped {len(problems)} sample(s) {what}; first: {problems[0]}", err=True)
     typer.echo(
         f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
         f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "

@@ -1,4 +1,4 @@
-"""`logitfuse store ls|show|verify URI`: the catalog and integrity commands of the datastore.
+"""`logitfuse store ls|show|verify|export|import`: the catalog, integrity and interchange commands of the datastore.
 
 Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad URIs raise `UserError`.
 """
@@ -13,9 +13,12 @@ import pyarrow.parquet as pq
 import typer
 
 from datastore import codec, fs
+from datastore.interchange import export_command, import_command
 from datastore.reader import LogitsReader
 
 store_app = typer.Typer(help="Inspect and check logits datasets in a store (local directory or s3://).")
+store_app.command("export")(export_command)
+store_app.command("import")(import_command)
 
 
 def _size(n: int) -> str:

@@ -10,12 +10,15 @@ from fusion.align import (
     AlignmentError,
     align_distributions,
     align_dtw,
+    align_gold_nll,
     align_sample,
     align_spans,
     byte_spans,
+    pivot_gold_nll,
     token_offsets,
 )
 from fusion.fuse import (
+    AVGCE_WEIGHTS,
     FUSION_METHODS,
     FusionResult,
     cross_entropy,
@@ -36,6 +39,7 @@ from fusion.vocab import (
 
 __all__ = [
     "ALIGN_METHODS",
+    "AVGCE_WEIGHTS",
     "FUSION_METHODS",
     "AlignedDistributions",
     "Alignment",
@@ -51,6 +55,7 @@ __all__ = [
     "align_sample",
     "align_distributions",
     "align_dtw",
+    "align_gold_nll",
     "align_spans",
     "build_vocab_map",
     "byte_spans",
@@ -58,6 +63,7 @@ __all__ = [
     "fuse",
     "fuse_sample",
     "gold_ids",
+    "pivot_gold_nll",
     "response_mask",
     "token_offsets",
 ]

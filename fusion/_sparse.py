@@ -29,15 +29,33 @@ class SparseDist:
 
     @classmethod
     def from_topk(cls, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> SparseDist:
-        """The stored top-k of the pivot itself (log-probabilities -> probabilities, no renormalisation)."""
-        # exp in float64 then rounded once, as every other path (coo_topk) computes probabilities
-        probs = np.exp(np.asarray(topk_logprobs, dtype=np.float64)).astype(np.float32)
-        return cls(np.asarray(topk_ids, dtype=np.int32), probs)
+        """A stored top-k (int ``[N, K]`` ids, float ``[N, K]`` log-probabilities in nats) as probabilities.
+
+        Rows are not renormalised, except that a row summing to more than 1 (a decoded top-k can: the
+        codec rounds each log-probability to its grid, so a confident top-1 of -0.004 nat may come back
+        as 0) is scaled down to sum to 1 (`topk_probs`)."""
+        return cls(np.asarray(topk_ids, dtype=np.int32), topk_probs(topk_logprobs).astype(np.float32))
 
     def prob_of(self, token_ids: np.ndarray) -> np.ndarray:
         """float64 ``[N]``: probability of ``token_ids[n]`` at position n (0 when outside the top-K)."""
         hit = self.ids == np.asarray(token_ids)[:, None]
         return np.where(hit, self.probs.astype(np.float64), 0.0).sum(axis=1)
+
+
+def topk_probs(topk_logprobs: np.ndarray) -> np.ndarray:
+    """float64 ``[N, K]`` probabilities of stored top-k log-probabilities (nats), each row scaled down to
+    sum to 1 when it sums to more (quantisation of the stored log-probabilities; never an error).
+
+    Rows summing to at most 1 are returned as ``exp(logprob)`` unchanged: the missing mass is the tail
+    outside the top-k. The excess of a decoded row is bounded by the codec's error bound (``e^bound - 1``),
+    so the scaling moves each probability by at most that relative amount."""
+    probs = np.exp(np.asarray(topk_logprobs, dtype=np.float64))
+    if probs.ndim == 2 and probs.size:
+        total = probs.sum(axis=1)
+        over = total > 1.0
+        if over.any():
+            probs[over] /= total[over, None]
+    return probs
 
 
 def coo_topk(rows: np.ndarray, ids: np.ndarray, probs: np.ndarray, num_rows: int, k: int) -> SparseDist:

@@ -5,9 +5,11 @@ Two aligners yield the same `Alignment`:
 - ``offsets`` (default, exact): cut both tokenizations at the byte positions where both have a token
   boundary, from the fast tokenizers' character offsets refined to bytes (byte-level BPE and byte-fallback
   pieces that split a multi-byte character share its character offsets).
-- ``dtw``: the papers' dynamic time warping over token strings (edit-distance cost, whitespace markers
-  normalised, 0.1 discount when one string contains the other), banded and computed by anti-diagonal
-  wavefront in numpy, for parity with published results.
+- ``dtw``: FuseChat-1.0's dynamic time warping over token strings (edit-distance cost, 0.1 discount when
+  one string contains the other) on canonical token bytes (whitespace markers and byte-level encoding
+  normalised), banded and computed by anti-diagonal wavefront in numpy, for parity with published results.
+- ``dtw2``: FuseChat-2.0's variant: the same DTW over each token decoded on its own
+  (``tokenizer.decode([id])``, compared per character), with no containment discount.
 
 Groups are named source-to-pivot as in FuseChat: ``1-1``; ``1-n`` one source token covering n pivot
 tokens; ``n-1`` n source tokens covering one pivot token; ``n-m`` when neither side has a boundary inside.
@@ -20,11 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusion._edit import edit_distance, pad_bytes
-from fusion._sparse import SparseDist, coo_topk
+from fusion._sparse import SparseDist, coo_topk, topk_probs
 from fusion.vocab import MappingStatistics, TokenTable, VocabMap
 
 KIND_NAMES = ("1-1", "1-n", "n-1", "n-m")
-ALIGN_METHODS = ("offsets", "dtw")
+CLIP_START = 1  # Alignment.pivot_clipped / source_clipped flags
+CLIP_END = 2
+ALIGN_METHODS = ("offsets", "dtw", "dtw2")
+DTW_TIES = ("pivot", "source")
 
 
 class AlignmentError(ValueError):
@@ -60,6 +65,11 @@ class Alignment:
     coverage: dict = field(default_factory=dict)
     byte_start: np.ndarray | None = None  # offsets aligner: group extents in the segments' common bytes
     byte_end: np.ndarray | None = None
+    # uint8 [num tokens] per side: CLIP_START / CLIP_END when the token's text reaches before / past the
+    # aligned segment it was clipped to (a BPE merge across the template boundary: ``.`` + ``<|im_end|>``
+    # -> ``.<`` when the end marker is not special); None when nothing was clipped
+    pivot_clipped: np.ndarray | None = None
+    source_clipped: np.ndarray | None = None
 
     @property
     def num_groups(self) -> int:
@@ -86,8 +96,11 @@ class Alignment:
             )
         )
 
-    def token_pairs(self, *, many_to_many: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Every (pivot token index, source token index) pair inside a group: what mapping statistics count."""
+    def token_pairs(self, *, many_to_many: bool = False, with_first: bool = False):
+        """Every (pivot token index, source token index) pair inside a group: what mapping statistics count.
+
+        Returns int64 ``[P]`` pivot and source token indices; with ``with_first`` also bool ``[P]``, True for
+        the pair of the first tokens of each group (both start at the same text point)."""
         keep = np.ones(self.num_groups, bool) if many_to_many else self.kinds() != 3
         ps, ss = self.pivot_start[keep].astype(np.int64), self.source_start[keep].astype(np.int64)
         npv = self.pivot_end[keep] - ps
@@ -95,15 +108,41 @@ class Alignment:
         sizes = npv * nsr
         gid = np.repeat(np.arange(sizes.size), sizes)
         local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        return ps[gid] + local // nsr[gid], ss[gid] + local % nsr[gid]
+        pi, si = ps[gid] + local // nsr[gid], ss[gid] + local % nsr[gid]
+        if with_first:
+            return pi, si, local == 0
+        return pi, si
+
+    def open_end(self) -> np.ndarray:
+        """bool ``[G]``: groups whose last pivot or source token reaches past the segment's end (clipped):
+        its context then holds text beyond the group, so the group end is no common text point."""
+        out = np.zeros(self.num_groups, dtype=bool)
+        if self.pivot_clipped is not None:
+            out |= (self.pivot_clipped[self.pivot_end - 1] & CLIP_END) > 0
+        if self.source_clipped is not None:
+            out |= (self.source_clipped[self.source_end - 1] & CLIP_END) > 0
+        return out
+
+    def open_start(self) -> np.ndarray:
+        """bool ``[G]``: groups whose first pivot or source token starts before the segment (clipped)."""
+        out = np.zeros(self.num_groups, dtype=bool)
+        if self.pivot_clipped is not None:
+            out |= (self.pivot_clipped[self.pivot_start] & CLIP_START) > 0
+        if self.source_clipped is not None:
+            out |= (self.source_clipped[self.source_start] & CLIP_START) > 0
+        return out
 
     def context_map(self) -> np.ndarray:
         """int32 ``[num_pivot_tokens]``: for pivot token t, the source token s whose prefix ends at the same
         text point (last tokens of a group; anchors), else -1. Pivot position t (predicting token t + 1)
-        takes the source distribution at position s."""
+        takes the source distribution at position s. A group whose last token on either side was clipped
+        at the segment's end (`open_end`) gives no pair: ``Paris.`` + ``<|im_end|>`` tokenised ``.<`` by a
+        source without that special token must not give the source's distribution after ``<`` to the
+        pivot position that predicts ``<|im_end|>`` (nor the converse)."""
         out = np.full(self.num_pivot_tokens, -1, dtype=np.int32)
         out[self.anchor_pivot] = self.anchor_source
-        out[self.pivot_end - 1] = self.source_end - 1
+        ok = ~self.open_end()
+        out[self.pivot_end[ok] - 1] = self.source_end[ok] - 1
         return out
 
     @staticmethod
@@ -180,7 +219,9 @@ def byte_spans(text: str, char_offsets: np.ndarray, token_nbytes: np.ndarray) ->
 
 
 def _place(spans: np.ndarray, segments: np.ndarray, offsets: np.ndarray):
-    """Kept token indices and their [start, end) in the common coordinate (segments concatenated)."""
+    """Kept token indices, their [start, end) in the common coordinate (segments concatenated), their
+    segment, and uint8 ``[T]`` clip flags (CLIP_START / CLIP_END: the token's text reaches outside its
+    segment)."""
     s, e = spans[:, 0], spans[:, 1]
     seg_a = np.searchsorted(segments[:, 0], s, side="right") - 1
     seg_b = np.searchsorted(segments[:, 0], np.maximum(e - 1, s), side="right") - 1
@@ -191,6 +232,10 @@ def _place(spans: np.ndarray, segments: np.ndarray, offsets: np.ndarray):
     hi = np.minimum(e, segments[segc, 1])
     keep = np.flatnonzero((seg >= 0) & (hi > lo))
     seg, lo, hi = seg[keep], lo[keep], hi[keep]
+    clipped = np.zeros(spans.shape[0], dtype=np.uint8)
+    clipped[keep] = np.where(s[keep] < segments[seg, 0], CLIP_START, 0) | np.where(
+        e[keep] > segments[seg, 1], CLIP_END, 0
+    )
     shift = offsets[seg] - segments[seg, 0]
     lo, hi = lo + shift, hi + shift
     # uncovered bytes (SentencePiece may leave a space out of '▁word') belong to the following token
@@ -198,7 +243,7 @@ def _place(spans: np.ndarray, segments: np.ndarray, offsets: np.ndarray):
     prev_end = np.r_[0, hi[:-1]] if seg.size else hi
     lo = np.where(new_seg, offsets[seg], np.minimum(lo, prev_end))
     hi = np.maximum.accumulate(hi) if hi.size else hi
-    return keep, lo, hi, seg
+    return keep, lo, hi, seg, clipped
 
 
 def _cuts(lo: np.ndarray, hi: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -236,8 +281,8 @@ def align_spans(
     pseg = np.stack([pseg[:, 0], pseg[:, 0] + lengths], axis=1)
     sseg = np.stack([sseg[:, 0], sseg[:, 0] + lengths], axis=1)
 
-    pk, plo, phi, pseg_id = _place(pivot_spans, pseg, offsets)
-    sk, slo, shi, sseg_id = _place(source_spans, sseg, offsets)
+    pk, plo, phi, pseg_id, pclip = _place(pivot_spans, pseg, offsets)
+    sk, slo, shi, sseg_id, sclip = _place(source_spans, sseg, offsets)
     common = np.intersect1d(_cuts(plo, phi, pseg_id), _cuts(slo, shi, sseg_id))
     pg = np.searchsorted(common, phi, side="left")
     sg = np.searchsorted(common, shi, side="left")
@@ -258,9 +303,14 @@ def align_spans(
         int(source_spans.shape[0]),
         "offsets",
     )
-    # anchors: the token right before each segment's first group, when that group starts the segment
+    if pclip.any():
+        aln.pivot_clipped = pclip
+    if sclip.any():
+        aln.source_clipped = sclip
+    # anchors: the token right before each segment's first group, when that group starts the segment and
+    # neither first token reaches before it (a clipped one has template text in its prefix)
     gstart = np.minimum(plo[pfirst], slo[sfirst]) if pg.size else pg
-    at_seg = np.isin(gstart, offsets)
+    at_seg = np.isin(gstart, offsets) & ~aln.open_start()
     ap, as_ = aln.pivot_start[at_seg] - 1, aln.source_start[at_seg] - 1
     ok = (ap >= 0) & (as_ >= 0)
     aln.anchor_pivot, aln.anchor_source = ap[ok], as_[ok]
@@ -300,8 +350,8 @@ def align_sample(
 
     Texts identical: the whole text is aligned. Texts different (templates differ): only the assistant
     spans, paired in order and kept when their text is identical (``coverage['skipped_spans']`` counts the
-    rest). ``method`` is ``offsets`` or ``dtw`` (``band``: DTW slack in characters, None for the full
-    matrix; ``strip_whitespace``: see `dtw_pieces`).
+    rest). ``method`` is ``offsets``, ``dtw`` or ``dtw2`` (``band``: DTW slack in characters, None for the
+    full matrix; ``strip_whitespace``: see `dtw_pieces`, ``dtw`` only).
     """
     if method not in ALIGN_METHODS:
         raise ValueError(f"unknown alignment {method!r}: expected one of {', '.join(ALIGN_METHODS)}")
@@ -318,9 +368,12 @@ def align_sample(
     seg_bytes = b"".join(pivot.text.encode()[a:b] for a, b in pseg)
     aln.coverage = _coverage(aln, seg_bytes)
     if method == "dtw":
-        aln = _align_dtw_segments(
-            pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip_whitespace, aln
-        )
+        sides = [lambda ids, t=t: dtw_pieces(t, ids, strip_whitespace=strip_whitespace) for t in (ptab, stab)]
+        aln = _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, band, aln, *sides, 0.1)
+    elif method == "dtw2":
+        sides = [lambda ids, t=t: decoded_pieces(t, ids) for t in (pivot_tokenizer, source_tokenizer)]
+        lengths = (ptab.nbytes, stab.nbytes)  # the band on the text's bytes, not the decoded strings
+        aln = _align_dtw_segments(pspans, sspans, pseg, sseg, pids, sids, band, aln, *sides, 1.0, lengths)
     aln.coverage["skipped_spans"] = skipped
     return aln
 
@@ -363,22 +416,42 @@ def dtw_pieces(table: TokenTable, ids: np.ndarray, *, strip_whitespace: bool = F
     return [table.pieces[i] for i in np.asarray(ids).tolist()]
 
 
-def align_dtw(pivot_pieces: list[bytes], source_pieces: list[bytes], *, band: int | None = 32) -> Alignment:
+def decoded_pieces(tokenizer, ids: np.ndarray) -> list[str]:
+    """Each token decoded on its own (``tokenizer.decode([id])``): FuseChat-2.0's DTW strings. A byte-level
+    piece of a multi-byte character decodes to U+FFFD; SentencePiece drops a token's leading space."""
+    return tokenizer.batch_decode([[int(i)] for i in np.asarray(ids).tolist()])
+
+
+def align_dtw(
+    pivot_pieces: list[bytes] | list[str],
+    source_pieces: list[bytes] | list[str],
+    *,
+    band: int | None = 32,
+    discount: float = 0.1,
+    ties: str = "pivot",
+    text_lengths: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Alignment:
     """DTW alignment of two token-string sequences (indices local to the lists).
 
-    Cost of a cell: Levenshtein distance of the two byte strings, x0.1 when one contains the other
-    (FuseChat).
+    Cost of a cell: Levenshtein distance of the two strings (over bytes for ``bytes``, characters for
+    ``str``), times ``discount`` when one contains the other (FuseChat-1.0: 0.1; FuseChat-2.0: 1.0, none).
     With ``band``, only cells whose strings lie within ``band`` characters of each other in the running
     text are evaluated (the optimal path of two tokenizations of one text never leaves that band); None
-    evaluates the full matrix. Path ties prefer diagonal, then pivot step, then source step.
+    evaluates the full matrix. Path ties prefer the diagonal, then ``ties``: ``pivot`` a pivot step before
+    a source step (FuseChat-2.0's order), ``source`` the converse (FuseChat-1.0's and FuseLLM's).
+    ``text_lengths``: (pivot, source) int arrays, each token's length in the running text, on which the
+    band is measured (default: the strings' own lengths; decoded SentencePiece strings drop their leading
+    space, so `decoded_pieces` need the tokens' byte lengths here).
     """
+    if ties not in DTW_TIES:
+        raise ValueError(f"unknown DTW tie order {ties!r}: expected one of {', '.join(DTW_TIES)}")
     n, m = len(pivot_pieces), len(source_pieces)
     if n == 0 or m == 0:
         z = np.zeros(0, np.int32)
         return Alignment(z, z, z, z, n, m, "dtw")
-    pi, sj = _band_cells(pivot_pieces, source_pieces, band)
-    cost = _cell_costs(pivot_pieces, source_pieces, pi, sj)
-    path_i, path_j = _dtw_path(n, m, pi, sj, cost)
+    pi, sj = _band_cells(pivot_pieces, source_pieces, band, text_lengths)
+    cost = _cell_costs(pivot_pieces, source_pieces, pi, sj, discount)
+    path_i, path_j = _dtw_path(n, m, pi, sj, cost, ties)
     new = np.r_[True, (np.diff(path_i) == 1) & (np.diff(path_j) == 1)]
     first = np.flatnonzero(new)
     last = np.r_[first[1:] - 1, path_i.size - 1]
@@ -393,13 +466,16 @@ def align_dtw(pivot_pieces: list[bytes], source_pieces: list[bytes], *, band: in
     )
 
 
-def _band_cells(pp: list[bytes], sp: list[bytes], band: int | None):
+def _band_cells(pp: list, sp: list, band: int | None, text_lengths=None):
     n, m = len(pp), len(sp)
     if band is None:
         lo, hi = np.zeros(n, np.int64), np.full(n, m, np.int64)
     else:
-        pl = np.fromiter(map(len, pp), np.int64, n)
-        sl = np.fromiter(map(len, sp), np.int64, m)
+        if text_lengths is None:
+            pl = np.fromiter(map(len, pp), np.int64, n)
+            sl = np.fromiter(map(len, sp), np.int64, m)
+        else:
+            pl, sl = (np.asarray(x, dtype=np.int64) for x in text_lengths)
         pe, se = np.cumsum(pl), np.cumsum(sl)
         ps, ss = pe - pl, se - sl
         lo = np.searchsorted(se, ps - band, side="right")
@@ -415,22 +491,44 @@ def _band_cells(pp: list[bytes], sp: list[bytes], band: int | None):
     return rows, cols
 
 
-def _cell_costs(pp: list[bytes], sp: list[bytes], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _pad_pieces(pieces: list) -> tuple[np.ndarray, np.ndarray]:
+    """`pad_bytes` for bytes; for str, each distinct character gets its own uint16 symbol (above the
+    padding symbols), so that distances count characters."""
+    if not pieces or isinstance(pieces[0], bytes):
+        return pad_bytes(pieces)
+    codes: dict[str, int] = {}
+    as_codes = [[codes.setdefault(ch, 258 + len(codes)) for ch in p] for p in pieces]
+    if len(codes) > 65535 - 258:
+        raise ValueError("too many distinct characters for the DTW string cost")
+    lengths = np.fromiter(map(len, as_codes), dtype=np.int64, count=len(as_codes))
+    out = np.full((len(as_codes), max(int(lengths.max(initial=0)), 1)), 256, dtype=np.uint16)
+    for r, c in enumerate(as_codes):
+        out[r, : len(c)] = c
+    return out, lengths
+
+
+def _cell_costs(pp: list, sp: list, rows: np.ndarray, cols: np.ndarray, discount: float = 0.1) -> np.ndarray:
     # distances are computed once per distinct (pivot string, source string) pair
-    pu: dict[bytes, int] = {}
-    su: dict[bytes, int] = {}
+    pu: dict = {}
+    su: dict = {}
     pcode = np.fromiter((pu.setdefault(p, len(pu)) for p in pp), np.int64, len(pp))
     scode = np.fromiter((su.setdefault(s, len(su)) for s in sp), np.int64, len(sp))
     keys = pcode[rows] * len(su) + scode[cols]
     ukeys, inv = np.unique(keys, return_inverse=True)
-    pmat, plen = pad_bytes(list(pu))
-    smat, slen = pad_bytes(list(su))
+    if isinstance(pp[0], str):  # one symbol table for both sides
+        mat, lengths = _pad_pieces(list(pu) + list(su))
+        pmat, plen, smat, slen = mat[: len(pu)], lengths[: len(pu)], mat[len(pu) :], lengths[len(pu) :]
+    else:
+        pmat, plen = pad_bytes(list(pu))
+        smat, slen = pad_bytes(list(su))
     a, b = ukeys // len(su), ukeys % len(su)
-    dist, contains = edit_distance(pmat[a], plen[a], smat[b], slen[b], contains=True)
-    return (dist * np.where(contains, 0.1, 1.0))[inv]
+    dist, contains = edit_distance(pmat[a], plen[a], smat[b], slen[b], contains=discount != 1.0)
+    if discount == 1.0:
+        return dist[inv].astype(np.float64)
+    return (dist * np.where(contains, discount, 1.0))[inv]
 
 
-def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarray):
+def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, ties: str = "pivot"):
     w = m + 1
     acc = np.full((n + 1) * w, np.inf)
     acc[0] = 0.0
@@ -446,9 +544,13 @@ def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarr
             continue
         f = flat[s:e]
         acc[f] = c[s:e] + np.minimum(np.minimum(acc[f - w - 1], acc[f - w]), acc[f - 1])
-    # moves, with the reference's preference on ties: diagonal, then pivot step, then source step
+    # moves, preferring on ties the diagonal, then (ties="pivot") a pivot step (1), then a source step (2)
     dg, up, left = acc[flat - w - 1], acc[flat - w], acc[flat - 1]
-    move = np.where((dg <= up) & (dg <= left), 0, np.where(up <= left, 1, 2)).astype(np.uint8)
+    if ties == "pivot":
+        move = np.where((dg <= up) & (dg <= left), 0, np.where(up <= left, 1, 2))
+    else:
+        move = np.where((dg <= up) & (dg <= left), 0, np.where(left <= up, 2, 1))
+    move = move.astype(np.uint8)
     moves = np.full((n + 1) * w, 3, dtype=np.uint8)
     moves[flat] = move
     moves = moves.tobytes()
@@ -472,20 +574,34 @@ def _dtw_path(n: int, m: int, rows: np.ndarray, cols: np.ndarray, cost: np.ndarr
 
 
 def _align_dtw_segments(
-    pspans, sspans, pseg, sseg, pids, sids, ptab, stab, band, strip, offsets_aln
+    pspans,
+    sspans,
+    pseg,
+    sseg,
+    pids,
+    sids,
+    band,
+    offsets_aln,
+    pivot_pieces,
+    source_pieces,
+    discount,
+    nbytes=None,
 ) -> Alignment:
-    """DTW inside each aligned segment, over the tokens the offsets aligner kept there."""
+    """DTW inside each aligned segment, over the tokens the offsets aligner kept there; ``pivot_pieces(ids)``
+    / ``source_pieces(ids)`` give the token strings, ``discount`` the containment discount, ``nbytes``
+    (pivot, source) functions of ids giving the tokens' text lengths for the band (default: the strings')."""
     lengths = pseg[:, 1] - pseg[:, 0]
     offsets = np.r_[0, np.cumsum(lengths)[:-1]]
-    pk, _, _, pseg_id = _place(pspans, pseg, offsets)
-    sk, _, _, sseg_id = _place(sspans, sseg, offsets)
+    pk, _, _, pseg_id, _ = _place(pspans, pseg, offsets)
+    sk, _, _, sseg_id, _ = _place(sspans, sseg, offsets)
     parts = []
     for g in range(len(pseg)):
         pidx, sidx = pk[pseg_id == g], sk[sseg_id == g]
         if pidx.size == 0 or sidx.size == 0:
             continue
-        pp = dtw_pieces(ptab, pids[pidx], strip_whitespace=strip)
-        a = align_dtw(pp, dtw_pieces(stab, sids[sidx], strip_whitespace=strip), band=band)
+        pp, sp = pivot_pieces(pids[pidx]), source_pieces(sids[sidx])
+        tl = (nbytes[0](pids[pidx]), nbytes[1](sids[sidx])) if nbytes else None
+        a = align_dtw(pp, sp, band=band, discount=discount, text_lengths=tl)
         parts.append(
             (pidx[a.pivot_start], pidx[a.pivot_end - 1] + 1, sidx[a.source_start], sidx[a.source_end - 1] + 1)
         )
@@ -493,8 +609,9 @@ def _align_dtw_segments(
         np.concatenate([p[i] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
         for i in range(4)
     ]
-    aln = Alignment(*cat, len(pids), len(sids), "dtw")
+    aln = Alignment(*cat, len(pids), len(sids), "dtw" if discount != 1.0 else "dtw2")
     aln.anchor_pivot, aln.anchor_source = offsets_aln.anchor_pivot, offsets_aln.anchor_source
+    aln.pivot_clipped, aln.source_clipped = offsets_aln.pivot_clipped, offsets_aln.source_clipped
     aln.coverage = dict(offsets_aln.coverage)
     return aln
 
@@ -515,12 +632,17 @@ class AlignedDistributions:
         source_mass: float32 ``[N]``: source top-k probability carried to each position (0 where it fell
             back). ``source_mass - unmapped_mass - dist.probs.sum(1)`` is what the top-k cut dropped after
             merges (0 unless more than k distinct pivot ids were hit).
+        gold_nll: float64 ``[N]``: the source's negative log-likelihood (nats) of the pivot's gold tokens,
+            per pivot position (see `align_gold_nll`); what MinCE / AvgCE rank the source by.
+        gold_from_source: bool ``[N]``: positions whose ``gold_nll`` comes from the source (else the pivot's).
     """
 
     dist: SparseDist
     from_source: np.ndarray
     unmapped_mass: np.ndarray
     source_mass: np.ndarray | None = None
+    gold_nll: np.ndarray | None = None
+    gold_from_source: np.ndarray | None = None
 
     @property
     def num_fallback(self) -> int:
@@ -571,7 +693,7 @@ def align_distributions(
         prow, srow, weight = _n_to_one_weights(pivot, source, alignment, stats, ppos, spos, prow, srow)
 
     mapped = vocab_map(np.asarray(source.topk_ids)[srow]).astype(np.int64)
-    probs = np.exp(np.asarray(source.topk_logprobs, dtype=np.float64)[srow]) * weight[:, None]
+    probs = topk_probs(np.asarray(source.topk_logprobs)[srow]) * weight[:, None]
     unmapped, carried = np.zeros(n), np.zeros(n)
     np.add.at(unmapped, prow, np.where(mapped < 0, probs, 0.0).sum(axis=1))
     np.add.at(carried, prow, probs.sum(axis=1))
@@ -587,7 +709,86 @@ def align_distributions(
     dist.probs[fb, :kk] = own.probs[fb, :kk]
     unmapped[fb] = 0.0
     carried[fb] = 0.0
-    return AlignedDistributions(dist, from_source, unmapped.astype(np.float32), carried.astype(np.float32))
+    nll, nll_from_source = align_gold_nll(pivot, source, alignment)
+    return AlignedDistributions(
+        dist, from_source, unmapped.astype(np.float32), carried.astype(np.float32), nll, nll_from_source
+    )
+
+
+def pivot_gold_nll(pivot) -> np.ndarray:
+    """float64 ``[N]``: ``-gold_logprob`` of a `ScoredSample`, the negative log-likelihood (nats) of the actual
+    next token under the full-vocabulary distribution (stored by extraction, not limited to the top-k)."""
+    return -np.asarray(pivot.gold_logprob, dtype=np.float64)
+
+
+def align_gold_nll(pivot, source, alignment: Alignment) -> tuple[np.ndarray, np.ndarray]:
+    """The source's negative log-likelihood of the pivot's gold tokens, at the pivot's scored positions.
+
+    Returns float64 ``[N]`` (nats) and bool ``[N]`` (True where the value comes from the source). The
+    source scores its own tokens, so the values are carried over per alignment group, by the chain rule:
+    a group's text has probability ``Π p_src(source tokens)`` under the source and ``Π p_pivot(pivot
+    tokens)`` under the pivot. For a group of pivot tokens ``[ps, pe)`` and source tokens ``[ss, se)``:
+
+    - the pivot position ``ps - 1`` (predicting the group's first pivot token, same context as the source
+      position ``ss - 1``) gets ``Σ_{j=ss}^{se-1} -source.gold_logprob`` at source position ``j - 1``: the
+      source NLL of the whole group text; the other pivot positions of the group (``ps .. pe - 2``) get 0.
+      So ``1-1`` is position to position; ``1-n`` (one source token over n pivot tokens) puts the source's
+      NLL of that token on the first of the n positions; ``n-1`` (n source tokens in one pivot token) sums
+      the n source NLLs on the one pivot position; ``n-m`` likewise sums.
+    - A group is used only when every pivot position ``ps - 1 .. pe - 2`` and every source position
+      ``ss - 1 .. se - 2`` was scored, its pivot tokens are all response tokens or all not (``loss_mask``),
+      and neither side's tokens reach outside the aligned segment (`Alignment.open_start` / `open_end`).
+    - Every other position (template tokens outside the aligned text, groups not used) takes the pivot's
+      own NLL, so it adds the same amount to both candidates' CE and the ranking is decided by the text
+      both scored.
+
+    Summed over a sample this is the source's NLL of the same text as the pivot's, divided by the same
+    number of pivot positions: unlike the reference code's per-model mean over its own tokens, a tokenizer
+    with longer tokens is not penalised (nor favoured) by its token count.
+    """
+    ppos = np.asarray(pivot.positions, dtype=np.int64)
+    spos = np.asarray(source.positions, dtype=np.int64)
+    nll = pivot_gold_nll(pivot).copy()
+    from_source = np.zeros(ppos.size, dtype=bool)
+    if alignment.num_groups == 0 or ppos.size == 0 or spos.size == 0:
+        return nll, from_source
+    tp, ts = alignment.num_pivot_tokens, alignment.num_source_tokens
+    # token j is "predicted" by position j - 1: token-level scored flags and NLL, as prefix sums
+    p_row = np.full(tp + 1, -1, dtype=np.int64)
+    p_row[ppos + 1] = np.arange(ppos.size)
+    s_scored = np.zeros(ts + 1, dtype=np.int64)
+    s_nll = np.zeros(ts + 1, dtype=np.float64)
+    s_scored[spos + 1] = 1
+    s_nll[spos + 1] = -np.asarray(source.gold_logprob, dtype=np.float64)
+    p_scored_cum = np.r_[0, np.cumsum(p_row >= 0)]
+    s_scored_cum = np.r_[0, np.cumsum(s_scored)]
+    s_nll_cum = np.r_[0.0, np.cumsum(s_nll)]
+    mask = np.asarray(pivot.loss_mask, dtype=bool)
+    mask_cum = np.r_[0, np.cumsum(mask)]
+
+    ps, pe = alignment.pivot_start.astype(np.int64), alignment.pivot_end.astype(np.int64)
+    ss, se = alignment.source_start.astype(np.int64), alignment.source_end.astype(np.int64)
+    n_mask = mask_cum[pe] - mask_cum[ps]
+    ok = (
+        (ps >= 1)
+        & (ss >= 1)
+        & (p_scored_cum[pe] - p_scored_cum[ps] == pe - ps)
+        & (s_scored_cum[se] - s_scored_cum[ss] == se - ss)
+        & ((n_mask == 0) | (n_mask == pe - ps))
+        & ~alignment.open_start()
+        & ~alignment.open_end()
+    )
+    if not ok.any():
+        return nll, from_source
+    ps, pe, ss, se = ps[ok], pe[ok], ss[ok], se[ok]
+    group_nll = s_nll_cum[se] - s_nll_cum[ss]
+    sizes = pe - ps
+    tok = np.repeat(ps, sizes) + np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    rows = p_row[tok]
+    first = tok == np.repeat(ps, sizes)
+    nll[rows] = np.where(first, np.repeat(group_nll, sizes), 0.0)
+    from_source[rows] = True
+    return nll, from_source
 
 
 def _n_to_one_weights(pivot, source, aln, stats, ppos, spos, prow, srow):

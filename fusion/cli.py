@@ -21,14 +21,21 @@ def fuse_command(
         "targets dataset per source under OUT/<source logits id>.",
     ),
     align: str = typer.Option(
-        "offsets", help="Sequence alignment: offsets (exact, from character offsets) or dtw."
+        "offsets",
+        help="Sequence alignment: offsets (exact, from character offsets), dtw (FuseChat-1.0's DTW: edit "
+        "distance of canonical token bytes, x0.1 when one contains the other) or dtw2 (FuseChat-2.0's: "
+        "tokens decoded one by one, no discount).",
     ),
     vocab_map: str = typer.Option(
         "ms",
         help="Vocabulary mapping: ms (mapping statistics over the dataset), mined (min edit distance), em (exact).",
     ),
     fusion: str = typer.Option(
-        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (softmax(-CE) weights)."
+        "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (CE-weighted average)."
+    ),
+    avgce_weights: str = typer.Option(
+        "softmax-ce",
+        help="AvgCE weights: softmax-ce (w = softmax(-CE)) or fusellm (FuseLLM's w = softmax(exp(-CE))).",
     ),
     mode: str = typer.Option(
         "pairwise",
@@ -54,6 +61,7 @@ def fuse_command(
         fusion=fusion,
         mode=mode,
         k=k or None,
+        avgce_weights=avgce_weights,
         shard_rows=shard_rows,
         progress=not quiet,
     )

@@ -40,12 +40,14 @@ from fusion._sparse import SparseDist
 from fusion.align import (
     ALIGN_METHODS,
     KIND_NAMES,
+    AlignedDistributions,
     Alignment,
     AlignmentError,
     align_distributions,
     align_sample,
+    pivot_gold_nll,
 )
-from fusion.fuse import FUSION_METHODS, fuse, gold_ids, response_mask
+from fusion.fuse import AVGCE_WEIGHTS, FUSION_METHODS, fuse, response_mask
 from fusion.vocab import MappingStatistics, TokenTable, VocabMap, build_vocab_map
 
 VOCAB_MAPS = ("ms", "mined", "em")
@@ -124,6 +126,7 @@ class FuseReport:
     fusion: str
     mode: str
     k: int
+    avgce_weights: str = "softmax-ce"
     samples: int = 0
     sources: list[SourceReport] = field(default_factory=list)
     targets: list[TargetsReport] = field(default_factory=list)
@@ -136,6 +139,7 @@ class FuseReport:
             f"fused {self.samples} sample(s) in {self.seconds:.1f}s ({self.statistics_seconds:.1f}s building "
             f"mapping statistics): align={self.align} vocab-map={self.vocab_map} fusion={self.fusion} "
             f"mode={self.mode} k={self.k}"
+            + (f" avgce-weights={self.avgce_weights}" if self.fusion == "avgce" else "")
         ]
         for s in self.sources:
             g = s.group_shares
@@ -302,6 +306,7 @@ def fuse_logits(
     fusion: str = "mince",
     mode: str = "pairwise",
     k: int | None = None,
+    avgce_weights: str = "softmax-ce",
     shard_rows: int = 512,
     progress: bool = True,
     align_cache_bytes: int = ALIGN_CACHE_BYTES,
@@ -315,6 +320,7 @@ def fuse_logits(
         (vocab_map, VOCAB_MAPS, "--vocab-map"),
         (fusion, FUSION_METHODS, "--fusion"),
         (mode, MODES, "--mode"),
+        (avgce_weights, AVGCE_WEIGHTS, "--avgce-weights"),
     ):
         if value not in allowed:
             raise UserError(f"{option} {value!r}: expected one of {', '.join(allowed)}")
@@ -347,7 +353,15 @@ def fuse_logits(
     for src in sources:
         src.index = _sample_index(src.reader)
 
-    report = FuseReport(pivot=pivot_uri, align=align, vocab_map=vocab_map, fusion=fusion, mode=mode, k=k)
+    report = FuseReport(
+        pivot=pivot_uri,
+        align=align,
+        vocab_map=vocab_map,
+        fusion=fusion,
+        mode=mode,
+        k=k,
+        avgce_weights=avgce_weights,
+    )
     report.sources = [SourceReport(s.name, s.reader.uri, s.logits_id) for s in sources]
 
     # jobs: (targets uri, indices of the sources fused in it)
@@ -366,7 +380,8 @@ def fuse_logits(
             vocab_map=vocab_map,
             fusion=fusion,
             k=k,
-            extra={"mode": mode, "dataset_id": dataset_id},
+            extra={"mode": mode, "dataset_id": dataset_id}
+            | ({"avgce_weights": avgce_weights} if fusion == "avgce" else {}),
         )
         writers.append(TargetsWriter(uri, meta, shard_rows=shard_rows))
     for (uri, members), w in zip(jobs, writers, strict=True):
@@ -386,17 +401,19 @@ def fuse_logits(
     try:
         for p, found in _pairs(pivot, sources, skip=all_done):
             report.samples += 1
-            aligned: list[SparseDist | None] = []
+            aligned: list[AlignedDistributions | None] = []
             for j, (src, s) in enumerate(zip(sources, found, strict=True)):
                 aligned.append(_align_one(p, s, j, src, pivot, maps[j], align, k, cache, report.sources[j]))
             own = _fit_k(SparseDist.from_topk(p.topk_ids, p.topk_logprobs), k)
-            gold, mask = gold_ids(p), response_mask(p)
+            own_nll, mask = pivot_gold_nll(p), response_mask(p)
             for (_uri, members), w, done_ids, tr in zip(jobs, writers, done, report.targets, strict=True):
                 if p.sample_id in done_ids:
                     continue
-                cands = [own] + [aligned[j] for j in members if aligned[j] is not None]
-                cand_names = [names[0]] + [sources[j].name for j in members if aligned[j] is not None]
-                res = fuse(cands, gold, mask, fusion, k=k)
+                present = [j for j in members if aligned[j] is not None]
+                cands = [own] + [aligned[j].dist for j in present]
+                nll = [own_nll] + [aligned[j].gold_nll for j in present]
+                cand_names = [names[0]] + [sources[j].name for j in present]
+                res = fuse(cands, nll, mask, fusion, k=k, avgce_weights=avgce_weights)
                 ce = {name: float(v) for name, v in zip(cand_names, res.ces, strict=True)}
                 winner = cand_names[res.winner]
                 w.write(
@@ -506,7 +523,7 @@ def _save_statistics(jobs, writers, j, src, stats: MappingStatistics) -> None:
         fs.write_atomic(fsys, path, data)
 
 
-def _align_one(p, s, j, src, pivot, vmap, align, k, cache, rep: SourceReport) -> SparseDist | None:
+def _align_one(p, s, j, src, pivot, vmap, align, k, cache, rep: SourceReport) -> AlignedDistributions | None:
     """One source's distributions at the pivot's positions (None when absent or unalignable)."""
     if s is None:
         rep.missing += 1
@@ -533,4 +550,4 @@ def _align_one(p, s, j, src, pivot, vmap, align, k, cache, rep: SourceReport) ->
     rep.source_mass += carried
     rep.unmapped_mass += unmapped
     rep.dropped_mass += max(carried - unmapped - kept, 0.0)
-    return out.dist
+    return out

@@ -161,10 +161,18 @@ class VocabMap(ABC):
         }
 
     def __call__(self, source_ids: np.ndarray) -> np.ndarray:
-        source_ids = np.asarray(source_ids)
+        """int32 pivot ids, shaped like ``source_ids``; -1 where there is none, including source ids outside
+        the source tokenizer (``< 0``, or at or past its length: padded output heads such as Qwen's 152,064
+        rows over a 151,665-token tokenizer), whose mass the caller counts as unmapped."""
+        source_ids = np.asarray(source_ids, dtype=np.int64)
+        known = (source_ids >= 0) & (source_ids < self.source.vocab_size)
         if self.identity:
-            return np.where(source_ids < self.pivot.vocab_size, source_ids, -1).astype(np.int32)
-        return self._map(source_ids)
+            return np.where(known & (source_ids < self.pivot.vocab_size), source_ids, -1).astype(np.int32)
+        out = np.full(source_ids.shape, -1, dtype=np.int32)
+        if known.all():
+            return self._map(source_ids).astype(np.int32)
+        out[known] = self._map(source_ids[known])
+        return out
 
     @abstractmethod
     def _map(self, source_ids: np.ndarray) -> np.ndarray:
@@ -203,7 +211,8 @@ class ExactMatch(VocabMap):
 class MinEditDistance(ExactMatch):
     """MinED: the pivot token at minimum edit distance (over canonical bytes) from the source token.
 
-    Ties: smaller length difference, then the lower pivot id. Special tokens map only by EM / role.
+    Ties: a regular token before a byte-fallback one (``00`` -> ``0``, not ``<0x30>``), then the smaller
+    length difference, then the lower pivot id. Special tokens map only by EM / role.
     Exact matches are taken from EM; the rest are computed lazily for the ids actually seen and cached,
     each one vectorised against the whole pivot vocabulary (bit-parallel Levenshtein).
     """
@@ -237,7 +246,12 @@ class MinEditDistance(ExactMatch):
             return -1
         dist = distances_to_table(piece, table_t, lengths)
         best = np.flatnonzero(dist == dist.min())
-        order = np.lexsort((ids[best], np.abs(lengths[best] - len(piece))))
+        # ties: a regular token before a byte-fallback one (SentencePiece's <0xNN> pieces only stand for
+        # bytes it has no piece for, so a model rarely predicts them), then the smaller length difference,
+        # then the lower id
+        order = np.lexsort(
+            (ids[best], np.abs(lengths[best] - len(piece)), self.pivot.is_byte_fallback[ids[best]])
+        )
         return int(ids[best[order[0]]])
 
 
@@ -245,8 +259,11 @@ class MappingStatistics:
     """MS: how often each (source token, pivot token) pair is aligned, over a whole dataset.
 
     Stored sparse as sorted keys ``source_id * pivot_vocab + pivot_id`` (uint32 when the product of the
-    vocabularies fits, as for 131k x 32k, else int64) with uint32 counts: 8 bytes per distinct pair that
-    was ever co-aligned, nothing for the 4e9 that never were. Add alignments with `add`, then `save`/`load`.
+    vocabularies fits, as for 131k x 32k, else int64) with two uint32 counts per key: ``counts``, how often
+    the pair lies in one group, and ``start_counts``, how often both tokens *start* their group (the pivot
+    token is then what the pivot predicts at the position where the source predicts the source token).
+    12 bytes per distinct pair that was ever co-aligned, nothing for the 4e9 that never were. Add
+    alignments with `add`, then `save`/`load`.
     """
 
     def __init__(self, pivot_vocab: int, source_vocab: int, meta: dict | None = None):
@@ -256,7 +273,8 @@ class MappingStatistics:
         self.key_dtype = np.uint32 if self.pivot_vocab * self.source_vocab <= 2**32 else np.int64
         self.keys = np.zeros(0, dtype=self.key_dtype)
         self.counts = np.zeros(0, dtype=np.uint32)
-        self._pending: list[np.ndarray] = []
+        self.start_counts = np.zeros(0, dtype=np.uint32)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_size = 0
         self._best: np.ndarray | None = None
 
@@ -264,10 +282,11 @@ class MappingStatistics:
         self, alignment, pivot_input_ids: np.ndarray, source_input_ids: np.ndarray, *, many_to_many=False
     ):
         """Count every (pivot token, source token) pair inside each group of ``alignment`` (n-m groups are
-        skipped unless ``many_to_many``, their pairs being mostly noise)."""
-        pi, si = alignment.token_pairs(many_to_many=many_to_many)
+        skipped unless ``many_to_many``, their pairs being mostly noise), and separately the pair of the
+        first tokens of each counted group."""
+        pi, si, first = alignment.token_pairs(many_to_many=many_to_many, with_first=True)
         keys = source_input_ids[si].astype(np.int64) * self.pivot_vocab + pivot_input_ids[pi].astype(np.int64)
-        self._pending.append(keys)
+        self._pending.append((keys, first))
         self._pending_size += keys.size
         self._best = None
         if self._pending_size > 4_000_000:
@@ -277,19 +296,24 @@ class MappingStatistics:
         """Fold pending pairs into the sorted arrays (called automatically; cheap to call again)."""
         if not self._pending:
             return
-        new_keys, new_counts = np.unique(np.concatenate(self._pending), return_counts=True)
+        keys = np.concatenate([self.keys.astype(np.int64)] + [k for k, _ in self._pending])
+        counts = np.concatenate(
+            [self.counts.astype(np.int64)] + [np.ones(k.size, np.int64) for k, _ in self._pending]
+        )
+        starts = np.concatenate(
+            [self.start_counts.astype(np.int64)] + [f.astype(np.int64) for _, f in self._pending]
+        )
         self._pending, self._pending_size = [], 0
-        keys = np.concatenate([self.keys.astype(np.int64), new_keys])
-        counts = np.concatenate([self.counts.astype(np.int64), new_counts])
         ukeys, inv = np.unique(keys, return_inverse=True)
         self.keys = ukeys.astype(self.key_dtype)
         self.counts = np.bincount(inv, weights=counts, minlength=ukeys.size).astype(np.uint32)
+        self.start_counts = np.bincount(inv, weights=starts, minlength=ukeys.size).astype(np.uint32)
 
     @property
     def nbytes(self) -> int:
         self.compact()
         best = 0 if self._best is None else self._best.nbytes
-        return int(self.keys.nbytes + self.counts.nbytes + best)
+        return int(self.keys.nbytes + self.counts.nbytes + self.start_counts.nbytes + best)
 
     @property
     def num_pairs(self) -> int:
@@ -307,13 +331,16 @@ class MappingStatistics:
         return np.where(self.keys[pos] == q, self.counts[pos], 0).astype(np.int64)
 
     def best_pivot(self) -> np.ndarray:
-        """int32 ``[source_vocab]``: most frequent pivot partner of each source id (ties: lower pivot id),
-        -1 for source ids never aligned."""
+        """int32 ``[source_vocab]``: most frequent pivot partner of each source id, -1 for source ids never
+        aligned. Ties on the count (typically the n pieces of one source token that spans n pivot tokens,
+        ``Ġconcise`` = ``▁conc`` + ``ise``, every one counted once per occurrence) go to the partner that
+        most often starts the group with it, i.e. the piece the pivot predicts next where the source
+        predicts that token (``▁conc``), then to the lower pivot id."""
         self.compact()
         if self._best is None:
             keys = self.keys.astype(np.int64)
             src, piv = keys // self.pivot_vocab, keys % self.pivot_vocab
-            order = np.lexsort((piv, -self.counts.astype(np.int64), src))
+            order = np.lexsort((piv, -self.start_counts.astype(np.int64), -self.counts.astype(np.int64), src))
             src, piv = src[order], piv[order]
             first = np.flatnonzero(np.r_[True, src[1:] != src[:-1]]) if src.size else np.zeros(0, np.int64)
             best = np.full(self.source_vocab, -1, dtype=np.int32)
@@ -326,7 +353,13 @@ class MappingStatistics:
         self.compact()
         meta = json.dumps({**self.meta, "pivot_vocab": self.pivot_vocab, "source_vocab": self.source_vocab})
         buf = io.BytesIO()
-        np.savez_compressed(buf, keys=self.keys, counts=self.counts, meta=np.frombuffer(meta.encode(), np.uint8))
+        np.savez_compressed(
+            buf,
+            keys=self.keys,
+            counts=self.counts,
+            start_counts=self.start_counts,
+            meta=np.frombuffer(meta.encode(), np.uint8),
+        )
         return buf.getvalue()
 
     @classmethod
@@ -336,6 +369,10 @@ class MappingStatistics:
             stats = cls(meta.pop("pivot_vocab"), meta.pop("source_vocab"), meta)
             stats.keys = z["keys"].astype(stats.key_dtype)
             stats.counts = z["counts"].astype(np.uint32)
+            # statistics saved before start counts existed: ties then fall back to the lower pivot id
+            stats.start_counts = (
+                z["start_counts"].astype(np.uint32) if "start_counts" in z else np.zeros_like(stats.counts)
+            )
         return stats
 
     def save(self, path: str | Path) -> None:

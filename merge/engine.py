@@ -1,5 +1,12 @@
 """The merge job: check the checkpoints, then merge and write one parameter at a time.
 
+The output is built in a hidden staging directory next to `out` (`datastore.staging`) and renamed into
+place only when complete, so an interrupted merge never leaves a half-written `out` or `*.tmp` files that
+block the rerun (a stage left by a killed process is removed by the next run); `overwrite=True` replaces an
+existing output only once the new one is complete. A merged value that is NaN or infinite in the output
+dtype (an fp16 overflow) stops the merge naming the tensor, unless `allow_nonfinite=True`. Configs using a
+method or feature only mergekit implements are handed to mergekit (`merge.mergekit_bridge`).
+
 Peak memory is a few chunks plus, for methods that select the top elements of a matrix (SCE with
 select_topk < 1, TIES with density < 1), one float32 score per element of the matrix being merged.
 `in_memory=True` is the conventional way kept for comparison: every model is read fully first and each
@@ -15,9 +22,12 @@ from pathlib import Path
 
 import torch
 
+from datastore.errors import UserError
+from datastore.staging import check_target, staged_directory
 from merge.config import MergeConfig
 from merge.errors import MergeError
-from merge.registry import get_method
+from merge.parameters import ParameterPlan, count_layers
+from merge.registry import MERGEKIT_METHODS, builtin_methods, get_method
 from merge.safetensors_io import Checkpoint, ShardedWriter, TensorInfo, copy_side_files, parse_size
 from merge.stream import ParameterStream
 
@@ -33,8 +43,29 @@ def _embedding_name(ckpt: Checkpoint) -> str | None:
     return next((n for n in ckpt.tensors if n.endswith(_EMBED)), None)
 
 
+def _unties_embeddings(ckpt: Checkpoint) -> bool:
+    """True when config.json declares an untied head: `tie_word_embeddings: false`, or a *ForCausalLM
+    architecture whose model type unties by default (transformers' config class decides)."""
+    tie = ckpt.config.get("tie_word_embeddings")
+    if tie is None and any(str(a).endswith("ForCausalLM") for a in ckpt.config.get("architectures") or []):
+        try:
+            from transformers import AutoConfig
+
+            tie = AutoConfig.for_model(ckpt.config["model_type"]).tie_word_embeddings
+        except (KeyError, ValueError):
+            return False
+    return tie is False
+
+
 def _check(base: Checkpoint, targets: list[Checkpoint]) -> list[dict[str, TensorInfo]]:
     """For every target, the tensor to read for each base tensor; raises MergeError on any mismatch."""
+    embedding = _embedding_name(base)
+    if embedding and not any(n.endswith(_TIED_HEAD) for n in base.tensors) and _unties_embeddings(base):
+        raise MergeError(
+            f"{base.dir}: config.json unties the output head (tie_word_embeddings false) but the weights have no "
+            f"{_TIED_HEAD}; transformers would load the merge with a random head. Add the head or set "
+            "tie_word_embeddings: true"
+        )
     resolved = []
     for t in targets:
         who = str(t.dir)
@@ -95,36 +126,76 @@ def run_merge(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     max_shard_size: str | int = "5GB",
     in_memory: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Merges `config.models` onto `config.base_model` into `out_dir` (created; must be new or empty)."""
+    """Merges `config.models` (onto `config.base_model` for every method but linear) into `out_dir`.
+
+    `out_dir` must be new or empty unless `overwrite`. Raises MergeError (one line) for bad input: an
+    unknown method or parameter, missing or mismatched tensors, a bad safetensors header, an untied config
+    without a head, a non-finite merged value (unless `allow_nonfinite`). Methods and features only mergekit
+    has run through mergekit when it is installed (`pip install 'logitfuse[mergekit]'`).
+    """
     say = progress or (lambda _msg: None)
-    method = get_method(config.merge_method)
     out = Path(out_dir)
-    base_path = Path(config.base_model)
-    entries = list(config.models)
-    if method.uses_pivot:  # as mergekit: the base listed among the models contributes no fusion vector
+    if config.mergekit_features or config.merge_method not in builtin_methods():
+        if config.merge_method not in MERGEKIT_METHODS:
+            get_method(config.merge_method)  # unknown everywhere: the error names the closest method
+        from merge.mergekit_bridge import run_with_mergekit
+
+        inputs = [Path(p) for p in (config.base_model, *(m.model for m in config.models or [])) if p]
+        _check_out(out, inputs, overwrite)
+        with staged_directory(out, overwrite) as stage:
+            run_with_mergekit(config, stage, say, max_shard_size=parse_size(max_shard_size))
+        return out
+
+    method = get_method(config.merge_method)
+    entries = list(config.models or [])
+    base_path = Path(config.base_model) if config.base_model is not None else None
+    if base_path is None:
+        if method.uses_pivot:
+            raise MergeError(f"merge_method {method.name} needs base_model (the pivot the fusion vectors start from)")
+        base_path = Path(entries[0].model)  # linear: the first model supplies layout, config and tokenizer
+    elif method.uses_pivot:  # as mergekit: the base listed among the models contributes no fusion vector
         entries = [m for m in entries if not _same_path(m.model, base_path)]
         if not entries:
             raise MergeError(f"{config.merge_method} needs at least one model other than base_model")
-    kwargs = method.bind(config.parameters, [m.parameters for m in entries])
-    if config.merge_method == "linear" and kwargs["normalize"] and sum(kwargs["weight"]) == 0:
-        raise MergeError("linear: the weights sum to 0, so they cannot be normalized; use normalize: false")
-    for path in [base_path, *(m.model for m in entries)]:
-        if _same_path(out, path):
-            raise MergeError(f"--out {out} is one of the input models; choose a new directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"--out {out} exists and is not an empty directory")
+    layout_entry = next((i for i, m in enumerate(entries) if _same_path(m.model, base_path)), None)
+    _check_out(out, [base_path, *(m.model for m in entries)], overwrite)
 
     base = Checkpoint(base_path)
-    targets = [Checkpoint(m.model) for m in entries]
-    mapping = _check(base, targets)
-    names = list(base.tensors)
-    compute = _compute_dtype(base)
-    out_dtype = config.output_dtype
-    plan = [(n, base.tensors[n].shape, out_dtype or base.tensors[n].torch_dtype) for n in names]
-    say(f"merging {len(entries)} model(s) onto {base_path} with {method.name}: {len(names)} tensors, "
-        f"computing in {str(compute).removeprefix('torch.')}{' (in memory)' if in_memory else ''}")
+    targets = [base if i == layout_entry else Checkpoint(m.model) for i, m in enumerate(entries)]
+    try:
+        mapping = _check(base, targets)
+        names = list(base.tensors)
+        params = ParameterPlan(
+            method, config.parameters or {}, [m.parameters or {} for m in entries], count_layers(base.config, names)
+        )
+        kwargs = {n: params.kwargs(n) for n in names}  # every tensor's parameters are checked before writing
+        if method.name == "linear":
+            for n, kw in kwargs.items():
+                if kw["normalize"] and sum(kw["weight"]) == 0:
+                    raise MergeError(f"linear: the weights of {n} sum to 0, so they cannot be normalized; "
+                                     "use normalize: false")
+        compute = _compute_dtype(base)
+        out_dtype = config.output_dtype
+        plan = [(n, base.tensors[n].shape, out_dtype or base.tensors[n].torch_dtype) for n in names]
+        say(f"merging {len(entries)} model(s) onto {base_path} with {method.name}: {len(names)} tensors, "
+            f"computing in {str(compute).removeprefix('torch.')}{' (in memory)' if in_memory else ''}")
+        with staged_directory(out, overwrite) as stage:
+            writer = _merge_tensors(base, targets, mapping, names, kwargs, method, plan, compute, stage, say,
+                                    chunk_elements, parse_size(max_shard_size), in_memory, allow_nonfinite)
+            copied = copy_side_files(base_path, stage, out_dtype)
+    finally:
+        for ckpt in {id(c): c for c in (base, *targets)}.values():
+            ckpt.close()
+    say(f"wrote {writer.n_shards} shard(s), {writer.total_size / 1e9:.2f} GB, and {len(copied)} file(s) "
+        f"from the base to {out}")
+    return out
 
+
+def _merge_tensors(base, targets, mapping, names, kwargs, method, plan, compute, out, say, chunk_elements,
+                   max_shard_bytes, in_memory, allow_nonfinite) -> ShardedWriter:
     if in_memory:
         base_data = _loaded(base, names)
         target_data = [{n: t.read(mapping[j][n]) for n in names} for j, t in enumerate(targets)]
@@ -144,27 +215,41 @@ def run_merge(
         pivot_reader = lambda n: reader(base, base.tensors[n])  # noqa: E731
         target_readers = lambda n: [reader(t, mapping[j][n]) for j, t in enumerate(targets)]  # noqa: E731
 
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(out, plan, parse_size(max_shard_size))
+    writer = ShardedWriter(out, plan, max_shard_bytes)
     t0 = time.perf_counter()
+    for i, (name, shape, dtype) in enumerate(plan, 1):
+        param = ParameterStream(name, shape, pivot_reader(name), target_readers(name), compute, chunk_elements)
+        if param.numel:
+            combine = method.fn(param, **kwargs[name])
+            for chunk in param.chunks():
+                values = combine(chunk).to(dtype)
+                if not allow_nonfinite:
+                    _check_finite(name, values, chunk.start, dtype)
+                writer.write(name, values)
+        say(f"[{i}/{len(plan)}] {name} {list(shape)} {time.perf_counter() - t0:.1f}s")
+    writer.close()
+    return writer
+
+
+def _check_finite(name: str, values: torch.Tensor, start: int, dtype: torch.dtype) -> None:
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise MergeError(
+            f"merged tensor {name} has {int(bad.sum())} non-finite value(s) in {str(dtype).removeprefix('torch.')} "
+            f"(first: element {start + i} = {values[i].item()}); an overflow of the output dtype or NaN inputs? "
+            "Check the weights, choose dtype: float32 or bfloat16, or pass --allow-nonfinite to write it anyway"
+        )
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    for path in inputs:
+        if _same_path(out, path):
+            raise MergeError(f"--out {out} is one of the input models; choose a new directory")
     try:
-        for i, name in enumerate(names, 1):
-            info = base.tensors[name]
-            param = ParameterStream(name, info.shape, pivot_reader(name), target_readers(name), compute, chunk_elements)
-            if param.numel:
-                combine = method.fn(param, **kwargs)
-                for chunk in param.chunks():
-                    writer.write(name, combine(chunk))
-            say(f"[{i}/{len(names)}] {name} {list(info.shape)} {time.perf_counter() - t0:.1f}s")
-        writer.close()
-    finally:
-        base.close()
-        for t in targets:
-            t.close()
-    copied = copy_side_files(base_path, out, out_dtype)
-    say(f"wrote {writer.n_shards} shard(s), {writer.total_size / 1e9:.2f} GB, and {len(copied)} file(s) "
-        f"from the base to {out} in {time.perf_counter() - t0:.1f}s")
-    return out
+        check_target(out, overwrite)
+    except UserError as e:
+        raise MergeError(str(e)) from None
 
 
 def _same_path(a: Path, b: Path) -> bool:

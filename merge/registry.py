@@ -9,6 +9,7 @@ Adding a method is one new module under `merge/methods/` decorated with `@merge_
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
 from collections.abc import Callable
@@ -50,6 +51,10 @@ class MergeMethod:
     def per_model_names(self) -> tuple[str, ...]:
         return tuple(self.per_model_params.model_fields)
 
+    @property
+    def global_names(self) -> tuple[str, ...]:
+        return tuple(self.global_params.model_fields)
+
     def bind(self, parameters: dict[str, Any], per_model: list[dict[str, Any]]) -> dict[str, Any]:
         """Validated keyword arguments for `fn` from a config's global and per-model parameters."""
         shared = {k: v for k, v in parameters.items() if k in self.per_model_names}
@@ -61,7 +66,7 @@ class MergeMethod:
             for name in self.per_model_names:
                 columns[name].append(row[name])
         kwargs.update(columns)
-        return kwargs
+        return {_PYTHON_NAMES.get(k, k): v for k, v in kwargs.items()}
 
 
 def _validate(schema: type[BaseModel], values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -76,6 +81,9 @@ def _validate(schema: type[BaseModel], values: dict[str, Any], where: str) -> di
 
 
 METHODS: dict[str, MergeMethod] = {}
+# Config names that are Python keywords: the method's keyword is spelled with a trailing underscore.
+_CONFIG_NAMES = {"lambda_": "lambda"}
+_PYTHON_NAMES = {v: k for k, v in _CONFIG_NAMES.items()}
 
 
 def merge_method(name: str, *, paper: str, uses_pivot: bool = True):
@@ -90,11 +98,12 @@ def merge_method(name: str, *, paper: str, uses_pivot: bool = True):
             if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
                 raise TypeError(f"{fn.__name__}: method parameter {p.name} must be keyword-only with a default")
             hint = hints[p.name]
+            key = _CONFIG_NAMES.get(p.name, p.name)
             if _PerModelMarker in getattr(hint, "__metadata__", ()):
                 (element,) = typing.get_args(typing.get_args(hint)[0])
-                per_model_fields[p.name] = (element, p.default)
+                per_model_fields[key] = (element, p.default)
             else:
-                global_fields[p.name] = (hint, p.default)
+                global_fields[key] = (hint, p.default)
         forbid = ConfigDict(extra="forbid")
         METHODS[name] = MergeMethod(
             name=name,
@@ -109,12 +118,30 @@ def merge_method(name: str, *, paper: str, uses_pivot: bool = True):
     return register
 
 
+# mergekit 0.1.5's methods that logitfuse does not implement: `logitfuse merge` runs them through mergekit.
+MERGEKIT_METHODS = frozenset({
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher", "model_stock",
+    "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "slerp",
+})
+
+
+def builtin_methods() -> dict[str, MergeMethod]:
+    """The registered methods (importing `merge.methods` registers the built-in ones)."""
+    import merge.methods  # noqa: F401
+
+    return METHODS
+
+
 def get_method(name: str) -> MergeMethod:
-    import merge.methods  # noqa: F401  (registers the built-in methods)
+    """The method registered under `name`; MergeError with the closest known name otherwise."""
+    methods = builtin_methods()
+    if name not in methods:
+        known = sorted({*methods, *MERGEKIT_METHODS})
+        match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f"did you mean {match[0]!r}? " if match else ""
+        raise MergeError(f"unknown merge_method {name!r}: {hint}expected one of {', '.join(sorted(methods))} "
+                         f"(ours) or {', '.join(sorted(MERGEKIT_METHODS))} (through mergekit)")
+    return methods[name]
 
-    if name not in METHODS:
-        raise MergeError(f"unknown merge_method {name!r}: expected one of {', '.join(sorted(METHODS))}")
-    return METHODS[name]
 
-
-__all__ = ["METHODS", "Combine", "Fraction", "MergeMethod", "ParameterStream", "PerModel", "Weight", "merge_method"]
+__all__ = ["MERGEKIT_METHODS", "METHODS", "Combine", "Fraction", "MergeMethod", "ParameterStream", "PerModel", "Weight", "merge_method"]

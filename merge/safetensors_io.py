@@ -59,12 +59,21 @@ class TensorInfo:
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, after the `safetensors` library has validated its header (a JSON
+    object within its size limit, every entry with a known dtype, a shape and data_offsets that match
+    dtype x shape, contiguous and covering the data section exactly). Raises MergeError, one line."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError) as e:
-        raise MergeError(f"{path}: not a readable safetensors file ({e})") from None
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise MergeError(f"{path}: invalid safetensors file ({' '.join(str(e).split())})") from None
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read safetensors file ({e.strerror or e})") from None
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
     tensors = {}
     for name, meta in header.items():
         if name == "__metadata__":

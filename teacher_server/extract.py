@@ -4,24 +4,41 @@ Samples are tokenised a window at a time, sorted by length and cut into batches 
 (bucketing, so padding wastes little compute), scored by a `Backend`, and streamed into a
 `LogitsWriter`. The writer knows which samples are already committed; a re-run after an interruption
 scores only the rest, so every sample lands exactly once.
+
+Before anything is opened in the store, every sample is rendered with the teacher's template and
+tokenised (`usable_samples`): a sample the template refuses or the tokenizer rejects is reported with its
+line and rejects the run, or is skipped with `skip_invalid`. A sample whose scores come back non-finite
+(fp16 overflow) is never stored; the others are, and the run then fails naming it (`NonFiniteScores`),
+or reports and leaves it out with `skip_invalid`.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from datastore.chat import Dataset
+import numpy as np
+
+from datastore.chat import Dataset, Problem, Sample, iter_records
+from datastore.codec import MAX_ABS_LOGPROB
 from datastore.errors import UserError
-from datastore.fs import save_tokenizer
+from datastore.fs import is_local, resolve, save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
-from teacher_server.backends.base import Backend
+from teacher_server.backends.base import Backend, TopK
 from teacher_server.batching import plan_batches
-from teacher_server.render import TokenizedSample, resolve_template, tokenize_sample, tokenizer_fingerprint
+from teacher_server.render import (
+    TokenizedSample,
+    resolve_template,
+    sample_problem,
+    tokenize_sample,
+    tokenizer_fingerprint,
+)
 
 
 @dataclass
@@ -33,6 +50,7 @@ class ExtractSettings:
     batch_tokens: int = 16384  # padded tokens per forward batch
     shard_rows: int = 512
     window: int = 4096  # samples tokenised and sorted together
+    skip_invalid: bool = False  # skip samples the template/tokenizer refuse or that score non-finite
 
 
 @dataclass
@@ -47,6 +65,8 @@ class ExtractResult:
     truncated: int = 0
     seconds: float = 0.0
     truncated_ids: list[str] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)  # refused by the template or tokenizer (skip_invalid)
+    nonfinite: list[Problem] = field(default_factory=list)  # scored non-finite, not stored
 
     @property
     def tokens_per_s(self) -> float:
@@ -89,17 +109,19 @@ def extract(
     lid = logits_id(meta)
     uri = f"{store_uri.rstrip('/')}/logits/{lid}"
     result = ExtractResult(uri=uri, logits_id=lid)
+    samples = usable_samples(dataset, tok, template, settings, result)  # before anything is stored
+    check_store(store_uri)
     t0 = time.perf_counter()
-    with LogitsWriter(uri, meta, shard_rows=settings.shard_rows) as writer:
+    with store_errors(store_uri), LogitsWriter(uri, meta, shard_rows=settings.shard_rows) as writer:
         save_tokenizer(uri, tok)
         done = writer.done_ids
-        todo = [s for s in dataset.samples if s.id not in done]
-        result.samples_already_stored = len(dataset.samples) - len(todo)
+        todo = [s for s in samples if s.id not in done]
+        result.samples_already_stored = len(samples) - len(todo)
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(dataset.samples), initial=result.samples_already_stored, unit="sample",
+            bar = tqdm(total=len(samples), initial=result.samples_already_stored, unit="sample",
                        desc=f"{teacher_name}", file=sys.stderr, dynamic_ncols=True)
         for w in range(0, len(todo), settings.window):
             window = [
@@ -110,6 +132,9 @@ def extract(
                 batch: list[TokenizedSample] = [window[i] for i in idx]
                 scores = backend.score(batch, settings.k)
                 for ts, sc in zip(batch, scores, strict=True):
+                    if (reason := nonfinite_reason(ts, sc)) is not None:
+                        result.nonfinite.append(Problem(ts.sample_id, reason))
+                        continue
                     writer.write(
                         ScoredSample(
                             sample_id=ts.sample_id,
@@ -139,5 +164,131 @@ def extract(
                     on_batch(result)
         if bar is not None:
             bar.close()
+        if result.nonfinite:
+            result.nonfinite = _located(dataset, result.nonfinite)
+            if not settings.skip_invalid:
+                writer.flush()  # every other sample is committed; the dataset is not marked complete
+                raise NonFiniteScores(result.nonfinite)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# ---------------------------------------------------------------------------- invalid samples
+
+
+class NonFiniteScores(UserError):
+    """Samples whose log-probabilities came back NaN or infinite (typically fp16 overflow in the teacher's
+    activations). They are not stored; every other sample of the run is."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        shown = "; ".join(str(p) for p in problems[:3])
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        super().__init__(
+            f"{len(problems)} sample(s) scored non-finite log-probabilities and were not stored: {shown}{more} "
+            f"(numeric overflow: with --dtype float16 rerun with --dtype bfloat16 or float32, which scores "
+            f"only these; or pass --skip-invalid to leave them out)"
+        )
+
+
+def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
+    """Why a sample's scores cannot be stored, or None: NaN or infinite log-probabilities (what an fp16
+    overflow, an activation past 65504, leaves after the final norm and log-softmax), or log-probabilities
+    below the store's floor of -2**16 nats (`datastore.codec.validate`: logits blown up the same way)."""
+    n = len(ts.positions)
+    lp = np.concatenate([scores.topk_logprobs.reshape(n, -1), scores.gold_logprob.reshape(n, 1)], axis=1)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(lp) & (lp >= -MAX_ABS_LOGPROB)).all(axis=1)
+    if not bad.any():
+        return None
+    first = int(ts.positions[bad.argmax()])
+    return (f"id {ts.sample_id!r}: non-finite log-probabilities at {int(bad.sum())} of {n} positions "
+            f"(first at token {first})")
+
+
+def usable_samples(
+    dataset: Dataset, tokenizer, template: str | None, settings: ExtractSettings, result: ExtractResult
+) -> list[Sample]:
+    """The samples of `dataset` this teacher can take: each is rendered with `template` and tokenised as
+    scoring will (`teacher_server.render.sample_problem`). Raises `UserError` naming the line of every
+    sample refused (at most 3 shown) unless `settings.skip_invalid`, which records them in
+    `result.skipped` and leaves them out."""
+    usable: list[Sample] = []
+    problems: list[Problem] = []
+    for sample in dataset.samples:
+        reason = sample_problem(sample, tokenizer, template, settings.max_length)
+        if reason is None:
+            usable.append(sample)
+        else:
+            problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
+    if not problems:
+        return usable
+    problems = _located(dataset, problems)
+    if not settings.skip_invalid:
+        shown = "; ".join(str(p) for p in problems[:3])
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise UserError(
+            f"{dataset.source or 'dataset'}: {len(problems)} sample(s) the teacher's chat template or tokenizer "
+            f"refuses: {shown}{more} (fix them or pass --skip-invalid)"
+        )
+    if not usable:
+        raise UserError(f"{dataset.source or 'dataset'}: no sample the teacher's template and tokenizer accept "
+                        f"(first: {problems[0]})")
+    result.skipped = problems
+    return usable
+
+
+def _located(dataset: Dataset, problems: list[Problem]) -> list[Problem]:
+    """`problems` keyed by sample id (in `where`) re-keyed by the sample's line/row in the dataset file,
+    found by reading the file's records again (only when something is wrong)."""
+    wanted = {p.where for p in problems}
+    where: dict[str, str] = {}
+    if dataset.source:
+        for item in iter_records(dataset.source):
+            loc, rec = item[0], item[-1]  # (location, [decoded bytes,] record or ValueError)
+            sid = rec.get("id") if isinstance(rec, dict) else None
+            if sid is not None and str(sid) in wanted and str(sid) not in where:
+                where[str(sid)] = loc
+                if len(where) == len(wanted):
+                    break
+    return [Problem(where.get(p.where, "sample"), p.reason) for p in problems]
+
+
+
+# ---------------------------------------------------------------------------- store failures
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_store(store_uri: str) -> None:
+    """Fail before any work when an S3 store cannot be written: endpoint unreachable or bucket missing
+    (one line, `UserError`). A local store is created on first write."""
+    filesystem, root = resolve(store_uri)
+    if is_local(filesystem):
+        return
+    bucket = root.split("/", 1)[0]
+    try:
+        info = filesystem.get_file_info(bucket)
+    except OSError as e:
+        raise UserError(f"store {store_uri}: cannot reach the S3 endpoint ({_first_line(e)})") from None
+    if info.type.name == "NotFound":
+        raise UserError(f"store {store_uri}: bucket {bucket!r} does not exist (create it, or check the URI and "
+                        f"AWS_ENDPOINT_URL)")
+
+
+@contextmanager
+def store_errors(store_uri: str) -> Iterator[None]:
+    """Turn a failed store read or write (`OSError`: disk full, S3 unreachable, bucket gone) into one
+    `UserError` line naming the store. Shards committed before the failure stay; a rerun resumes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+            what = "no space left on the device (disk full or quota)"
+        else:
+            what = _first_line(e)
+        raise UserError(f"store {store_uri}: {what}; shards committed so far are kept, rerun to resume "
+                        f"once the store is writable") from None

@@ -8,24 +8,28 @@ tokenizer's own `chat_template`), by the name of a shared template in `teacher_s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
 
 from datastore.chat import Message, Sample
 from datastore.errors import UserError
+from datastore.tokenizers import tokenizer_fingerprint  # noqa: F401  (defined with the datastore's meta)
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
-# Private-use code points: never produced by a template or tokenizer on their own.
-_OPEN, _CLOSE = "\ue000", "\ue001"
-_SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+# Markers are private-use code points chosen per render among those absent from the chat and the template,
+# so user text that contains private-use characters can never be mistaken for a marker.
+_MARKER_POOL = range(0xF0000, 0xF0100)  # Supplementary Private Use Area-A
+# Tokens of slack kept after the cut of an over-long text (see `_encode`); a cut changes at most the
+# tokenisation of the last pre-token(s) before it.
+_CUT_MARGIN = 16
 
 
 @dataclass
@@ -50,7 +54,14 @@ def shared_templates() -> list[str]:
 
 
 def resolve_template(spec: str, tokenizer) -> str:
-    """The Jinja source for a template spec: `model`, a shared template's name, or a file path."""
+    """The Jinja source for a template spec: `model`, a shared template's name, or a file path.
+    Raises `UserError` for an unknown spec or a template that does not compile."""
+    source = _template_source(spec, tokenizer)
+    _compile(source)
+    return source
+
+
+def _template_source(spec: str, tokenizer) -> str:
     if spec == "model":
         source = getattr(tokenizer, "chat_template", None)
         if not source:
@@ -77,49 +88,126 @@ def _raise(message: str):
     raise jinja2.TemplateError(message)
 
 
+class _GenerationMarks(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: the tags transformers' chat templates use to mark the
+    tokens an assistant generates (`apply_chat_template(..., return_assistant_tokens_mask=True)`).
+
+    The block renders its body wrapped in the markers passed as the render variables `_lf_gen_open` /
+    `_lf_gen_close` (empty strings: the body alone), so `render_chat` can locate exactly what it covers.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        args = [jinja2.nodes.Name("_lf_gen_open", "load"), jinja2.nodes.Name("_lf_gen_close", "load")]
+        return jinja2.nodes.CallBlock(self.call_method("_wrap", args), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _wrap(open_mark: str, close_mark: str, caller) -> str:
+        return f"{open_mark}{caller()}{close_mark}"
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationMarks, "jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = _raise
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"chat template does not compile (line {e.lineno}: {e.message})") from None
+
+
+def _free_markers(n: int, *texts: str) -> list[str]:
+    """`n` private-use characters that occur in none of `texts`."""
+    used = set().union(*(set(t) for t in texts))
+    free = [chr(c) for c in _MARKER_POOL if chr(c) not in used]
+    if len(free) < n:  # 256 candidates: only a text built to exhaust them gets here
+        raise UserError("the sample uses every private-use marker character the renderer needs")
+    return free[:n]
+
+
+@dataclass
+class RenderedChat:
+    """A rendered chat: `text`, the character spans `[start, end)` of each assistant message's content,
+    and, when the template marks them with `{% generation %}`, the spans of the generated parts."""
+
+    text: str
+    content_spans: list[tuple[int, int]]
+    generation_spans: list[tuple[int, int]] | None  # None: the template has no generation marks
 
 
 def render_chat(messages: tuple[Message, ...], template_source: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """Render a chat; return the text and the character spans of each assistant message's content.
 
-    Assistant contents are first rendered as numbered sentinels, located, then substituted back, so
-    the spans are exact whatever the template adds around them. A template that rewrites assistant
-    content (strips it, say) is detected and reported rather than mis-masked.
+    Raises `UserError` when the template refuses the chat (`raise_exception`, e.g. "roles must
+    alternate") or rewrites assistant content. See `render_chat_marked` for the generation marks.
+    """
+    rendered = render_chat_marked(messages, template_source, tokenizer)
+    return rendered.text, rendered.content_spans
+
+
+def render_chat_marked(messages: tuple[Message, ...], template_source: str, tokenizer) -> RenderedChat:
+    """Render a chat and locate each assistant content and each `{% generation %}` block exactly.
+
+    Assistant contents are first rendered as numbered markers (private-use characters absent from the
+    chat), located, then substituted back, so the spans are exact whatever the template adds around
+    them. A template that rewrites assistant content (strips it, say) is reported (`UserError`) rather
+    than mis-masked.
     """
     template = _compile(template_source)
+    a_open, a_close, g_open, g_close = _free_markers(4, template_source, *(m.content for m in messages))
     variables = {
         "bos_token": tokenizer.bos_token or "",
         "eos_token": tokenizer.eos_token or "",
         "add_generation_prompt": False,
     }
     marked = [
-        {"role": m.role, "content": f"{_OPEN}{i}{_CLOSE}" if m.role == "assistant" else m.content}
+        {"role": m.role, "content": f"{a_open}{i}{a_close}" if m.role == "assistant" else m.content}
         for i, m in enumerate(messages)
     ]
     try:
-        skeleton = template.render(messages=marked, **variables)
-        expected = template.render(messages=[{"role": m.role, "content": m.content} for m in messages], **variables)
+        skeleton = template.render(messages=marked, _lf_gen_open=g_open, _lf_gen_close=g_close, **variables)
+        expected = template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
+                                   _lf_gen_open="", _lf_gen_close="", **variables)
     except jinja2.TemplateError as e:
-        raise UserError(f"chat template failed to render: {e}") from e
-    pieces, spans, cursor, length = [], [], 0, 0
-    for match in _SENTINEL.finditer(skeleton):
+        raise UserError(f"chat template refuses this chat: {e}") from None
+    token = re.compile(f"{re.escape(a_open)}(\\d+){re.escape(a_close)}|{re.escape(g_open)}|{re.escape(g_close)}")
+    pieces: list[str] = []
+    content_spans: list[tuple[int, int]] = []
+    gen_spans: list[tuple[int, int]] = []
+    cursor = length = 0
+    gen_start: int | None = None
+    for match in token.finditer(skeleton):
         before = skeleton[cursor : match.start()]
-        content = messages[int(match.group(1))].content
-        pieces += [before, content]
+        pieces.append(before)
         length += len(before)
-        spans.append((length, length + len(content)))
-        length += len(content)
         cursor = match.end()
+        if match.group(1) is not None:
+            index = int(match.group(1))
+            if index >= len(messages) or messages[index].role != "assistant":
+                raise UserError("chat template changes assistant content; the loss mask cannot be placed exactly")
+            content = messages[index].content
+            pieces.append(content)
+            content_spans.append((length, length + len(content)))
+            length += len(content)
+        elif match.group(0) == g_open:
+            if gen_start is not None:
+                raise UserError("chat template nests {% generation %} blocks")
+            gen_start = length
+        else:
+            if gen_start is not None and length > gen_start:
+                gen_spans.append((gen_start, length))
+            gen_start = None
     pieces.append(skeleton[cursor:])
     text = "".join(pieces)
-    if text != expected or len(spans) != sum(m.role == "assistant" for m in messages):
+    if text != expected or len(content_spans) != sum(m.role == "assistant" for m in messages):
         raise UserError("chat template changes assistant content (e.g. strips it); the loss mask cannot be placed exactly")
-    return text, spans
+    uses_marks = "generation" in template_source and g_open in skeleton
+    return RenderedChat(text=text, content_spans=content_spans, generation_spans=gen_spans if uses_marks else None)
 
 
 def _loss_spans(text: str, content_spans: list[tuple[int, int]], tokenizer) -> list[tuple[int, int]]:
@@ -143,21 +231,28 @@ def tokenize_sample(
     max_length: int,
     all_positions: bool = False,
 ) -> TokenizedSample:
-    """Render and tokenise one sample with its loss mask and scored positions, truncating to max_length."""
+    """Render and tokenise one sample with its loss mask and scored positions, truncating to max_length.
+
+    The loss mask covers the template's `{% generation %}` blocks when it has them, else every
+    assistant content and the end-of-turn special token right after it. Raises `UserError` when the
+    template refuses the chat or rewrites assistant content, and when the tokenizer rejects the text.
+    """
     if sample.is_chat:
         if template_source is None:
             raise UserError("a chat sample needs a chat template")
-        text, content_spans = render_chat(sample.messages, template_source, tokenizer)
-        loss_spans = _loss_spans(text, content_spans, tokenizer)
+        rendered = render_chat_marked(sample.messages, template_source, tokenizer)
+        text, content_spans = rendered.text, rendered.content_spans
+        if rendered.generation_spans is not None:
+            loss_spans = rendered.generation_spans
+        else:
+            loss_spans = _loss_spans(text, content_spans, tokenizer)
     else:
         # Plain text (FuseLLM continual training): BOS then the text; every token is a target.
         bos = tokenizer.bos_token or ""
         text = bos + sample.text
         content_spans = []
         loss_spans = [(len(bos), len(text))]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int32)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    ids, offsets = _encode(text, tokenizer, max_length)
     mask = np.zeros(len(ids), dtype=bool)
     for start, end in loss_spans:
         # A token is a target when its characters overlap the span (covers a leading-space piece).
@@ -180,12 +275,61 @@ def tokenize_sample(
     )
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the vocabulary and special tokens: two tokenizers with equal fingerprints
-    tokenise identically for our purposes."""
-    vocab = tokenizer.get_vocab()
-    payload = json.dumps(
-        {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "special": sorted(tokenizer.all_special_tokens)},
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+@lru_cache(maxsize=16)
+def max_token_chars(tokenizer) -> int:
+    """The longest token of the vocabulary, in characters of its string form: an upper bound on the
+    characters of text one token covers (a byte-level BPE token's string has one character per byte,
+    a SentencePiece byte token like ``<0x0A>`` stands for one character). At least 1."""
+    return max([1, *(len(t) for t in tokenizer.get_vocab())])
+
+
+def _tokenize(text: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (TypeError, ValueError) as e:  # e.g. a lone surrogate: not encodable as UTF-8
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the tokenizer rejects the rendered text ({first})") from None
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+def _encode(text: str, tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (int32 [T]) and character offsets (int64 [T, 2]) of `text`, cut to at most
+    `max_length + 1` tokens' worth of text before tokenising when the text is longer.
+
+    A text that would be truncated anyway is cut to a prefix of `(max_length + margin) * c` characters
+    first, trying a typical `c` = 8 characters per token, then the vocabulary's longest token
+    (`max_token_chars`), which a prefix of that length must fill. The cut is kept only if the prefix
+    still gives `max_length + margin` tokens; the tokens before the margin are then those of the whole
+    text (a cut only changes how the last pre-token(s) split). Otherwise the whole text is tokenised, so
+    a sample that fits is tokenised exactly as before.
+    """
+    need = max_length + _CUT_MARGIN
+    if len(text) <= need * 8:  # the common case: no cut, and no vocabulary scan
+        return _tokenize(text, tokenizer)
+    for chars_per_token in (8, max_token_chars(tokenizer)):
+        cut = need * chars_per_token
+        if len(text) <= cut:
+            break
+        ids, offsets = _tokenize(text[:cut], tokenizer)
+        if len(ids) >= need:
+            return ids[: max_length + 1], offsets[: max_length + 1]
+    return _tokenize(text, tokenizer)
+
+
+def sample_problem(sample: Sample, tokenizer, template_source: str | None, max_length: int) -> str | None:
+    """Why `sample` cannot be extracted with this tokenizer and template (one line), or None.
+
+    Runs everything extraction runs before the model: rendering with the template (which may refuse
+    the chat, e.g. Mistral-v0.1's "roles must alternate") and tokenising. Used to validate a dataset
+    for a teacher before any sample is scored.
+    """
+    try:
+        sample.id.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"'id' has a lone surrogate {sample.id[e.start]!r}: ids are stored as UTF-8, so must be valid Unicode"
+    try:
+        tokenize_sample(sample, tokenizer, template_source, max_length)
+    except UserError as e:
+        return str(e)
+    return None

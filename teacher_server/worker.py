@@ -219,6 +219,7 @@ class _Worker:
             settings = ExtractSettings(
                 k=job.k, chat_template=job.chat_template, max_length=job.max_length,
                 all_positions=job.all_positions, batch_tokens=self.t.batch_tokens, shard_rows=self.t.shard_rows,
+                skip_invalid=ds.skip_invalid,
             )
 
             def on_batch(res) -> None:

@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 from _tokenizers import CODE, NON_LATIN, PROSE, levenshtein, scored, sentencepiece, tekken
 
-from fusion import Alignment, AlignmentError, align_dtw, align_sample, align_spans, byte_spans
-from fusion.align import dtw_pieces
+from fusion import (
+    Alignment,
+    AlignmentError,
+    ExactMatch,
+    align_distributions,
+    align_dtw,
+    align_sample,
+    align_spans,
+    byte_spans,
+)
+from fusion.align import decoded_pieces, dtw_pieces
 from fusion.vocab import TokenTable
 
 # ------------------------------------------------------------------------------ hand-built spans
@@ -125,8 +134,10 @@ def test_dtw_agrees_with_offsets_on_most_groups(kind, floor):
     assert agree >= floor
 
 
-def _reference_dtw(pp: list[bytes], sp: list[bytes]):
-    """The reference code's approach, written independently: full matrix, Python loops, same cost."""
+def _reference_dtw(pp: list, sp: list, discount: float = 0.1, ties: str = "pivot"):
+    """The reference code's approach, written independently: full matrix, Python loops, edit distance x
+    ``discount`` on containment; backtracking prefers the diagonal, then a pivot step (``ties="pivot"``,
+    FuseChat-2.0) or a source step (``"source"``, FuseChat-1.0 / FuseLLM)."""
 
     n, m = len(pp), len(sp)
     inf = float("inf")
@@ -135,17 +146,29 @@ def _reference_dtw(pp: list[bytes], sp: list[bytes]):
     for i in range(1, n + 1):
         for j in range(1, m + 1):
             a, b = pp[i - 1], sp[j - 1]
-            cost = levenshtein(a, b) * (0.1 if (a in b or b in a) else 1.0)
+            cost = levenshtein(a, b) * (discount if (a in b or b in a) else 1.0)
             d[i][j] = cost + min(d[i - 1][j], d[i][j - 1], d[i - 1][j - 1])
     i, j, path = n, m, []
     while True:
         path.append((i - 1, j - 1))
         if i == 1 and j == 1:
             break
-        opts = [d[i - 1][j - 1], d[i - 1][j], d[i][j - 1]]
-        mv = opts.index(min(opts))
-        i, j = (i - 1, j - 1) if mv == 0 else (i - 1, j) if mv == 1 else (i, j - 1)
+        step_p, step_s = ((i - 1, j), (i, j - 1)) if ties == "pivot" else ((i, j - 1), (i - 1, j))
+        opts = [(i - 1, j - 1), step_p, step_s]
+        vals = [d[a][b] for a, b in opts]
+        i, j = opts[vals.index(min(vals))]
     return path[::-1]
+
+
+def _groups_of_path(path):
+    groups, cur = [], [path[0]]
+    for a, b in zip(path, path[1:], strict=False):
+        if b[0] == a[0] + 1 and b[1] == a[1] + 1:
+            groups.append(cur)
+            cur = []
+        cur.append(b)
+    groups.append(cur)
+    return {(g[0][0], g[-1][0] + 1, g[0][1], g[-1][1] + 1) for g in groups}
 
 
 def test_dtw_matches_plain_python_reference():
@@ -155,17 +178,30 @@ def test_dtw_matches_plain_python_reference():
     sids = stok(text, add_special_tokens=False)["input_ids"]
     pp = dtw_pieces(TokenTable.from_tokenizer(ptok), pids)
     sp = dtw_pieces(TokenTable.from_tokenizer(stok), sids)
-    path = _reference_dtw(pp, sp)
-    ref_groups, cur = [], [path[0]]
-    for a, b in zip(path, path[1:], strict=False):
-        if b[0] == a[0] + 1 and b[1] == a[1] + 1:
-            ref_groups.append(cur)
-            cur = []
-        cur.append(b)
-    ref_groups.append(cur)
-    expected = {(g[0][0], g[-1][0] + 1, g[0][1], g[-1][1] + 1) for g in ref_groups}
+    expected = _groups_of_path(_reference_dtw(pp, sp))
     for band in (None, 32):
         assert align_dtw(pp, sp, band=band).group_tuples() == expected
+    # FuseChat-2.0: tokens decoded one by one, compared per character, no discount
+    text = PROSE[:150] + " 🦊🦉 ∑x² → ∞ " + NON_LATIN[:60]
+    pids = ptok(text, add_special_tokens=False)["input_ids"]
+    sids = stok(text, add_special_tokens=False)["input_ids"]
+    pp = dtw_pieces(TokenTable.from_tokenizer(ptok), pids)
+    sp = dtw_pieces(TokenTable.from_tokenizer(stok), sids)
+    expected = _groups_of_path(_reference_dtw(pp, sp))
+    pd, sd = decoded_pieces(ptok, pids), decoded_pieces(stok, sids)
+    assert "\ufffd" in "".join(pd + sd)  # pieces of multi-byte characters
+    expected2 = _groups_of_path(_reference_dtw(pd, sd, discount=1.0))
+    assert expected2 != expected
+    lengths = (TokenTable.from_tokenizer(ptok).nbytes(pids), TokenTable.from_tokenizer(stok).nbytes(sids))
+    for band in (None, 32):
+        got = align_dtw(pd, sd, band=band, discount=1.0, text_lengths=lengths)
+        assert got.group_tuples() == expected2
+    # FuseChat-1.0's tie order (a source step first), on the reference's own strings: each tokenizer's
+    # token strings with its whitespace marker removed
+    pr = [t.replace("▁", "") for t in ptok.convert_ids_to_tokens(pids)]
+    sr = [t.replace("Ġ", "") for t in stok.convert_ids_to_tokens(sids)]
+    expected1 = _groups_of_path(_reference_dtw(pr, sr, ties="source"))
+    assert align_dtw(pr, sr, band=None, ties="source").group_tuples() == expected1
 
 
 def test_dtw_hand_built_groups():
@@ -226,3 +262,54 @@ def test_unalignable_inputs_fail_with_one_line():
     s.text = p.text = "same"
     with pytest.raises(AlignmentError, match="does not reproduce"):
         align_sample(scored(ptok, "same"), s, ptok, stok)
+
+
+def test_clipped_tokens_give_no_context_pair_hand_built():
+    # pivot "[A]ab." + "<e>" with the end marker its own token; source merges "." and "<" into ".<"
+    # pivot: [A] | a | b | . | <e>      source: [A] | a | b | .< | e>
+    pivot = [(0, 3), (3, 4), (4, 5), (5, 6), (6, 9)]
+    source = [(0, 3), (3, 4), (4, 5), (5, 7), (7, 9)]
+    a = align_spans(pivot, source, [[3, 6]], [[3, 6]])
+    assert groups(a) == [(1, 2, 1, 2), (2, 3, 2, 3), (3, 4, 3, 4)]
+    assert a.open_end().tolist() == [False, False, True]
+    # pivot "." (position 3, predicting "<e>") must not take the source position after ".<"
+    assert a.context_map().tolist() == [0, 1, 2, -1, -1]
+    # a source token reaching before the segment ("]a") gives no anchor
+    b = align_spans(pivot, [(0, 2), (2, 4), (4, 5), (5, 6)], [[3, 6]], [[3, 6]])
+    assert b.open_start().tolist()[0] and b.anchor_pivot.size == 0
+
+
+@pytest.mark.parametrize("pivot_is_smollm2", [True, False])
+def test_end_marker_merged_across_the_turn_boundary_does_not_donate(
+    smollm2_tokenizer, spm_tokenizer, pivot_is_smollm2
+):
+    """Issue 10, --all-positions: SmolLM2 renders ChatML with <|im_end|> special (``Paris.`` | ``<|im_end|>``);
+    the 32k SentencePiece tokenizer reads the same marker as text and merges ``.<``. The position that
+    predicts the end of the turn must keep the pivot's own distribution and CE, in both directions."""
+    answer = "The capital of France is Paris."
+    chat = f"<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+    smol_text = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" + chat
+    spm_text = chat  # a template without the default system prompt: the texts differ, turns are matched
+
+    def sample_of(tok, text, seed):
+        at = text.index(answer)
+        return scored(tok, text, k=4, seed=seed, spans=[(at, at + len(answer))])  # every position scored
+
+    smol, spm = sample_of(smollm2_tokenizer, smol_text, 1), sample_of(spm_tokenizer, spm_text, 2)
+    assert ".<" in spm_tokenizer.convert_ids_to_tokens(spm.input_ids.tolist())
+    pivot, source = (smol, spm) if pivot_is_smollm2 else (spm, smol)
+    ptok, stok = (smollm2_tokenizer, spm_tokenizer) if pivot_is_smollm2 else (spm_tokenizer, smollm2_tokenizer)
+    pt, st = TokenTable.from_tokenizer(ptok), TokenTable.from_tokenizer(stok)
+    for method in ("offsets", "dtw", "dtw2"):
+        a = align_sample(pivot, source, ptok, stok, method)
+        out = align_distributions(pivot, source, a, ExactMatch(pt, st), k=4)
+        ptoks = ptok.convert_ids_to_tokens(pivot.input_ids.tolist())
+        # the pivot position whose token ends the answer: "." (SmolLM2) or ".<" (SentencePiece)
+        last = max(i for i, tk in enumerate(ptoks) if tk in (".", ".<") and i < len(ptoks) - 1)
+        row = int(np.flatnonzero(pivot.positions == last)[0])
+        assert not out.from_source[row], (method, ptoks[last])
+        assert np.array_equal(out.dist.ids[row], pivot.topk_ids[row])
+        assert not out.gold_from_source[row]
+        assert out.gold_nll[row] == pytest.approx(-float(pivot.gold_logprob[row]))
+        # the answer's other positions still come from the source
+        assert out.from_source[:row].sum() >= 5, method

@@ -113,6 +113,7 @@ def test_mapping_statistics_count_save_load(tmp_path):
     stats.save(tmp_path / "ms.npz")
     back = MappingStatistics.load(tmp_path / "ms.npz")
     assert np.array_equal(back.keys, stats.keys) and np.array_equal(back.counts, stats.counts)
+    assert np.array_equal(back.start_counts, stats.start_counts)
     assert np.array_equal(back.best_pivot(), best)
 
 
@@ -124,7 +125,7 @@ def test_mapping_statistics_map_real_pair_and_fit_in_uint32_keys():
     p, s = scored(sp_tok, PROSE * 2), scored(tk_tok, PROSE * 2)
     aln = align_sample(p, s, sp_tok, tk_tok)
     stats.add(aln, p.input_ids, s.input_ids)
-    assert stats.nbytes == stats.num_pairs * 8 + 0
+    assert stats.nbytes == stats.num_pairs * 12  # key + count + start count, before the best table
     ms = build_vocab_map("ms", pt, st, stats)
     assert isinstance(ms, StatisticsMap)
     the = tk_tok.convert_tokens_to_ids("Ġthe")
@@ -135,3 +136,49 @@ def test_mapping_statistics_map_real_pair_and_fit_in_uint32_keys():
         build_vocab_map("fuzzy", pt, st)
     with pytest.raises(ValueError, match="needs mapping statistics"):
         build_vocab_map("ms", pt, st)
+
+
+def test_mapping_statistics_ties_go_to_the_piece_the_pivot_predicts_next(smollm2_tokenizer, spm_tokenizer):
+    """Issue 10: a SmolLM2 token spanning several 32k SentencePiece tokens is counted once with each piece;
+    the tie must go to the piece that starts with it (what the pivot predicts where the source predicts
+    the token: ``Ġconcise`` -> ``▁conc``, not ``ise``), not to the lowest id."""
+    sm, sp = smollm2_tokenizer, spm_tokenizer
+    assert sp.convert_ids_to_tokens(sp("Be concise", add_special_tokens=False)["input_ids"])[-2:] == ["▁conc", "ise"]
+    assert sp.convert_tokens_to_ids("ise") < sp.convert_tokens_to_ids("▁conc")  # the old tie-break's pick
+    text = PROSE + " Keep it concise. A concise answer is best; be concise and clear, and concise again.\n"
+    pt, st = TokenTable.from_tokenizer(sp), TokenTable.from_tokenizer(sm)
+    p, s = scored(sp, text), scored(sm, text)
+    aln = align_sample(p, s, sp, sm)
+    stats = MappingStatistics(pt.vocab_size, st.vocab_size)
+    stats.add(aln, p.input_ids, s.input_ids)
+    ms = StatisticsMap(pt, st, stats)
+    concise = sm.convert_tokens_to_ids("Ġconcise")
+    assert ms(np.array([concise]))[0] == sp.convert_tokens_to_ids("▁conc")
+    # every source id whose best count is tied maps to a partner that starts a group with it
+    stats.compact()
+    keys = stats.keys.astype(np.int64)
+    src, piv = keys // stats.pivot_vocab, keys % stats.pivot_vocab
+    best = stats.best_pivot()
+    tied = 0
+    for sid in np.unique(src):
+        rows = np.flatnonzero(src == sid)
+        top = stats.counts[rows].max()
+        if (stats.counts[rows] == top).sum() > 1:
+            tied += 1
+            chosen = rows[piv[rows] == best[sid]][0]
+            assert stats.start_counts[chosen] == stats.start_counts[rows][stats.counts[rows] == top].max()
+            assert stats.start_counts[chosen] > 0, sm.convert_ids_to_tokens(int(sid))
+    assert tied >= 5
+    print(f"\n{tied} of {np.unique(src).size} source ids tie on the top count")
+
+
+def test_mined_ties_prefer_regular_tokens_over_byte_fallback(spm_tokenizer):
+    """A source token ``00`` (GPT-2-style BPE vocabularies have it; SmolLM2 and the 131k BPE split digits)
+    has no 32k SentencePiece token; ``0`` (regular) and ``<0x30>`` (byte fallback, lower id) are both at
+    distance 1 with the same length: the regular one wins."""
+    sp = spm_tokenizer
+    pt = TokenTable.from_tokenizer(sp)
+    assert b"00" not in pt.pieces
+    assert sp.convert_tokens_to_ids("<0x30>") < sp.convert_tokens_to_ids("0")
+    source = table([b"x", b"00"])
+    assert MinEditDistance(pt, source)(np.array([1]))[0] == sp.convert_tokens_to_ids("0")

@@ -372,12 +372,15 @@ def test_bad_checkpoints_raise_one_line_errors(tmp_path, bad, message):
 @pytest.mark.parametrize(
     "method,parameters,per_model,message",
     [
-        ("slerp", {}, None, r"unknown merge_method 'slerp': expected one of dare, linear, sce, task_arithmetic, ties, varm"),
+        ("slerpp", {}, None, r"unknown merge_method 'slerpp': did you mean 'slerp'\? expected one of dare, dare_linear, dare_ties, linear, sce, task_arithmetic, ties, varm \(ours\)"),
         ("sce", {"select_topk": 1.5}, None, r"bad parameters of merge_method sce: select_topk: .*less than or equal to 1"),
-        ("sce", {"density": 0.5}, None, r"bad parameters of merge_method sce: density: Extra inputs .*accepted: select_topk"),
+        ("sce", {"selct_topk": 0.5}, None, r"parameters: unknown parameter 'selct_topk' for merge_method sce \(did you mean 'select_topk'\?\)"),
+        ("sce", {"xyz": 0.5}, None, r"unknown parameter 'xyz' for merge_method sce \(accepted: select_topk, variant, normalize, mergekit_fallback\)"),
         ("sce", {"variant": "paper"}, None, r"variant: Input should be 'fusechat' or 'mergekit'"),
         ("ties", {}, [{"density": 0}], r"bad parameters of models\[0\] \(ties\): density: .*greater than 0"),
-        ("linear", {"weight": 0.0}, None, r"weights sum to 0"),
+        ("linear", {"weight": 0.0}, None, r"weights of .* sum to 0"),
+        ("ties", {"density": [0.5, "x"]}, None, r"bad parameters of models\[0\] \(ties\): density: .*\[tensor model.layers.0.mlp"),
+        ("ties", {"density": {"filter": "mlp"}}, None, r"parameters.density: a filter is \{filter: NAME, value: VALUE\}"),
     ],
 )
 def test_bad_parameters_raise_one_line_errors(models, tmp_path, method, parameters, per_model, message):
@@ -391,8 +394,14 @@ def test_bad_config_and_output_directory(models, tmp_path):
     pivot_dir, *target_dirs = models["dirs"]
     with pytest.raises(MergeError, match=r"models: List should have at least 1 item"):
         parse_config({"merge_method": "sce", "base_model": str(pivot_dir), "models": []})
-    with pytest.raises(MergeError, match=r"slices: Extra inputs are not permitted"):
+    with pytest.raises(MergeError, match=r"^config: give exactly one of models, slices or modules \(got models, slices\)$"):
         parse_config({"merge_method": "sce", "base_model": "x", "models": [{"model": "y"}], "slices": []})
+    with pytest.raises(MergeError, match=r"^config: unknown key 'slicez' \(did you mean 'slices'\?\)$"):
+        parse_config({"merge_method": "sce", "base_model": "x", "models": [{"model": "y"}], "slicez": []})
+    with pytest.raises(MergeError, match=r"^config: models\[0\]: unknown key 'paramters' \(did you mean 'parameters'\?\)$"):
+        parse_config({"merge_method": "sce", "base_model": "x", "models": [{"model": "y", "paramters": {}}]})
+    with pytest.raises(MergeError, match=r"merge_method sce needs base_model"):
+        run_merge(parse_config({"merge_method": "sce", "models": [{"model": str(pivot_dir)}]}), tmp_path / "out")
     with pytest.raises(MergeError, match=r"needs at least one model other than base_model"):
         run_merge(config("sce", pivot_dir, [pivot_dir]), tmp_path / "out")
     with pytest.raises(MergeError, match=r"is one of the input models"):
@@ -409,3 +418,124 @@ def test_base_listed_among_models_is_skipped_for_pivot_methods(models, tmp_path)
     run_merge(config("sce", pivot_dir, target_dirs, {"select_topk": 0.3}), tmp_path / "b")
     a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
     assert all(torch.equal(a[n], b[n]) for n in SHAPES)
+
+
+# ---- issue 11: merge inputs and outputs ----
+
+
+def _raw_safetensors(path: Path, header, data: bytes = b"", length: int | None = None) -> Path:
+    import struct
+
+    path.mkdir(parents=True)
+    blob = json.dumps(header).encode()
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 97}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "header,data,length,message",
+    [
+        # data_offsets [0, 16] for a [4, 8] float32 tensor (128 bytes): values would come from the next tensor
+        ({"w": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 16]}}, bytes(128), None,
+         "invalid shape, data type, or offset for tensor"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, bytes(8), None, "invalid value: integer `-8`"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), 2**62, "header too large"),
+        ([1, 2, 3], b"", None, "invalid type: sequence"),
+        ({"w": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8), None, "missing field `dtype`"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), None, "incomplete metadata"),
+    ],
+    ids=["lying-offsets", "negative-offset", "huge-header", "list-header", "no-dtype", "truncated"],
+)
+def test_bad_safetensors_headers_are_one_line_errors(tmp_path, header, data, length, message):
+    from typer.testing import CliRunner
+
+    from tests.test_merge_cli import make_app
+
+    good = save_checkpoint(tmp_path / "good", {"w": torch.zeros(4, 8)})
+    bad = _raw_safetensors(tmp_path / "bad", header, data, length)
+    with pytest.raises(MergeError, match=f"bad/model.safetensors: invalid safetensors file .*{message}"):
+        run_merge(config("task_arithmetic", good, [bad]), tmp_path / "out")
+    result = CliRunner().invoke(make_app(), ["merge", "--method", "linear", "--models", str(good), str(bad),
+                                             "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_nonfinite_merge_output_fails_naming_the_tensor(tmp_path):
+    # float16 task arithmetic with weight 3: 30,000 + 3 * 30,000 = 120,000 > 65,504 (fp16 max) -> inf
+    base = {"model.norm.weight": torch.full((8,), 30000.0, dtype=torch.float16),
+            "model.layers.0.mlp.up_proj.weight": torch.ones(4, 4, dtype=torch.float16)}
+    target = {"model.norm.weight": torch.full((8,), 60000.0, dtype=torch.float16),
+              "model.layers.0.mlp.up_proj.weight": torch.ones(4, 4, dtype=torch.float16)}
+    pivot, t = save_checkpoint(tmp_path / "p", base), save_checkpoint(tmp_path / "t", target)
+    with pytest.raises(MergeError, match=r"merged tensor model.norm.weight has 8 non-finite value\(s\) in float16 "
+                       r"\(first: element 0 = inf\).*--allow-nonfinite"):
+        run_merge(config("task_arithmetic", pivot, [t], {"weight": 3.0}), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    run_merge(config("task_arithmetic", pivot, [t], {"weight": 3.0}), tmp_path / "out", allow_nonfinite=True)
+    assert torch.isinf(load_dir(tmp_path / "out")["model.norm.weight"]).all()
+    run_merge(config("task_arithmetic", pivot, [t], {"weight": 3.0}, dtype="float32"), tmp_path / "out32")
+    assert torch.equal(load_dir(tmp_path / "out32")["model.norm.weight"], torch.full((8,), 120000.0))
+
+
+def test_untied_config_without_a_head_is_an_error(tmp_path):
+    body = {"model.embed_tokens.weight": torch.randn(11, 5), "model.norm.weight": torch.randn(5)}
+    untied = {"model_type": "llama", "tie_word_embeddings": False, "architectures": ["LlamaForCausalLM"]}
+    default_untied = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}  # LlamaConfig unties by default
+    for name, cfg in [("explicit", untied), ("default", default_untied)]:
+        pivot = save_checkpoint(tmp_path / f"p_{name}", body, cfg)
+        target = save_checkpoint(tmp_path / f"t_{name}", body, cfg)
+        with pytest.raises(MergeError, match=r"unties the output head \(tie_word_embeddings false\) but the weights have "
+                           r"no lm_head.weight"):
+            run_merge(config("linear", pivot, [target]), tmp_path / f"out_{name}")
+    tied = save_checkpoint(tmp_path / "tied", body, {**untied, "tie_word_embeddings": True})
+    run_merge(config("linear", tied, [tied]), tmp_path / "out_tied")
+
+
+def test_an_interrupted_merge_leaves_nothing_that_blocks_the_rerun(models, tmp_path, monkeypatch):
+    import os
+
+    from merge import safetensors_io
+
+    pivot_dir, *target_dirs = models["dirs"]
+    out = tmp_path / "out"
+    real_write, calls = safetensors_io.ShardedWriter.write, []
+
+    def interrupted(self, name, values):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C mid-write
+        real_write(self, name, values)
+
+    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(config("sce", pivot_dir, target_dirs), out, chunk_elements=1024)
+    assert not out.exists() and os.listdir(tmp_path) == []  # no *.tmp, no stage
+    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", real_write)
+    # A stage left by a killed process (SIGKILL runs no cleanup) is removed by the next run.
+    stale = tmp_path / ".out.staging-999999999"
+    stale.mkdir()
+    (stale / "model-00001-of-00001.safetensors.tmp").write_bytes(b"x")
+    run_merge(config("sce", pivot_dir, target_dirs), out, chunk_elements=1024)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and not list(out.glob("*.tmp"))
+    # --overwrite keeps the old output until the new one is complete.
+    before = (out / "model-00001-of-00001.safetensors").read_bytes()
+    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(config("linear", pivot_dir, target_dirs), out, overwrite=True)
+    assert (out / "model-00001-of-00001.safetensors").read_bytes() == before
+    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", real_write)
+    run_merge(config("linear", pivot_dir, target_dirs), out, overwrite=True)
+    assert (out / "model-00001-of-00001.safetensors").read_bytes() != before
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

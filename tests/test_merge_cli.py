@@ -9,12 +9,13 @@ import pytest
 import torch
 import typer
 import yaml
+from safetensors.torch import load_file
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from datastore.errors import UserError
 from merge import parse_config, run_merge
-from merge.cli import merge_command
+from merge.cli import MergeCommand, expand_list_options, merge_command
 
 TINY = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),
@@ -84,7 +85,7 @@ class UserErrorsExit2(TyperGroup):
 
 def make_app() -> typer.Typer:
     app = typer.Typer(cls=UserErrorsExit2)
-    app.command("merge")(merge_command)
+    app.command("merge", cls=MergeCommand)(merge_command)
 
     @app.command("version")
     def version() -> None:  # a second command, so `merge` is a subcommand as in the real CLI
@@ -120,18 +121,59 @@ def test_cli_with_a_config_file(tmp_path, family):
 def test_cli_with_flags(tmp_path, family):
     pivot, targets = family
     args = ["merge", "--method", "ties", "--base", str(pivot), "--models", *map(str, targets),
-            "--density", "0.5", "--weight", "1", "--weight", "0.5", "--weight", "0.25", "--out", str(tmp_path / "out"),
+            "--density", "0.5", "--weight", "1", "0.5", "-0.25", "--out", str(tmp_path / "out"),
             "--max-shard-size", "20KB"]
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 0, result.output
     assert "merging 3 model(s)" in result.output
     assert_loads_with_finite_logits(tmp_path / "out", "qwen2")
+    # The same merge from a config with per-model weights: byte-identical shards.
+    cfg = parse_config({"merge_method": "ties", "base_model": str(pivot), "parameters": {"density": 0.5},
+                        "models": [{"model": str(t), "parameters": {"weight": w}} for t, w in zip(targets, [1, 0.5, -0.25], strict=True)]})
+    run_merge(cfg, tmp_path / "ref", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "ref").glob("*.safetensors"))
+    assert shards and all((tmp_path / "out" / n).read_bytes() == (tmp_path / "ref" / n).read_bytes() for n in shards)
+
+
+def test_list_options_take_several_values_and_stray_arguments_are_errors(tmp_path, family):
+    assert expand_list_options(["--weight", "0.3", "-0.7", "1e-2", "--out", "o", "--models", "a", "b"]) == [
+        "--weight", "0.3", "--weight", "-0.7", "--weight", "1e-2", "--out", "o", "--models", "a", "--models", "b"]
+    assert expand_list_options(["--models", "a", "--", "b"]) == ["--models", "a", "--", "b"]
+    pivot, targets = family
+    # A stray value after a single-valued option is no longer swallowed as another model.
+    result = CliRunner().invoke(make_app(), ["merge", "--method", "sce", "--base", str(pivot), "--models", str(targets[0]),
+                                             "--out", str(tmp_path / "o"), str(targets[1])])
+    assert result.exit_code == 2 and "unexpected extra argument" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_linear_needs_no_base_and_overwrite_replaces_the_output(tmp_path, family):
+    pivot, targets = family
+    out = tmp_path / "out"
+    args = ["merge", "--method", "linear", "--models", str(targets[0]), str(targets[1]), "--weight", "0.3", "0.7",
+            "--out", str(out)]
+    from clients.cli import app  # the real CLI registers merge with MergeCommand too
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    merged = load_file(str(next(out.glob("*.safetensors"))))
+    a = load_file(str(next(targets[0].glob("*.safetensors"))))
+    b = load_file(str(next(targets[1].glob("*.safetensors"))))
+    name = next(n for n in merged if n in a and n in b)
+    torch.testing.assert_close(merged[name], 0.3 * a[name] + 0.7 * b[name], rtol=1e-6, atol=1e-7)
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 2 and "exists and is not an empty directory (--overwrite replaces it)" in result.output
+    (out / "marker").write_text("old")
+    result = CliRunner().invoke(make_app(), [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "marker").exists() and (out / "model.safetensors.index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.parametrize(
     "content,message",
     [
-        ({"merge_method": "sce", "models": []}, "base_model: Field required"),
+        ({"merge_method": "sce", "models": [{"model": "{t}"}]}, "merge_method sce needs base_model"),
         ({"merge_method": "sce", "base_model": "{pivot}", "models": [{"model": "{t}"}],
           "parameters": {"select_topk": 2}}, "select_topk: Input should be less than or equal to 1"),
         ("merge_method: [unclosed", "not valid YAML"),
@@ -159,3 +201,31 @@ def test_cli_rejects_config_mixed_with_flags_and_missing_inputs(tmp_path, family
     result = runner.invoke(make_app(), ["merge", "--method", "sce", "--base", str(pivot), "--models", *map(str, targets),
                                         "--weight", "1", "--weight", "2", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--weight: give one value or one per model (3), not 2" in result.output
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/merge.md"])
+def test_the_documented_merge_synopsis_shows_the_real_defaults(doc):
+    """Every `[--option VALUE]` of the merge synopsis is the option's default (or the method's, for the
+    per-model lists), and FuseChat's own τ is named next to it."""
+    import re
+
+    import typer.main
+
+    from merge.registry import get_method
+
+    text = Path(__file__).resolve().parent.parent.joinpath(doc).read_text()
+    synopsis = text[text.index("logitfuse merge --method sce"):]
+    synopsis = synopsis[: synopsis.index("```")]
+    command = typer.main.get_command(make_app()).commands["merge"]
+    defaults = {opt: p.default for p in command.params for opt in p.opts}
+    shown = re.findall(r"\[(--[a-z-]+) ([^\]\s|/]+)", synopsis)
+    assert {o for o, _ in shown} >= {"--select-topk", "--sce-variant", "--weight", "--density", "--seed"}
+    per_model = {"--weight": get_method("ties").per_model_params.model_fields["weight"].default,
+                 "--density": get_method("ties").per_model_params.model_fields["density"].default}
+    for option, value in shown:
+        if value.startswith("<"):
+            continue  # a description such as <the base's>
+        expected = per_model.get(option, defaults[option])
+        assert str(expected) == value, f"{doc}: {option} shows {value}, the default is {expected}"
+    assert get_method("sce").global_params.model_fields["select_topk"].default == 1.0
+    assert "τ = 10%" in text and "select_topk: 0.1" in text  # FuseChat's own setting, named as such

@@ -70,6 +70,10 @@ def test_template_errors_are_one_line(spm_tokenizer, tmp_path):
         resolve_template("model", spm_tokenizer)
     with pytest.raises(UserError, match="not a shared template"):
         resolve_template("no-such-template", spm_tokenizer)
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor: refused once, up front
+    with pytest.raises(UserError, match="does not compile"):
+        resolve_template(str(broken), spm_tokenizer)
     stripping = tmp_path / "strip.jinja"
     stripping.write_text("{% for m in messages %}{{ m['content'] | trim }}\n{% endfor %}")
     record = {"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " padded "}]}

@@ -128,3 +128,25 @@ def test_cli_trains(pivot_dir, targets_uri, tmp_path):
               "--batch-size", "1", "--max-length", "32", "--loss", "kl"])
     assert r.exit_code == 0, r.output
     assert "step 1, loss" in r.output
+
+
+def test_report_to_tensorboard_and_wandb_offline(pivot_dir, targets_uri, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "o"), "--max-steps", "2",
+              "--batch-size", "1", "--max-length", "32", "--report-to", "tensorboard,wandb"])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in (tmp_path / "o" / "logs" / "train.jsonl").read_text().splitlines()]
+    (run,) = (tmp_path / "o" / "logs" / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    data = run.read_bytes()  # protobuf history records: key "train/loss", value_json = the JSON of the value
+    assert b"train/loss" in data and all(json.dumps(r["loss"]).encode() in data for r in records)
+    events = EventAccumulator(str(tmp_path / "o" / "logs" / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
+    bad = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "p"), "--report-to", "mlflow"])
+    assert bad.exit_code == 2 and "--report-to: Value error, mlflow is not one of tensorboard, wandb, none" in bad.output

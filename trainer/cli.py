@@ -39,6 +39,7 @@ def train_command(
     log_every: int = typer.Option(None, help="Log every N steps [1]."),
     stop_after: int = typer.Option(None, help="Stop (with a checkpoint) after N steps of this run [0 = no]."),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from OUT's last checkpoint [yes]."),
+    report_to: str = typer.Option(None, help="Loggers, comma-separated: tensorboard, wandb, none [tensorboard]."),
 ) -> None:
     """Train a pivot-shaped model on fused targets with λ·SFT + (1-λ)·fusion (resumable)."""
     options = dict(locals())  # first line: only the options

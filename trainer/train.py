@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datastore.errors import UserError
 from trainer.data import DataConfig, StreamState, TargetStream, estimate_rows_per_epoch
@@ -38,7 +38,9 @@ PRESETS: dict[str, dict] = {
 }
 STATE_FILE = "trainer_state.pt"
 # fields that may change between a run and its resume without changing the trajectory
-_RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot"}
+_RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot",
+                "report_to"}
+REPORTERS = ("tensorboard", "wandb")
 
 
 class TrainConfig(BaseModel):
@@ -78,6 +80,17 @@ class TrainConfig(BaseModel):
     resume: bool = True
     tensorboard: bool = True
     plot: bool = True
+    report_to: str = Field("tensorboard", description="comma-separated: tensorboard, wandb, or none")
+
+    @field_validator("report_to")
+    @classmethod
+    def _reporters(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        bad = [n for n in names if n not in (*REPORTERS, "none")]
+        if bad or not names:
+            raise ValueError(f"{', '.join(bad) or 'nothing'} is not one of {', '.join(REPORTERS)}, none "
+                             "(comma-separated)")
+        return ",".join(n for n in names if n != "none")
 
     @model_validator(mode="before")
     @classmethod
@@ -230,12 +243,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     log_dir = out / "logs"
     log_path = log_dir / "train.jsonl"
     history = _load_history(log_path, start_step)
-    tb = None
+    reporters: list = []
     if accelerator.is_main_process:
         log_dir.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(cfg.model_dump_json(by_alias=True, indent=2))
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        tb = _tensorboard(log_dir / "tensorboard", cfg.tensorboard)
+        reporters = _reporters(log_dir, cfg)
         accelerator.print(f"training {total_steps} steps ({accum} micro-batch(es) x {cfg.micro_batch_size} x "
                           f"{world} process(es) per step) from step {start_step}")
 
@@ -287,9 +300,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if tb is not None:
-                    for key in ("loss", "sft", "fusion", "lr", "tokens_per_s"):
-                        tb.add_scalar(f"train/{key}", record[key], step)
+                for report in reporters:
+                    report.log({f"train/{key}": record[key] for key in ("loss", "sft", "fusion", "lr", "tokens_per_s")},
+                               step)
                 accelerator.print(f"step {step}/{total_steps} loss {record['loss']:.4f} sft {sft:.4f} "
                                   f"fusion {fus:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
         if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or (
@@ -301,8 +314,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     final = _checkpoints(out)[-1] if _checkpoints(out) else None
     plot_path = None
     if accelerator.is_main_process:
-        if tb is not None:
-            tb.close()
+        for report in reporters:
+            report.close()
         if cfg.plot and history:
             plot_path = str(plot_losses(history, out / "loss.png"))
         accelerator.print(f"done: {step} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {final}")
@@ -376,14 +389,52 @@ def _load_history(path: Path, upto: int) -> list[dict]:
     return out
 
 
-def _tensorboard(path: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
+class _TensorBoard:
+    def __init__(self, path: Path):
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: JSONL only
-        return None
-    return SummaryWriter(str(path))
+
+        self.writer = SummaryWriter(str(path))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """Weights & Biases: a run under OUT/logs/wandb; WANDB_MODE=offline keeps it on disk (`wandb sync` later)."""
+
+    def __init__(self, path: Path, cfg: TrainConfig):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--report-to wandb: wandb is not installed (pip install wandb)") from None
+        path.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "logitfuse"), dir=str(path),
+                              name=Path(cfg.out).name, config=cfg.model_dump(mode="json", by_alias=True))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _reporters(log_dir: Path, cfg: TrainConfig) -> list:
+    """Where step records go besides OUT/logs/train.jsonl (`--report-to`); tensorboard is skipped when it is
+    not installed or `tensorboard` is off."""
+    names = [n for n in cfg.report_to.split(",") if n]
+    out: list = []
+    if "tensorboard" in names and cfg.tensorboard:
+        try:
+            out.append(_TensorBoard(log_dir / "tensorboard"))
+        except ImportError:  # tensorboard not installed: JSONL only
+            pass
+    if "wandb" in names:
+        out.append(_WandB(log_dir, cfg))
+    return out
 
 
 def plot_losses(history: list[dict], path: Path) -> Path:

@@ -32,8 +32,15 @@ def variance(deltas: torch.Tensor) -> torch.Tensor:
     return acc.div_(deltas.shape[0])
 
 
-def mix(deltas: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, normalize: bool) -> torch.Tensor:
-    """sum_j w_j keep_j delta_j, divided by sum_j w_j keep_j per element when `normalize` (0 -> 1)."""
+def mix(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor | None,
+    normalize: bool,
+    min_divisor: float | None = None,
+) -> torch.Tensor:
+    """sum_j w_j keep_j delta_j, divided by sum_j w_j keep_j per element when `normalize` (0 -> 1, or with
+    `min_divisor` the divisor clamped to at least that value, as mergekit's sce does)."""
     mixed = torch.zeros_like(deltas[0])
     divisor = torch.zeros_like(deltas[0]) if keep is not None else weights.sum().to(deltas.dtype)
     for j, d in enumerate(deltas):
@@ -44,7 +51,9 @@ def mix(deltas: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, 
             wk = keep[j] * w
             mixed += d * wk
             divisor += wk
-    if normalize:
+    if normalize and min_divisor is not None:
+        mixed /= divisor.clamp(min=min_divisor)
+    elif normalize:
         mixed /= torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return mixed
 

@@ -11,6 +11,10 @@ eta-weighted mean of the surviving elements (`normalize: false`: the plain eta-w
             as in the FuseChat authors' release (FuseChat/mergekit/.../sce_merging.py);
   mergekit  unselected elements of the fusion vectors are zeroed before erasing and merging, so they keep
             the pivot's value (mergekit/merge_methods/sce.py).
+
+`mergekit_fallback: true` (off by default) adds mergekit 0.1.5's two guards, so that a merge reproduces
+mergekit's on small fusion vectors too: equal coefficients whenever sum_j mean(selected delta_j^2) < 1e-6
+(ours: only when it is exactly 0), and the divisor of step Merge clamped to at least 1e-6 (ours: 0 -> 1).
 """
 
 from typing import Literal
@@ -20,6 +24,8 @@ import torch
 from merge.methods.common import agrees_with_majority, mix, variance
 from merge.registry import Combine, Fraction, ParameterStream, merge_method
 
+_MERGEKIT_EPS = 1e-6
+
 
 @merge_method("sce", paper="https://arxiv.org/abs/2408.07990")
 def sce(
@@ -28,6 +34,7 @@ def sce(
     select_topk: Fraction = 1.0,
     variant: Literal["fusechat", "mergekit"] = "fusechat",
     normalize: bool = True,
+    mergekit_fallback: bool = False,
 ) -> Combine:
     selection = None
     if select_topk < 1:
@@ -41,10 +48,12 @@ def sce(
         return d.square() if selection is None else d.square_()  # the masked copy is ours to overwrite
 
     energy = param.total(squares)
-    eta = energy / energy.sum() if energy.sum() > 0 else torch.full_like(energy, 1 / param.n_targets)
+    uniform = (energy / param.numel).sum() < _MERGEKIT_EPS if mergekit_fallback else energy.sum() == 0
+    eta = torch.full_like(energy, 1 / param.n_targets) if uniform else energy / energy.sum()
+    min_divisor = _MERGEKIT_EPS if mergekit_fallback else None
 
     def combine(chunk):
         deltas = selected(chunk) if variant == "mergekit" else chunk.deltas
-        return chunk.pivot + mix(deltas, eta, agrees_with_majority(deltas), normalize)
+        return chunk.pivot + mix(deltas, eta, agrees_with_majority(deltas), normalize, min_divisor)
 
     return combine

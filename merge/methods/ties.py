@@ -1,4 +1,5 @@
-"""TIES: trim each fusion vector to its largest-magnitude elements, elect a sign, mix the agreeing ones."""
+"""TIES: trim each fusion vector to its largest-magnitude elements, elect a sign, mix the agreeing ones;
+the mixed vector is scaled by `lambda` (mergekit's name) before it is added to the pivot."""
 
 from merge.methods.common import agrees_with_majority, as_weights, mix
 from merge.registry import Combine, Fraction, ParameterStream, PerModel, Weight, merge_method
@@ -11,6 +12,7 @@ def ties(
     weight: PerModel[Weight] = 1.0,
     density: PerModel[Fraction] = 1.0,
     normalize: bool = True,
+    lambda_: Weight = 1.0,
 ) -> Combine:
     # Trim: per target, keep the top `density` of elements by |delta| (k = int(density * numel)).
     kept = [
@@ -24,6 +26,7 @@ def ties(
                 trimmed[j] *= selection.mask(chunk)
         w = as_weights(weight, chunk.pivot)
         keep = agrees_with_majority(trimmed * w[:, None])
-        return chunk.pivot + mix(trimmed, w, keep, normalize)
+        mixed = mix(trimmed, w, keep, normalize)
+        return chunk.pivot + (mixed * lambda_ if lambda_ != 1 else mixed)
 
     return combine

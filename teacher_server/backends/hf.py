@@ -7,7 +7,6 @@ never built (for a 128k vocabulary it would be 0.5 MB per token).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,24 +16,11 @@ import torch
 from datastore.errors import UserError
 from teacher_server.backends.base import Backend, TopK
 from teacher_server.render import TokenizedSample
+from teacher_server.weights import weights_revision
+
+__all__ = ["DTYPES", "HFBackend", "describe_model", "weights_revision"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def weights_revision(model_dir: str | Path) -> str:
-    """The hub commit if the directory records one, else a hash of the weight files' names and sizes
-    and of the config (cheap; a changed checkpoint changes it)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        return str(model_dir)
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        if f.suffix in (".safetensors", ".bin") or f.name == "config.json":
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 class HFBackend(Backend):
