@@ -171,7 +171,8 @@ def test_parquet_with_wrong_types_is_one_invalid_row_each(tmp_path):
 def _bomb(path, rows: int = 1500, text_bytes: int = 1_000_000):
     """The issue's decompression bomb: `rows` rows repeating one `text_bytes` text, dictionary + zstd."""
     text = "all work and no play makes a dull teacher. " * (text_bytes // 43 + 1)
-    table = pa.table({"id": [f"s{i}" for i in range(rows)], "text": pa.array([text[:text_bytes]] * rows)})
+    repeated = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), [text[:text_bytes]])  # no 1.5 GB here
+    table = pa.table({"id": [f"s{i}" for i in range(rows)], "text": repeated})
     pq.write_table(table, path, compression="zstd", use_dictionary=True, dictionary_pagesize_limit=4 << 20)
     return path
 
