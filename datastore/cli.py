@@ -5,28 +5,14 @@ Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad 
 
 from __future__ import annotations
 
-import hashlib
+from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import typer
 
-from datastore import codec, fs
-from datastore.interchange import export_command, import_command
-from datastore.reader import LogitsReader
+from datastore.words import plural
+from datastore.words import size as _size
 
 store_app = typer.Typer(help="Inspect and check logits datasets in a store (local directory or s3://).")
-store_app.command("export")(export_command)
-store_app.command("import")(import_command)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> None:
@@ -34,20 +20,21 @@ def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> Non
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}")
-        typer.echo(f"{len(problems)} problem(s) in {uri}")
+        typer.echo(f"{plural(len(problems), 'problem')} in {uri}")
         raise typer.Exit(1)
     typer.echo(f"OK {uri}: {summary}, {'complete' if complete else 'incomplete (writer not closed)'}")
 
 
 @store_app.command("ls")
-def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucket/prefix")) -> None:
-    """List the logits datasets in a store."""
+def ls(uri: str = typer.Argument(..., metavar="STORE", help="store: local directory or s3://bucket/prefix")) -> None:
+    """List the logits and targets datasets in STORE (a local directory or s3://bucket/prefix)."""
+    from datastore import fs
     from datastore.targets import list_targets
 
     manifests = fs.list_logits(uri)
     for t in list_targets(uri):
         typer.echo(f"targets {t.targets_id:16}  pivot {t.meta.pivot[:20]:20} {t.meta.fusion:6} k {t.meta.k:>3} "
-                   f"{t.num_samples:>8} samples {_size(t.num_bytes):>10}  {'complete' if t.complete else 'incomplete'}")
+                   f"{t.num_samples:>8} {'sample ' if t.num_samples == 1 else 'samples'} {_size(t.num_bytes):>10}  {'complete' if t.complete else 'incomplete'}")
     if not manifests:
         typer.echo(f"no logits datasets in {uri}")
         return
@@ -61,6 +48,7 @@ def ls(uri: str = typer.Argument(..., help="store: local directory or s3://bucke
 
 def _targets_reader(uri: str):
     """A TargetsReader when `uri` holds a targets dataset (datastore.targets), else None."""
+    from datastore import fs
     from datastore.targets import TargetsReader, is_targets_manifest
 
     fsys, root = fs.resolve(uri)
@@ -76,9 +64,10 @@ def _show_targets(reader) -> None:
     typer.echo("\n".join([
         f"targets id    {m.targets_id}  ({'complete' if m.complete else 'INCOMPLETE'})",
         f"pivot         {meta.pivot}   sources {', '.join(meta.sources) or '-'}",
+        f"tokenizer     {meta.pivot_tokenizer or 'not recorded'}   {plural(meta.pivot_vocab_size, 'token')}",
         f"fusion        {meta.fusion}   align {meta.align}   vocab map {meta.vocab_map}   k {meta.k}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards",
+        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}",
         f"encoding      probs {m.encoding.get('topk_probs')}",
         f"written by    logitfuse {m.code_version}   created {m.created}   updated {m.updated}",
     ]))
@@ -96,18 +85,21 @@ def _verify_targets(uri: str, reader) -> None:
             problems.append(f"{shard.file}: {type(e).__name__}: {e}")
             continue
         if len(arrays) != shard.rows:
-            problems.append(f"{shard.file}: {len(arrays)} rows, manifest says {shard.rows}")
+            problems.append(f"{shard.file}: {plural(len(arrays), 'row')}, manifest says {shard.rows}")
         dup = seen.intersection(arrays.sample_ids)
         if dup:
             problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
         seen.update(arrays.sample_ids)
         rows += len(arrays)
-    _verdict(uri, problems, m.complete, f"targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions")
+    _verdict(uri, problems, m.complete, f"targets, {plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, "
+             f"{plural(m.num_positions, 'position')}")
 
 
 @store_app.command("show")
-def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
-    """Print one logits (or targets) dataset's manifest summary."""
+def show(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Print the manifest summary of DATASET: STORE/logits/<logits_id> or STORE/targets/<id>."""
+    from datastore.reader import LogitsReader
+
     targets = _targets_reader(uri)
     if targets is not None:
         _show_targets(targets)
@@ -123,7 +115,7 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> 
         f"k             {meta.k}   template {meta.chat_template}   max_length {meta.max_length}   "
         f"all_positions {meta.all_positions}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards"
+        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}"
         + (f"   {m.num_bytes / entries:.3f} B/entry ({topk / entries:.3f} top-k only)" if entries else ""),
         f"encoding      {m.encoding.get('codec')}  step {m.encoding.get('logprob_step')} nat  "
         f"max |error| {m.encoding.get('logprob_max_abs_error')} nat  ids {m.encoding.get('ids')}",
@@ -133,8 +125,18 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> 
 
 
 @store_app.command("verify")
-def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
-    """Re-read every shard: checksum, row count, and a full decode. Exit 1 on any problem."""
+def verify(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Re-read every shard of DATASET (STORE/logits/<logits_id> or STORE/targets/<id>): checksum, row count,
+    and a full decode. Exit status 1 on any problem."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datastore import codec, fs
+    from datastore.reader import LogitsReader
+
     targets = _targets_reader(uri)
     if targets is not None:
         _verify_targets(uri, targets)
@@ -152,13 +154,13 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
             problems.append(f"{shard.file}: missing or unreadable ({e})")
             continue
         if len(data) != shard.bytes:
-            problems.append(f"{shard.file}: {len(data)} bytes, manifest says {shard.bytes}")
+            problems.append(f"{shard.file}: {plural(len(data), 'byte')}, manifest says {shard.bytes}")
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
         try:
             n_rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
             if n_rows != shard.rows:
-                problems.append(f"{shard.file}: {n_rows} rows, manifest says {shard.rows}")
+                problems.append(f"{shard.file}: {plural(n_rows, 'row')}, manifest says {shard.rows}")
             table, ctx = codec.read_shard_bytes(data)
             samples = codec.decode_rows(table, ctx)
         except Exception as e:  # noqa: BLE001 - any failure to decode is a finding, not a crash
@@ -168,7 +170,7 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
         n_tok = sum(len(s.input_ids) for s in samples)
         if (n_pos, n_tok) != (shard.positions, shard.tokens):
             problems.append(
-                f"{shard.file}: {n_pos} positions/{n_tok} tokens, manifest says "
+                f"{shard.file}: {plural(n_pos, 'position')}/{plural(n_tok, 'token')}, manifest says "
                 f"{shard.positions}/{shard.tokens}"
             )
         for s in samples:
@@ -179,4 +181,56 @@ def verify(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id
                 problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
         rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
     _verdict(uri, problems, m.complete,
-             f"{len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens")
+             f"{plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, {plural(positions, 'position')}, "
+             f"{plural(tokens, 'token')}")
+
+
+# ------------------------------------------------------------------ interchange (datastore/interchange.py)
+
+
+def export_command(
+    uri: str = typer.Argument(..., help="logits dataset: STORE/logits/<logits_id>"),
+    format: str = typer.Option(..., "--format", help="axolotl | parquet | hf"),
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the export is complete."),
+) -> None:
+    """Export a logits dataset for other trainers: axolotl KD columns, plain parquet, or a datasets dataset."""
+    from datastore.interchange import export_dataset
+
+    n = export_dataset(uri, format, out, overwrite=overwrite)
+    typer.echo(f"exported {plural(n, 'sample')} from {uri} to {out} ({format})")
+
+
+def import_command(
+    file: Path = typer.Argument(..., help="vLLM prompt_logprobs responses (.jsonl) or a parquet export file."),
+    format: str = typer.Option(..., "--format", help="vllm | parquet"),
+    store: str = typer.Option(..., "--store", help="Store URI: a local directory or s3://bucket/prefix."),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="The teacher's tokenizer: a directory or a cached hub id (required for vllm)."
+    ),
+    teacher_name: str | None = typer.Option(None, "--teacher-name", help="Teacher name (default: the responses' model)."),
+    dataset_id: str | None = typer.Option(None, "--dataset-id", help="Dataset id (default: the file name and digest)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the valid lines, reporting the others."),
+) -> None:
+    """Import teacher distributions produced elsewhere into a logits dataset (then fuse and train as usual)."""
+    from datastore.errors import UserError
+    from datastore.interchange import import_dataset
+
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        from datastore.hub import resolve_local_or_cached
+
+        tok = AutoTokenizer.from_pretrained(resolve_local_or_cached(tokenizer, "model", "--tokenizer"))
+    report = import_dataset(file, format, store, tokenizer=tok, teacher_name=teacher_name, dataset_id=dataset_id,
+                            skip_invalid=skip_invalid, on_problem=lambda m: typer.echo(m, err=True))
+    if report.uri is None:
+        raise UserError(f"{file}: {plural(len(report.problems), 'invalid line')}, listed above; nothing imported "
+                        "(--skip-invalid imports the others)")
+    typer.echo(f"{report.uri}: {plural(report.written, 'sample')} imported, {report.already_stored} already stored, "
+               f"{plural(len(report.problems), 'invalid line')} skipped")
+
+
+store_app.command("export")(export_command)
+store_app.command("import")(import_command)

@@ -156,7 +156,8 @@ def save_tokenizer(dataset_uri: str, tokenizer) -> None:
 
 
 def load_tokenizer(dataset_uri: str):
-    """The tokenizer stored with a logits dataset (`save_tokenizer`), copied to a local cache when remote."""
+    """The tokenizer stored with a logits dataset (`save_tokenizer`); a remote one is copied to a temporary
+    directory, loaded and the copy removed (no fixed cache path)."""
     from transformers import AutoTokenizer
 
     fs, root = resolve(dataset_uri)
@@ -166,13 +167,7 @@ def load_tokenizer(dataset_uri: str):
         raise UserError(f"{dataset_uri} has no stored tokenizer ({TOKENIZER_DIR}/): re-run extract to add it")
     if is_local(fs):
         return AutoTokenizer.from_pretrained(source)
-    import hashlib
-
-    cache = os.path.join(tempfile.gettempdir(), "logitfuse-tokenizers-remote",
-                         hashlib.sha256(dataset_uri.encode()).hexdigest()[:16])
-    os.makedirs(cache, exist_ok=True)
-    for name in names:
-        local = os.path.join(cache, name)
-        if not os.path.exists(local):
-            write_atomic(pafs.LocalFileSystem(), local, read_bytes(fs, join(source, name)))
-    return AutoTokenizer.from_pretrained(cache)
+    with tempfile.TemporaryDirectory(prefix="logitfuse-tokenizer-") as copy:
+        for name in names:
+            write_atomic(pafs.LocalFileSystem(), os.path.join(copy, name), read_bytes(fs, join(source, name)))
+        return AutoTokenizer.from_pretrained(copy)

@@ -38,7 +38,6 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import typer
 
 from datastore import fs
 from datastore.errors import UserError
@@ -451,45 +450,3 @@ def _import_meta(fmt: str, path: Path, stored: dict | None, k: int, tokenizer, t
         all_positions=True,
         extra={"imported_from": fmt, "file": path.name},
     )
-
-
-# ------------------------------------------------------------------ CLI (registered by datastore/cli.py)
-
-
-def export_command(
-    uri: str = typer.Argument(..., help="logits dataset: STORE/logits/<logits_id>"),
-    format: str = typer.Option(..., "--format", help="axolotl | parquet | hf"),
-    out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the export is complete."),
-) -> None:
-    """Export a logits dataset for other trainers: axolotl KD columns, plain parquet, or a datasets dataset."""
-    n = export_dataset(uri, format, out, overwrite=overwrite)
-    typer.echo(f"exported {n} sample(s) from {uri} to {out} ({format})")
-
-
-def import_command(
-    file: Path = typer.Argument(..., help="vLLM prompt_logprobs responses (.jsonl) or a parquet export file."),
-    format: str = typer.Option(..., "--format", help="vllm | parquet"),
-    store: str = typer.Option(..., "--store", help="Store URI: a local directory or s3://bucket/prefix."),
-    tokenizer: str | None = typer.Option(
-        None, "--tokenizer", help="The teacher's tokenizer: a directory or a cached hub id (required for vllm)."
-    ),
-    teacher_name: str | None = typer.Option(None, "--teacher-name", help="Teacher name (default: the responses' model)."),
-    dataset_id: str | None = typer.Option(None, "--dataset-id", help="Dataset id (default: the file name and digest)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Import the valid lines, reporting the others."),
-) -> None:
-    """Import teacher distributions produced elsewhere into a logits dataset (then fuse and train as usual)."""
-    tok = None
-    if tokenizer:
-        from transformers import AutoTokenizer
-
-        from datastore.hub import resolve_local_or_cached
-
-        tok = AutoTokenizer.from_pretrained(resolve_local_or_cached(tokenizer, "model", "--tokenizer"))
-    report = import_dataset(file, format, store, tokenizer=tok, teacher_name=teacher_name, dataset_id=dataset_id,
-                            skip_invalid=skip_invalid, on_problem=lambda m: typer.echo(m, err=True))
-    if report.uri is None:
-        raise UserError(f"{file}: {len(report.problems)} invalid line(s), listed above; nothing imported "
-                        "(--skip-invalid imports the others)")
-    typer.echo(f"{report.uri}: {report.written} sample(s) imported, {report.already_stored} already stored, "
-               f"{len(report.problems)} invalid line(s) skipped")

@@ -111,7 +111,12 @@ class TargetSample:
 
 
 class TargetsMeta(BaseModel):
-    """Identity of a targets dataset (hashed into its id): which pivot, sources and fusion made it."""
+    """Identity of a targets dataset (hashed into its id): which pivot, sources and fusion made it.
+
+    `pivot_tokenizer` (the pivot logits' tokenizer fingerprint, `datastore.tokenizers.tokenizer_fingerprint`)
+    and `pivot_vocab_size` (``len(tokenizer)``) say which model the targets can train: the trainer refuses
+    any other. Empty / 0 in datasets written before they were recorded (nothing to check against).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,6 +127,8 @@ class TargetsMeta(BaseModel):
     fusion: str
     k: int = Field(ge=1, le=1024)
     extra: dict = Field(default_factory=dict)
+    pivot_tokenizer: str = ""
+    pivot_vocab_size: int = Field(0, ge=0)
 
 
 def targets_id(meta: TargetsMeta) -> str:

@@ -2,68 +2,38 @@
 fusion (MinCE / AvgCE) into training targets. Pure functions over `datastore.sample.ScoredSample`; the
 ``logitfuse fuse`` command reads and writes the shards around them."""
 
-from fusion._sparse import SparseDist
-from fusion.align import (
-    ALIGN_METHODS,
-    AlignedDistributions,
-    Alignment,
-    AlignmentError,
-    align_distributions,
-    align_dtw,
-    align_gold_nll,
-    align_sample,
-    align_spans,
-    byte_spans,
-    pivot_gold_nll,
-    token_offsets,
-)
-from fusion.fuse import (
-    AVGCE_WEIGHTS,
-    FUSION_METHODS,
-    FusionResult,
-    cross_entropy,
-    fuse,
-    fuse_sample,
-    gold_ids,
-    response_mask,
-)
-from fusion.vocab import (
-    ExactMatch,
-    MappingStatistics,
-    MinEditDistance,
-    StatisticsMap,
-    TokenTable,
-    VocabMap,
-    build_vocab_map,
-)
+from datastore._lazy import lazy_exports
 
-__all__ = [
-    "ALIGN_METHODS",
-    "AVGCE_WEIGHTS",
-    "FUSION_METHODS",
-    "AlignedDistributions",
-    "Alignment",
-    "AlignmentError",
-    "ExactMatch",
-    "FusionResult",
-    "MappingStatistics",
-    "MinEditDistance",
-    "SparseDist",
-    "StatisticsMap",
-    "TokenTable",
-    "VocabMap",
-    "align_sample",
-    "align_distributions",
-    "align_dtw",
-    "align_gold_nll",
-    "align_spans",
-    "build_vocab_map",
-    "byte_spans",
-    "cross_entropy",
-    "fuse",
-    "fuse_sample",
-    "gold_ids",
-    "pivot_gold_nll",
-    "response_mask",
-    "token_offsets",
-]
+# imported on first use (PEP 562): the CLI imports this package's light modules only
+_EXPORTS = {
+    "SparseDist": "fusion._sparse",
+    "ALIGN_METHODS": "fusion.align",
+    "AlignedDistributions": "fusion.align",
+    "Alignment": "fusion.align",
+    "AlignmentError": "fusion.align",
+    "align_distributions": "fusion.align",
+    "align_dtw": "fusion.align",
+    "align_gold_nll": "fusion.align",
+    "pivot_gold_nll": "fusion.align",
+    "align_sample": "fusion.align",
+    "align_spans": "fusion.align",
+    "byte_spans": "fusion.align",
+    "token_offsets": "fusion.align",
+    "AVGCE_WEIGHTS": "fusion.fuse",
+    "FUSION_METHODS": "fusion.fuse",
+    "FusionResult": "fusion.fuse",
+    "cross_entropy": "fusion.fuse",
+    "fuse": "fusion.fuse",
+    "fuse_sample": "fusion.fuse",
+    "gold_ids": "fusion.fuse",
+    "response_mask": "fusion.fuse",
+    "ExactMatch": "fusion.vocab",
+    "MappingStatistics": "fusion.vocab",
+    "MinEditDistance": "fusion.vocab",
+    "StatisticsMap": "fusion.vocab",
+    "TokenTable": "fusion.vocab",
+    "VocabMap": "fusion.vocab",
+    "build_vocab_map": "fusion.vocab",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -3,6 +3,8 @@ Registered by clients/cli.py (``fusion.cli:fuse_command``); a `UserError` become
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 
 from datastore.errors import UserError
@@ -13,35 +15,35 @@ def fuse_command(
         ..., help="Pivot logits dataset URI (STORE/logits/ID): its tokens and shape are the targets'."
     ),
     source: list[str] = typer.Option(
-        ..., help="Source logits dataset URI (STORE/logits/ID); repeat for several."
+        ..., metavar="<str>", help="Source logits dataset URI (STORE/logits/ID); repeat for several."
     ),
     out: str = typer.Option(
         ...,
         help="Targets URI (local directory or s3://bucket/prefix). Pairwise with several sources: one "
         "targets dataset per source under OUT/<source logits id>.",
     ),
-    align: str = typer.Option(
+    align: Literal["offsets", "dtw", "dtw2"] = typer.Option(
         "offsets",
         help="Sequence alignment: offsets (exact, from character offsets), dtw (FuseChat-1.0's DTW: edit "
         "distance of canonical token bytes, x0.1 when one contains the other) or dtw2 (FuseChat-2.0's: "
         "tokens decoded one by one, no discount).",
     ),
-    vocab_map: str = typer.Option(
+    vocab_map: Literal["ms", "mined", "em"] = typer.Option(
         "ms",
         help="Vocabulary mapping: ms (mapping statistics over the dataset), mined (min edit distance), em (exact).",
     ),
-    fusion: str = typer.Option(
+    fusion: Literal["mince", "avgce"] = typer.Option(
         "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (CE-weighted average)."
     ),
-    avgce_weights: str = typer.Option(
+    avgce_weights: Literal["softmax-ce", "fusellm"] = typer.Option(
         "softmax-ce",
         help="AvgCE weights: softmax-ce (w = softmax(-CE)) or fusellm (FuseLLM's w = softmax(exp(-CE))).",
     ),
-    mode: str = typer.Option(
+    mode: Literal["pairwise", "multi"] = typer.Option(
         "pairwise",
         help="pairwise: pivot + one source per targets dataset (FuseChat); multi: all sources in one (FuseLLM).",
     ),
-    k: int = typer.Option(0, help="Entries per target position (0: the pivot's k)."),
+    k: int = typer.Option(0, help="Entries per target position, 0 = the pivot's k."),
     shard_rows: int = typer.Option(512, help="Samples per targets shard."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:

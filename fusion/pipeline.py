@@ -36,6 +36,7 @@ from datastore.errors import UserError
 from datastore.reader import LogitsReader
 from datastore.sample import ScoredSample
 from datastore.targets import TargetSample, TargetsMeta, TargetsWriter
+from datastore.words import plural
 from fusion._sparse import SparseDist
 from fusion.align import (
     ALIGN_METHODS,
@@ -54,6 +55,8 @@ VOCAB_MAPS = ("ms", "mined", "em")
 MODES = ("pairwise", "multi")
 STATS_DIR = "mapping_statistics"
 REPORT_FILE = "fusion_report.json"
+REPORT_EXAMPLES = 2  # aligned samples kept per source in the report
+REPORT_EXAMPLE_GROUPS = 40  # groups kept per example
 ALIGN_CACHE_BYTES = 256 * 2**20  # alignments kept from the statistics pass for the fusion pass
 
 
@@ -82,6 +85,8 @@ class SourceReport:
     statistics_pairs: int = 0  # distinct (pivot, source) token pairs in the mapping statistics
     statistics_bytes: int = 0  # in memory
     statistics_file_bytes: int = 0  # on disk (compressed .npz)
+    #: a few aligned samples as token strings side by side, for people to look at (dashboard, report)
+    examples: list[dict] = field(default_factory=list)
 
     @property
     def group_shares(self) -> dict[str, float]:
@@ -135,6 +140,9 @@ class FuseReport:
 
     def lines(self) -> list[str]:
         """The human report ``logitfuse fuse`` prints."""
+        if self.samples == 0 and self.targets and all(t.already_done for t in self.targets):  # a rerun
+            return [f"nothing to fuse: the targets were already complete ({plural(t.already_done, 'sample')} in "
+                    f"{t.uri})" for t in self.targets]
         out = [
             f"fused {self.samples} sample(s) in {self.seconds:.1f}s ({self.statistics_seconds:.1f}s building "
             f"mapping statistics): align={self.align} vocab-map={self.vocab_map} fusion={self.fusion} "
@@ -382,6 +390,8 @@ def fuse_logits(
             k=k,
             extra={"mode": mode, "dataset_id": dataset_id}
             | ({"avgce_weights": avgce_weights} if fusion == "avgce" else {}),
+            pivot_tokenizer=pivot_reader.manifest.meta.tokenizer_fingerprint,  # the trainer checks --model
+            pivot_vocab_size=pivot.table.vocab_size,
         )
         writers.append(TargetsWriter(uri, meta, shard_rows=shard_rows))
     for (uri, members), w in zip(jobs, writers, strict=True):
@@ -523,6 +533,21 @@ def _save_statistics(jobs, writers, j, src, stats: MappingStatistics) -> None:
         fs.write_atomic(fsys, path, data)
 
 
+def _example(p, s, aln, pivot_tok, source_tok, max_groups: int = REPORT_EXAMPLE_GROUPS) -> dict:
+    """The first `max_groups` groups of one alignment as token strings: {"sample_id", "groups": [{"pivot":
+    [str], "source": [str], "kind": "1-1" | "1-n" | "n-1" | "n-m"}]}."""
+    kinds = aln.kinds()
+    groups = []
+    for g in range(min(aln.num_groups, max_groups)):
+        ps, pe, ss, se = (int(a[g]) for a in (aln.pivot_start, aln.pivot_end, aln.source_start, aln.source_end))
+        groups.append({
+            "pivot": pivot_tok.convert_ids_to_tokens(p.input_ids[ps:pe].tolist()),
+            "source": source_tok.convert_ids_to_tokens(s.input_ids[ss:se].tolist()),
+            "kind": KIND_NAMES[int(kinds[g])],
+        })
+    return {"sample_id": p.sample_id, "groups": groups}
+
+
 def _align_one(p, s, j, src, pivot, vmap, align, k, cache, rep: SourceReport) -> AlignedDistributions | None:
     """One source's distributions at the pivot's positions (None when absent or unalignable)."""
     if s is None:
@@ -538,6 +563,8 @@ def _align_one(p, s, j, src, pivot, vmap, align, k, cache, rep: SourceReport) ->
             return None
     out = align_distributions(p, s, aln, vmap, k=k)
     rep.samples += 1
+    if len(rep.examples) < REPORT_EXAMPLES:
+        rep.examples.append(_example(p, s, aln, pivot.tokenizer, src.tokenizer))
     for name, c in aln.kind_counts().items():
         rep.groups[name] += c
     rep.chars += int(aln.coverage.get("chars", 0))

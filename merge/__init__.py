@@ -6,20 +6,18 @@ is every bad-input error. Names are imported on first use, so `merge.cli` (and `
 import torch.
 """
 
-from __future__ import annotations
+from datastore._lazy import lazy_exports
 
-import importlib
-from typing import Any
-
+# imported on first use (PEP 562): the CLI imports this package's light modules only
 _EXPORTS = {
-    "MergeConfig": "merge.config", "load_config": "merge.config", "parse_config": "merge.config",
-    "run_merge": "merge.engine", "MergeError": "merge.errors",
-    "METHODS": "merge.registry", "get_method": "merge.registry", "merge_method": "merge.registry",
+    "MergeConfig": "merge.config",
+    "load_config": "merge.config",
+    "parse_config": "merge.config",
+    "run_merge": "merge.engine",
+    "MergeError": "merge.errors",
+    "METHODS": "merge.registry",
+    "get_method": "merge.registry",
+    "merge_method": "merge.registry",
 }
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'merge' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -433,4 +433,7 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
             results = await anyio.to_thread.run_sync(score, limiter=topk_threads[req.teacher])
         return {"teacher": req.teacher, "k": req.k, "results": results}
 
+    from teacher_server.dashboard import mount_dashboard
+
+    mount_dashboard(app, service, auth)
     return app

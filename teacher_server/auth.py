@@ -28,9 +28,13 @@ class Principal:
     def can(self, scope: str) -> bool:
         return SCOPES[self.scope] >= SCOPES[scope]
 
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
+
     def owns(self, team: str) -> bool:
         """Whether this principal may see and act on a job of `team` (its own, or any with admin)."""
-        return self.scope == "admin" or self.team == team
+        return self.is_admin or self.team == team
 
 
 class AuthError(Exception):

@@ -100,6 +100,8 @@ class ServiceConfig(BaseModel):
     #: jobs a team may have waiting in the queues at once (429 past it); `team_queue_limits` overrides it
     max_queued_jobs_per_team: int = Field(32, ge=1)
     team_queue_limits: dict[str, int] = Field(default_factory=dict)
+    #: training-run directories the dashboard shows (`logitfuse train --out` directories or their parents)
+    runs: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> ServiceConfig:

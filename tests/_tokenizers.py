@@ -11,7 +11,8 @@ and text written for this repo to run them on.
 - ``tekken()``: the 131k byte-level BPE ``tekken_240911.json`` copied to ``DIR/tekken.json``;
   ``AutoTokenizer.from_pretrained(DIR)`` loads it as a fast tokenizer with offsets.
 
-Converted directories are cached under the system temp dir, the loaded tokenizers per process.
+Converted directories are cached under `clients.tiny_models.tokenizer_cache_dir()` (in tests: the session
+cache under pytest's tmp path), the loaded tokenizers per process.
 `scored` / `synthetic` build `ScoredSample`s with synthetic top-k for the fusion tests and bench.
 """
 
@@ -28,8 +29,6 @@ import numpy as np
 
 from datastore.sample import ScoredSample
 
-CACHE = Path(tempfile.gettempdir()) / "logitfuse-test-tokenizers-v1"
-
 
 def _wheel_data() -> Path:
     import mistral_common
@@ -38,11 +37,14 @@ def _wheel_data() -> Path:
 
 
 def _atomic_dir(name: str, build) -> Path:
-    final = CACHE / name
+    from clients.tiny_models import tokenizer_cache_dir
+
+    cache = tokenizer_cache_dir() / "test-tokenizers-v1"
+    final = cache / name
     if (final / ".done").exists():
         return final
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}-"))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
     build(tmp)
     (tmp / ".done").touch()
     try:

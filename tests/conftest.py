@@ -1,8 +1,37 @@
-"""Shared fixtures: the real tokenizers from the mistral_common wheel and tiny models built from configs."""
+"""Shared fixtures: the real tokenizers from the mistral_common wheel and tiny models built from configs.
+
+Tests write only under pytest's tmp paths: what they cache across modules (converted tokenizers, tiny
+trained teachers) lives in one session directory, `test_cache`, under pytest's base temp dir.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+#: environment variable naming the session's cache directory (for helpers outside fixtures: `cache_dir()`)
+TEST_CACHE_ENV = "LOGITFUSE_TEST_CACHE"
+
+
+def cache_dir(name: str) -> Path:
+    """A directory `name` under the session's `test_cache` (only while the tests run)."""
+    return Path(os.environ[TEST_CACHE_ENV]) / name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_cache(tmp_path_factory):
+    """The session's cache directory, under pytest's base temp dir; it also becomes the tokenizer cache
+    of `clients.tiny_models` and tests/_tokenizers.py (``$LOGITFUSE_TOKENIZER_CACHE``, inherited by the
+    subprocesses tests start)."""
+    from clients.tiny_models import TOKENIZER_CACHE_ENV
+
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TEST_CACHE_ENV, str(root))
+        mp.setenv(TOKENIZER_CACHE_ENV, str(root / "tokenizers"))
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -105,3 +105,20 @@ def test_s3_write_resume_read_verify(s3_store):
     client.delete_object(Bucket=BUCKET, Key=key)
     res = runner.invoke(store_app, ["verify", uri])
     assert res.exit_code == 1 and "shard-000001.parquet: missing" in res.output
+
+
+def test_a_remote_tokenizer_loads_without_leaving_a_copy(s3_store, spm_tokenizer, monkeypatch, tmp_path):
+    """A tokenizer stored with a dataset on S3 loads through a temporary copy that is removed (it used to be
+    cached for good in a fixed directory of the system temp dir)."""
+    import tempfile
+
+    from datastore.fs import load_tokenizer, save_tokenizer
+    from datastore.tokenizers import tokenizer_fingerprint
+
+    uri = f"{s3_store}/logits/with-tokenizer"
+    save_tokenizer(uri, spm_tokenizer)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the system temp dir, watched
+    tok = load_tokenizer(uri)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(spm_tokenizer)
+    assert tok("the small fox").input_ids == spm_tokenizer("the small fox").input_ids
+    assert list(tmp_path.iterdir()) == []

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cache_dir
 from typer.testing import CliRunner
 
 from clients.cli import app
@@ -25,9 +25,8 @@ from teacher_server.extract import ExtractSettings, extract
 from teacher_server.render import TEMPLATE_DIR
 
 K = 5
-TEACHER_CACHE = Path(tempfile.gettempdir()) / "logitfuse-test-fusion-teachers"
 QUANT = 1.0 / 65535 + 1e-6  # targets store probabilities as floor(p * 65535) / 65535
-# Teachers are cached across runs (make_teacher reuses a directory holding the same settings). The pivot
+# Teachers are cached for the session (make_teacher reuses a directory holding the same settings). The pivot
 # is barely trained, the source for a few dozen steps: MinCE should prefer the source.
 TEACHERS = {
     "pivot": dict(arch="mistral", tokenizer_kind="spm32k", template="inst", steps=1, batch_size=2),
@@ -35,9 +34,14 @@ TEACHERS = {
 }
 
 
+def teacher_cache() -> Path:
+    """Where the tiny teachers are kept: the session's cache under pytest's tmp path (`conftest.cache_dir`)."""
+    return cache_dir("fusion-teachers")
+
+
 @pytest.fixture(scope="module")
 def logits(tmp_path_factory) -> dict[str, str]:
-    cache = TEACHER_CACHE
+    cache = teacher_cache()
     data = load_dataset(write_jsonl(chat_samples(8, seed=31), tmp_path_factory.mktemp("data") / "chat.jsonl"))
     store = str(tmp_path_factory.mktemp("store"))
     uris = {}

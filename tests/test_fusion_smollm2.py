@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_fusion_pipeline import TEACHER_CACHE, TEACHERS
+from test_fusion_pipeline import TEACHERS, teacher_cache
 
 from clients.corpus import chat_samples, write_jsonl
 from clients.smollm2 import smollm2_dir
@@ -31,7 +31,7 @@ def logits(tmp_path_factory, one_thread) -> dict[str, str]:
     store = str(tmp_path_factory.mktemp("store"))
     t = TEACHERS["pivot"]
     tiny = make_teacher(
-        TEACHER_CACHE / "pivot",
+        teacher_cache() / "pivot",
         t["arch"],
         t["tokenizer_kind"],
         (TEMPLATE_DIR / f"{t['template']}.jinja").read_text(encoding="utf-8"),

@@ -88,7 +88,7 @@ def test_hf_export_loads_from_disk(stored, tmp_path):
     uri, samples = stored
     result = CliRunner().invoke(app, ["store", "export", uri, "--format", "hf", "--out", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
-    assert "exported 5 sample(s)" in result.output
+    assert "exported 5 samples" in result.output
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     assert ds.num_rows == 5 and ds["sample_id"] == [s.sample_id for s in samples]
     for row, s in zip(ds, samples, strict=True):
@@ -187,7 +187,7 @@ def test_vllm_prompt_logprobs_import_round_trip_and_bad_lines(tmp_path, spm_toke
                          (7, rf"prompt_logprobs\[3\] lacks the prompt token {gold}"), (8, "duplicate sample id 'cmpl-s0'"),
                          (9, "maximum recursion depth|expected a JSON object"), (10, r"choices\[0\]\.prompt_token_ids\[2\] = 1000000000000000000000000000000 is not a token id")]:
         assert re.search(rf"responses.jsonl: line {line}: {reason}", result.output), result.output
-    assert "7 invalid line(s), listed above; nothing imported" in result.output
+    assert "7 invalid lines, listed above; nothing imported" in result.output
     assert not (tmp_path / "store").exists()
 
     report = import_dataset(path, "vllm", store, tokenizer=spm_tokenizer, skip_invalid=True)

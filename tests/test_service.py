@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import cache_dir
 from typer.testing import CliRunner
 
 from clients.cli import app as cli_app
@@ -22,11 +22,12 @@ TEACHER_STEPS = 40
 
 
 def tiny_teacher() -> Path:
-    """A tiny trained Llama on the 32k SentencePiece tokenizer with the [INST] template (cached on disk)."""
+    """A tiny trained Llama on the 32k SentencePiece tokenizer with the [INST] template (cached for the
+    session under pytest's tmp path)."""
     from clients.tiny_models import make_teacher
     from teacher_server.render import TEMPLATE_DIR
 
-    return make_teacher(Path(tempfile.gettempdir()) / "logitfuse-test-teachers" / "llama-spm", "llama", "spm32k",
+    return make_teacher(cache_dir("teachers") / "llama-spm", "llama", "spm32k",
                         (TEMPLATE_DIR / "inst.jinja").read_text(encoding="utf-8"), steps=TEACHER_STEPS)
 
 

@@ -4,6 +4,7 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def pivot_dir(tmp_path_factory, spm_tokenizer):
 
 @pytest.fixture(scope="module")
 def targets_uri(tmp_path_factory, spm_tokenizer):
-    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer))
+    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer),
+                           pivot_tokenizer=spm_tokenizer)
     return uri
 
 
@@ -128,6 +130,77 @@ def test_cli_trains(pivot_dir, targets_uri, tmp_path):
               "--batch-size", "1", "--max-length", "32", "--loss", "kl"])
     assert r.exit_code == 0, r.output
     assert "step 1, loss" in r.output
+
+
+def _save_model(out, arch, tokenizer, **overrides):
+    from clients.tiny_models import build_model
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    model = build_model(arch, tokenizer, seed=0, **{**small, **overrides})
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def test_a_model_that_is_not_the_targets_pivot_is_refused(targets_uri, tmp_path, spm_tokenizer, bpe_tokenizer):
+    """Mistral-pivot (32k SentencePiece) targets and a Qwen2 model on the 131k BPE tokenizer: every target id
+    fits its vocabulary, yet the targets mean other tokens. One line naming both tokenizers; nothing written."""
+    from datastore.tokenizers import tokenizer_fingerprint
+
+    qwen = _save_model(tmp_path / "qwen2", "qwen2", bpe_tokenizer)
+    r = _cli(["--targets", targets_uri, "--model", qwen, "--out", str(tmp_path / "o"), "--max-steps", "1"])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1, r.output
+    assert f"--model {qwen}: its tokenizer ({tokenizer_fingerprint(bpe_tokenizer)}, {len(bpe_tokenizer)} tokens)" \
+        in lines[0]
+    assert f"pivot tokenizer ({tokenizer_fingerprint(spm_tokenizer)}, {len(spm_tokenizer)} tokens" in lines[0]
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_a_tokenizer_longer_than_the_embedding_is_refused(tmp_path, spm_tokenizer):
+    """The pivot's own tokenizer, but weights with 1000 embedding rows: one line naming both sizes (before:
+    training ran, or an IndexError / a device assert once an id reached the embedding)."""
+    uri, _ = write_targets(tmp_path / "t", 8, vocab=1000, pivot_tokenizer=spm_tokenizer)
+    model = _save_model(tmp_path / "m", "llama", spm_tokenizer, vocab_size=1000)
+    with pytest.raises(UserError) as e:
+        train(config(model, uri, tmp_path / "o", max_steps=1))
+    assert str(e.value) == (f"--model {model}: its tokenizer has {len(spm_tokenizer)} tokens but the model's "
+                            "embedding has 1000 rows: the tokenizer and the weights do not belong together")
+
+
+def test_warns_when_an_epoch_is_shorter_than_a_step(pivot_dir, targets_uri, tmp_path, capsys):
+    """40 short samples pack into fewer rows than a batch of 32: the data cycles within the one step that
+    --epochs 1 becomes. Both facts are said on stderr; an ordinary run says nothing."""
+    from trainer.data import estimate_rows_per_epoch
+
+    rows = estimate_rows_per_epoch(targets_uri, 48)
+    assert rows < 32
+    result = train(config(pivot_dir, targets_uri, tmp_path / "w", max_steps=0, epochs=1.0, batch_size=32,
+                          micro_batch_size=8, plot=False, tensorboard=False))
+    assert result.steps == 1
+    err = capsys.readouterr().err
+    assert len(result.warnings) == 2
+    assert result.warnings[0].startswith(f"one epoch is {rows} packed sequences of 48 tokens, less than one "
+                                          "optimizer step (32, --batch-size): the data cycles within every step")
+    assert result.warnings[1] == f"--epochs 1 is less than one optimizer step: the run makes 1 step, {32 / rows:.1f} epochs"
+    assert all(f"warning: {w}" in err for w in result.warnings)
+    ordinary = train(config(pivot_dir, targets_uri, tmp_path / "n", max_steps=1, plot=False, tensorboard=False))
+    assert ordinary.warnings == [] and "warning:" not in capsys.readouterr().err
+
+
+def test_resume_compares_resolved_paths(pivot_dir, targets_uri, tmp_path, monkeypatch):
+    """A run started with absolute paths resumes when given the same paths relative to the working
+    directory (and through a symlink); before, the strings differed and the resume was refused."""
+    first = train(config(pivot_dir, targets_uri, tmp_path / "r", max_steps=2, stop_after=1, plot=False))
+    assert first.steps == 1
+    (tmp_path / "link").symlink_to(pivot_dir)
+    monkeypatch.chdir(targets_uri)
+    resumed = train(config(str(tmp_path / "link"), ".", tmp_path / "r", max_steps=2, plot=False))
+    assert resumed.steps == 2 and [r["step"] for r in resumed.losses] == [1, 2]
+    record = json.loads((tmp_path / "r" / "train_config.json").read_text())  # paths stored resolved
+    assert (record["targets"], record["model"]) == (str(Path(targets_uri).resolve()), str(Path(pivot_dir).resolve()))
 
 
 def test_report_to_tensorboard_and_wandb_offline(pivot_dir, targets_uri, tmp_path, monkeypatch):

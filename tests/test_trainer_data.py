@@ -33,8 +33,14 @@ def random_sample(i: int, k: int = K, vocab: int = VOCAB, max_len: int = 30) -> 
     return TargetSample(f"s{i:05d}", tokens, mask, positions, ids, probs)
 
 
-def write_targets(path, n: int, shard_rows: int = 7, **kw) -> tuple[str, dict[str, TargetSample]]:
-    meta = TargetsMeta(pivot="p", sources=["s"], align="offsets", vocab_map="ms", fusion="mince", k=K)
+def write_targets(path, n: int, shard_rows: int = 7, pivot_tokenizer=None, **kw) -> tuple[str, dict[str, TargetSample]]:
+    """`n` random samples; with `pivot_tokenizer`, the meta records its fingerprint and size as fusion does."""
+    recorded = {}
+    if pivot_tokenizer is not None:
+        from datastore.tokenizers import tokenizer_fingerprint
+
+        recorded = dict(pivot_tokenizer=tokenizer_fingerprint(pivot_tokenizer), pivot_vocab_size=len(pivot_tokenizer))
+    meta = TargetsMeta(pivot="p", sources=["s"], align="offsets", vocab_map="ms", fusion="mince", k=K, **recorded)
     samples = [random_sample(i, **kw) for i in range(n)]
     with TargetsWriter(str(path), meta, shard_rows=shard_rows) as w:
         for s in samples:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datastore.errors import UserError
+from datastore.targets import TargetsMeta, TargetsReader
+from datastore.words import plural
 from trainer.data import DataConfig, StreamState, TargetStream, estimate_rows_per_epoch
 from trainer.losses import LossConfig, chunked_head_loss
 
@@ -41,6 +44,8 @@ STATE_FILE = "trainer_state.pt"
 _RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot",
                 "report_to"}
 REPORTERS = ("tensorboard", "wandb")
+# fields naming a file or directory: a resume compares them as resolved paths (./t and /abs/t are one run)
+_PATH_FIELDS = ("targets", "model")
 
 
 class TrainConfig(BaseModel):
@@ -125,6 +130,7 @@ class TrainResult(BaseModel):
     losses: list[dict]  # one record per logged step (step, loss, sft, fusion, lr, ...)
     log_path: str
     plot_path: str | None = None
+    warnings: list[str] = []  # what `train` printed as "warning: ..." on stderr (see `data_warnings`)
 
 
 class FusionLM(torch.nn.Module):
@@ -144,16 +150,25 @@ class FusionLM(torch.nn.Module):
                                  self.chunk_rows)
 
 
-def load_pivot(model_dir: str):
-    """The pivot model and tokenizer; UserError when the directory is not a causal LM we can train."""
+def load_pivot(model_dir: str, targets: TargetsMeta | None = None):
+    """The pivot model and tokenizer from `model_dir`.
+
+    Raises `UserError` (one line) when the directory is not a causal LM we can train, when its tokenizer
+    is not the one the targets were made in (`check_pivot_tokenizer`, checked before the weights load),
+    or when the tokenizer has more tokens than the model's embedding has rows.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if targets is not None:
+            check_pivot_tokenizer(tokenizer, targets, model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"--model {model_dir}: cannot load a causal LM and tokenizer ({e})") from None
     cfg = model.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
@@ -161,7 +176,55 @@ def load_pivot(model_dir: str):
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise UserError(f"--model {model_dir}: needs a bias-free linear LM head")
+    rows = min(head.weight.shape[0], model.get_input_embeddings().weight.shape[0])
+    if len(tokenizer) > rows:
+        raise UserError(
+            f"--model {model_dir}: its tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+            f"{rows} rows: the tokenizer and the weights do not belong together"
+        )
     return model, tokenizer
+
+
+def check_pivot_tokenizer(tokenizer, targets: TargetsMeta, model_dir: str) -> None:
+    """Raise `UserError` unless `tokenizer` is the pivot tokenizer the targets were fused in: the same
+    fingerprint (`datastore.tokenizers.tokenizer_fingerprint`: vocabulary and special tokens) and the
+    same ``len(tokenizer)``. Targets written before these were recorded are not checked."""
+    from datastore.tokenizers import tokenizer_fingerprint
+
+    if not targets.pivot_tokenizer:
+        return
+    mine = tokenizer_fingerprint(tokenizer)
+    if mine != targets.pivot_tokenizer or len(tokenizer) != targets.pivot_vocab_size:
+        raise UserError(
+            f"--model {model_dir}: its tokenizer ({mine}, {len(tokenizer)} tokens) is not the targets' pivot "
+            f"tokenizer ({targets.pivot_tokenizer}, {targets.pivot_vocab_size} tokens, pivot logits "
+            f"{targets.pivot}): train the pivot model, or one with the pivot's tokenizer"
+        )
+
+
+def data_warnings(rows_per_epoch: int, cfg: TrainConfig, total_steps: int) -> list[str]:
+    """Warnings about a run whose optimizer steps are long against its data (`rows_per_epoch` packed
+    sequences of ``cfg.max_length`` tokens per epoch, all ranks together):
+
+    - one optimizer step (``--batch-size`` packed sequences) is longer than one epoch: every step sees some
+      samples more than once, so the gradient of a step is not a mean over distinct samples;
+    - ``--epochs`` asks for less data than one optimizer step: the run still makes a whole step, i.e.
+      more epochs than asked.
+    """
+    out = []
+    if rows_per_epoch < cfg.batch_size:
+        out.append(
+            f"one epoch is {plural(rows_per_epoch, 'packed sequence')} of {cfg.max_length} tokens, less than one "
+            f"optimizer step ({cfg.batch_size}, --batch-size): the data cycles within every step, each sample "
+            f"about {cfg.batch_size / max(rows_per_epoch, 1):.1f} times; lower --batch-size or add samples"
+        )
+    if not cfg.max_steps and cfg.epochs * rows_per_epoch < cfg.batch_size:
+        seen = total_steps * cfg.batch_size / max(rows_per_epoch, 1)
+        out.append(
+            f"--epochs {cfg.epochs:g} is less than one optimizer step: the run makes {plural(total_steps, 'step')}, "
+            f"{seen:.1f} epochs"
+        )
+    return out
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -172,11 +235,30 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _resolved(uri: str) -> str:
+    """A local path made absolute with symlinks resolved; a URI (s3://...) without its trailing slash."""
+    if "://" in uri:
+        return uri.rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
+def _config_record(cfg: TrainConfig) -> dict:
+    """What `OUT/train_config.json` holds: the config, with `--targets` and `--model` resolved when the run
+    starts (a relative path means nothing once the working directory has changed)."""
+    record = json.loads(cfg.model_dump_json(by_alias=True))
+    return {**record, **{key: _resolved(record[key]) for key in _PATH_FIELDS}}
+
+
 def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume the run in `out` with settings that change its trajectory (`UserError`); paths are
+    compared resolved, so ``--targets ./t`` resumes a run started with ``--targets /abs/t``."""
     path = out / "train_config.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        new = json.loads(cfg.model_dump_json(by_alias=True))
+        new = _config_record(cfg)
+        for key in _PATH_FIELDS:  # a record written before paths were resolved: resolve it now
+            if isinstance(old.get(key), str):
+                old[key] = _resolved(old[key])
         diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k not in _RESUME_FREE and old.get(k) != new[k]]
         if diffs:
             raise UserError(
@@ -197,7 +279,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise UserError(
             f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size} "
-            f"x {world} process(es)"
+            f"x {plural(world, 'process', 'processes')}"
         )
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
 
@@ -209,8 +291,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         shutil.rmtree(out / "logs", ignore_errors=True)
     resume_dir = checkpoints[-1] if checkpoints else None
 
+    targets_meta = TargetsReader(cfg.targets).manifest.meta
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_pivot(str(resume_dir or cfg.model))
+    model, tokenizer = load_pivot(str(resume_dir or cfg.model), targets_meta)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -225,9 +308,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                           seed=cfg.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_token_id or 0)
     stream = TargetStream(cfg.targets, data_cfg, stream_state)
     stream.check_vocab(vocab)
-    total_steps = cfg.max_steps or max(
-        1, math.ceil(cfg.epochs * estimate_rows_per_epoch(cfg.targets, cfg.max_length) / cfg.batch_size)
-    )
+    rows_per_epoch = estimate_rows_per_epoch(cfg.targets, cfg.max_length)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * rows_per_epoch / cfg.batch_size))
+    warnings = data_warnings(rows_per_epoch, cfg, total_steps)
+    if accelerator.is_main_process:
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
 
     wrapped = FusionLM(model, cfg.loss_config(), cfg.chunk_rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
@@ -246,11 +332,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     reporters: list = []
     if accelerator.is_main_process:
         log_dir.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(cfg.model_dump_json(by_alias=True, indent=2))
+        (out / "train_config.json").write_text(json.dumps(_config_record(cfg), indent=2))
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         reporters = _reporters(log_dir, cfg)
-        accelerator.print(f"training {total_steps} steps ({accum} micro-batch(es) x {cfg.micro_batch_size} x "
-                          f"{world} process(es) per step) from step {start_step}")
+        accelerator.print(f"training {plural(total_steps, 'step')} ({plural(accum, 'micro-batch', 'micro-batches')} "
+                          f"x {cfg.micro_batch_size} x {plural(world, 'process', 'processes')} per step) "
+                          f"from step {start_step}")
 
     batches = iter(stream)
     lam = cfg.lambda_
@@ -318,10 +405,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             report.close()
         if cfg.plot and history:
             plot_path = str(plot_losses(history, out / "loss.png"))
-        accelerator.print(f"done: {step} steps in {time.perf_counter() - t_start:.1f}s; checkpoint {final}")
+        accelerator.print(f"done: {plural(step, 'step')} in {time.perf_counter() - t_start:.1f}s; checkpoint {final}")
     accelerator.wait_for_everyone()
     return TrainResult(final_dir=str(final) if final else "", steps=step, losses=history, log_path=str(log_path),
-                       plot_path=plot_path)
+                       plot_path=plot_path, warnings=warnings)
 
 
 def _accelerator(accelerator_cls, cfg: TrainConfig):
