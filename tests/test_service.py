@@ -215,7 +215,7 @@ def test_job_end_to_end_and_resubmission(server, good_dataset):
                                        str(good_dataset), "--store", str(root / "store"), "--k", "5",
                                        "--max-length", "256"])
     assert cli.exit_code == 0, cli.output
-    assert f"{done['uri']}: 0 sample(s) scored, 24 already stored" in cli.output
+    assert f"{done['uri']}: 0 samples scored, 24 already stored" in cli.output
     metrics = httpx.get(f"{url}/metrics").text
     assert 'logitfuse_samples_done_total{teacher="tiny"} 24' in metrics
     assert 'logitfuse_queue_depth{teacher="tiny"} 0' in metrics
