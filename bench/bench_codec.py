@@ -1,17 +1,24 @@
-"""Codec bench: bytes per entry, speed and error of the logits shard encoding vs naive layouts.
+"""Codec bench: bytes per entry, speed and error of the logits shard encoding vs naive layouts, on a real
+chat model and on the project's tiny teacher.
 
-    python bench/bench_codec.py [--positions 150000] [--k 10]
+    python bench/bench_codec.py [--models smollm2,tiny] [--positions 30000] [--tiny-positions 60000] [--k 10]
 
 Every figure in docs/datastore.md comes from this script. Sizes are honest: whole shard files (ids,
-input ids, text, tables, Parquet footers) / (positions x k); the top-k part alone is reported too.
-Throughputs are per core: pyarrow is held to one thread and times are process CPU seconds.
+input ids, text, tables, Parquet footers) / (positions x k); the top-k part alone is reported too, and a
+per-part breakdown of the default encoding. Throughputs are per core: pyarrow is held to one thread and
+times are process CPU seconds; the former encoding (v1) runs in the same process for the ratios.
 
-The samples come from `load_samples()`: held-out generated chats scored by the project's tiny trained
-Mistral-shaped teacher on the real 32k SentencePiece tokenizer (a teacher that has learned something:
-its mean full-vocabulary entropy is printed and must be below 3 nats). Random weights would mean nothing
-here: the codec exploits what real teachers have (Zipfian ids, top-k sets that depend on context, peaked
-distributions). Caveat: the tiny teacher is trained on a small generated corpus, so it uses far fewer
-distinct ids than a large chat model would; a real teacher's id streams cost more (see docs/datastore.md).
+Samples, fp32 straight from the HF backend, before any storage (cached under bench_out/):
+- `smollm2`: the real chat model SmolLM2-135M-Instruct (`clients.smollm2.smollm2_dir()`; set
+  LOGITFUSE_CACHE) over the project's own English prose and Python code and over chats it answers itself
+  (`bench/_smollm2_samples.py`), scored at top-64 once; k and the truncation options cut from that.
+- `tiny`: held-out generated chats scored by the project's tiny trained Mistral-shaped teacher on the real
+  32k SentencePiece tokenizer (mean full-vocabulary entropy printed, below 3 nats). It learned a small
+  generated world, so its top-k use few distinct ids: its figures flatter the id streams.
+
+For SmolLM2 the bench also measures truncation (`truncate_topk`, `logitfuse extract --top-p /
+--within-nats`): bytes per token and the KL it costs, KL(truncated || stored top-k), both renormalised,
+which is log(top-k mass / kept mass) per position.
 """
 
 from __future__ import annotations
@@ -32,9 +39,15 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datastore import LogitsMeta, LogitsReader, LogitsWriter  # noqa: E402
+from datastore import (  # noqa: E402
+    LogitsMeta,
+    LogitsReader,
+    LogitsWriter,
+    codec,  # noqa: E402
+)
 from datastore.codec import CodecConfig  # noqa: E402
 from datastore.sample import ScoredSample  # noqa: E402
+from datastore.schema import TABLE_KEY, TOPK_KEY  # noqa: E402
 
 CACHE_DIR = Path(__file__).resolve().parents[1] / "bench_out"
 
@@ -66,6 +79,29 @@ def load_samples(n_positions: int = 150_000, k: int = 10) -> tuple[list[ScoredSa
     return samples, entropy
 
 
+def load_smollm2_samples(n_positions: int = 30_000) -> tuple[list[ScoredSample], float]:
+    """SmolLM2-135M-Instruct's top-64 over the project's prose, code and chats (`_smollm2_samples`)."""
+    cache = CACHE_DIR / f"samples_smollm2_{n_positions}_64.pkl"
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    from _smollm2_samples import load_samples as smollm2_samples
+
+    samples, entropy = smollm2_samples(n_positions, 64)
+    CACHE_DIR.mkdir(exist_ok=True)
+    cache.write_bytes(pickle.dumps((samples, entropy)))
+    return samples, entropy
+
+
+def first_k(samples: list[ScoredSample], k: int) -> list[ScoredSample]:
+    """The same samples with only their top-k entries (the top-k of a top-64 are its first k)."""
+    return [
+        ScoredSample(s.sample_id, s.input_ids, s.loss_mask, s.positions, np.ascontiguousarray(s.topk_ids[:, :k]),
+                     np.ascontiguousarray(s.topk_logprobs[:, :k]), s.gold_logprob, s.text, s.assistant_spans,
+                     s.truncated)
+        for s in samples
+    ]
+
+
 def _cpu() -> float:
     return time.process_time()
 
@@ -73,9 +109,9 @@ def _cpu() -> float:
 def _meta(k: int) -> LogitsMeta:
     return LogitsMeta(
         dataset_id="bench",
-        teacher_name="tiny-mistral",
+        teacher_name="bench",
         teacher_revision="0",
-        tokenizer_fingerprint="mistral-sp32k-v1",
+        tokenizer_fingerprint="bench",
         k=k,
         chat_template="[INST]",
         max_length=2048,
@@ -193,25 +229,69 @@ def describe(samples: list[ScoredSample], k: int) -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--positions", type=int, default=150_000)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--shard-rows", type=int, default=512)
-    args = ap.parse_args()
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
+def breakdown(samples: list[ScoredSample], k: int, config: CodecConfig) -> dict[str, int | float]:
+    """Bytes of each part of one shard holding every sample: Parquet columns (text, input ids, spans,
+    ...), and for encoding v2 the ANS stream's parts (estimated per class family) and its table."""
+    stats: dict = {}
+    data = codec.encode_shard(samples, k, config, stats=stats)
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    md = pf.metadata
+    parts: dict[str, float] = {}
+    for rg in range(md.num_row_groups):
+        for j in range(md.row_group(rg).num_columns):
+            c = md.row_group(rg).column(j)
+            name = c.path_in_schema.split(".")[0].removesuffix("_u16").removesuffix("_u32")
+            parts[name] = parts.get(name, 0) + c.total_compressed_size
+    kv = md.metadata
+    if config.version == 1:
+        parts["context table"] = len(kv[TABLE_KEY])
+    else:
+        parts["context table + models"] = stats.pop("table")
+        ans = len(kv[TOPK_KEY])
+        est = sum(stats.values())
+        for name, v in stats.items():  # the estimates, scaled to the stream's actual length
+            parts[f"ans: {name}"] = v * ans / est if est else 0
+    parts["footer, schema"] = len(data) - sum(parts.values())
+    return parts
 
-    samples, entropy = load_samples(args.positions, args.k)
-    k = args.k
-    print(f"teacher: tiny Mistral-shaped, spm32k; mean full-vocabulary entropy {entropy:.3f} nats")
+
+def truncation_rows(samples: list[ScoredSample], k: int, shard_rows: int):
+    """(name, kept entries per position, B/position, B/token, KL nats, mass lost) per truncation setting."""
+    n_pos = sum(len(s.positions) for s in samples)
+    n_tok = sum(len(s.input_ids) for s in samples)
+    settings = [(f"none (k={k})", None, None)] + [(f"top-p {p}", p, None) for p in (0.99, 0.95, 0.9)] + [
+        (f"within {x} nats", None, x) for x in (5.0, 3.0)
+    ] + [("top-p 0.95 and within 5 nats", 0.95, 5.0)]
+    out = []
+    for name, p, x in settings:
+        cut = []
+        kl, lost, kept = 0.0, 0.0, 0
+        for s in samples:
+            ids, lp = codec.truncate_topk(s.topk_ids, s.topk_logprobs, top_p=p, within_nats=x)
+            cut.append(ScoredSample(s.sample_id, s.input_ids, s.loss_mask, s.positions, ids, lp, s.gold_logprob,
+                                    s.text, s.assistant_spans, s.truncated))
+            full = np.exp(s.topk_logprobs.astype(np.float64)).sum(1)
+            mass = np.exp(lp.astype(np.float64)).sum(1)
+            kl += float(np.log(full / mass).sum())
+            lost += float((full - mass).sum())
+            kept += int((ids >= 0).sum())
+        out_s, nbytes, _topk, _tw, _tr = logitfuse_roundtrip(cut, k, CodecConfig(), shard_rows)
+        for a, b in zip(cut, out_s, strict=True):  # stored exactly where kept, padding where cut
+            assert np.array_equal(a.topk_ids, b.topk_ids)
+            v = a.topk_ids >= 0
+            assert np.all(np.abs(a.topk_logprobs[v].astype(np.float64) - b.topk_logprobs[v]) <= 5 / 256 + 1e-9)
+            assert np.all(np.isneginf(b.topk_logprobs[~v]))
+        out.append((name, kept / n_pos, nbytes / n_pos, nbytes / n_tok, kl / n_pos, lost / n_pos))
+    return out
+
+
+def run_model(name: str, samples: list[ScoredSample], entropy: float, k: int, shard_rows: int, truncation: bool):
     n_pos = sum(len(s.positions) for s in samples)
     n_tok = sum(len(s.input_ids) for s in samples)
     entries = n_pos * k
+    print(f"\n=== {name}; mean full-vocabulary entropy {entropy:.3f} nats")
     print(describe(samples, k))
-    print(
-        f"sizes: whole files / (positions x k); throughput: per core (process CPU time), {n_pos} positions\n"
-    )
+    print(f"sizes: whole files / (positions x k); throughput: per core (process CPU time), {n_pos} positions\n")
     header = (
         f"{'encoding':42} {'B/entry':>8} {'top-k':>6} {'B/token':>8} {'write pos/s':>12} {'write tok/s':>12} "
         f"{'read pos/s':>11} {'read tok/s':>11} {'max|err|':>9} {'mean KL':>9} ids"
@@ -219,36 +299,70 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     runs = [
-        (
-            "logitfuse (default: step 5/128, zstd 17)",
-            lambda: logitfuse_roundtrip(samples, k, CodecConfig(), args.shard_rows),
-        ),
-        (
-            "logitfuse step 5/128, zstd 9",
-            lambda: logitfuse_roundtrip(samples, k, CodecConfig(zstd_level=9), args.shard_rows),
-        ),
-        (
-            "logitfuse step 5/128, zstd 3",
-            lambda: logitfuse_roundtrip(samples, k, CodecConfig(zstd_level=3), args.shard_rows),
-        ),
-        (
-            "logitfuse step 1/32, zstd 17",
-            lambda: logitfuse_roundtrip(samples, k, CodecConfig(step_units=1, step_log2=5), args.shard_rows),
-        ),
-        (
-            "fp16 + int64, Arrow IPC (FuseChat)",
-            lambda: naive_roundtrip(samples, k, pa.float16(), pa.int64(), None),
-        ),
-        ("fp32 + int32, zstd Parquet", lambda: naive_roundtrip(samples, k, pa.float32(), pa.int32(), "zstd")),
+        ("logitfuse v2 (default: step 5/128, rANS)", CodecConfig()),
+        ("logitfuse v1 (step 5/128, zstd 17)", CodecConfig(version=1)),
+        ("logitfuse v2 step 1/32", CodecConfig(step_units=1, step_log2=5)),
     ]
-    for name, run in runs:
-        out, nbytes, topk, t_w, t_r = run()
+    speeds = {}
+    for label, cfg in runs:
+        out, nbytes, topk, t_w, t_r = logitfuse_roundtrip(samples, k, cfg, shard_rows)
+        speeds[label] = (t_w, t_r)
         max_err, kl, ids_ok = errors(samples, out)
         print(
-            f"{name:42} {nbytes / entries:8.3f} {topk / entries:6.3f} {nbytes / n_tok:8.2f} "
+            f"{label:42} {nbytes / entries:8.3f} {topk / entries:6.3f} {nbytes / n_tok:8.2f} "
             f"{n_pos / t_w:12,.0f} {n_tok / t_w:12,.0f} {n_pos / t_r:11,.0f} {n_tok / t_r:11,.0f} "
             f"{max_err:9.5f} {kl:9.2e} {'exact' if ids_ok else 'WRONG'}"
         )
+    for label, lp_t, id_t, comp in (
+        ("fp16 + int64, Arrow IPC (FuseChat)", pa.float16(), pa.int64(), None),
+        ("fp32 + int32, zstd Parquet", pa.float32(), pa.int32(), "zstd"),
+    ):
+        out, nbytes, topk, t_w, t_r = naive_roundtrip(samples, k, lp_t, id_t, comp)
+        max_err, kl, ids_ok = errors(samples, out)
+        print(
+            f"{label:42} {nbytes / entries:8.3f} {topk / entries:6.3f} {nbytes / n_tok:8.2f} "
+            f"{n_pos / t_w:12,.0f} {n_tok / t_w:12,.0f} {n_pos / t_r:11,.0f} {n_tok / t_r:11,.0f} "
+            f"{max_err:9.5f} {kl:9.2e} {'exact' if ids_ok else 'WRONG'}"
+        )
+    (w2, r2), (w1, r1) = speeds[runs[0][0]], speeds[runs[1][0]]
+    print(f"\nv2 / v1 speed, same run: write {w1 / w2:.2f}x, read {r1 / r2:.2f}x")
+
+    print("\nper part, one shard of all samples (B/entry):")
+    b2, b1 = breakdown(samples, k, CodecConfig()), breakdown(samples, k, CodecConfig(version=1))
+    for label, parts in (("v2", b2), ("v1", b1)):
+        total = sum(parts.values())
+        items = ", ".join(f"{n} {v / entries:.3f}" for n, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        print(f"  {label} {total / entries:.3f} = {items}")
+
+    if truncation:
+        print(f"\ntruncation at k={k} (stored per position: B/position; KL(truncated || top-k), nats):")
+        print(f"{'setting':30} {'entries/pos':>11} {'B/position':>10} {'B/token':>8} {'mean KL':>9} {'mass lost':>9}")
+        for row in truncation_rows(samples, k, shard_rows):
+            print(f"{row[0]:30} {row[1]:11.2f} {row[2]:10.2f} {row[3]:8.2f} {row[4]:9.4f} {row[5]:9.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,tiny", help="comma-separated: smollm2, tiny")
+    ap.add_argument("--positions", type=int, default=30_000, help="SmolLM2 positions")
+    ap.add_argument("--tiny-positions", type=int, default=60_000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--shard-rows", type=int, default=512)
+    args = ap.parse_args()
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    k = args.k
+    for model in args.models.split(","):
+        if model == "smollm2":
+            samples, entropy = load_smollm2_samples(args.positions)
+            run_model("SmolLM2-135M-Instruct (real chat model, 49k BPE): project prose, Python code, chats",
+                      first_k(samples, k), entropy, k, args.shard_rows, truncation=True)
+        elif model == "tiny":
+            samples, entropy = load_samples(args.tiny_positions, k)
+            run_model("tiny trained Mistral-shaped teacher (spm32k), generated chats: tiny-model figures",
+                      samples, entropy, k, args.shard_rows, truncation=False)
+        else:
+            raise SystemExit(f"--models: unknown model {model!r}, expected smollm2 or tiny")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def _quiet_model_loading() -> None:
 
 
 class _Group(TyperGroup):
-    """Turns a `UserError` raised by any command, and a command line that does not parse (an unknown
+    """Turns a `UserError` or an `OSError` naming a path (a directory that cannot
+    be made, a read-only store) raised by any command, and a command line that does not parse (an unknown
     option, a value outside the choices), into one line on stderr and exit status 2 (also under typer's
     CliRunner, which calls the group directly rather than `main()`), and silences transformers' per-model
     loading bars for every command."""
@@ -53,6 +54,11 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a path the user gave that cannot be made or written (/proc/x, read-only, ...)
+            if e.filename is None:
+                raise
+            typer.echo(f"error: {e.filename}: {e.strerror or e}; expected a writable location", err=True)
             raise typer.Exit(2) from None
         except UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else ctx.command_path
@@ -153,6 +159,12 @@ def extract(
     chat_template: str = typer.Option("model", help="'model', a shared template name, or a .jinja file."),
     max_length: int = typer.Option(2048, help="Tokens per sample; longer samples are truncated and counted."),
     all_positions: bool = typer.Option(False, help="Score every position, not only the trained ones."),
+    top_p: float = typer.Option(
+        None, help="Truncate: per position keep only the top entries covering this probability mass, in (0, 1]."
+    ),
+    within_nats: float = typer.Option(
+        None, help="Truncate: per position keep only the entries within this many nats of the top-1, >= 0."
+    ),
     skip_invalid: bool = typer.Option(False, help="Skip invalid samples instead of rejecting the file."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
     shard_rows: int = typer.Option(512, help="Samples per Parquet shard."),
@@ -171,6 +183,10 @@ def extract(
 
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if within_nats is not None and not within_nats >= 0.0:
+        raise UserError(f"--within-nats {within_nats}: must be >= 0")
     from datastore.fs import resolve
 
     resolve(store)  # a bad store URI, a missing bucket or an unreachable endpoint fail before any model loads
@@ -195,6 +211,7 @@ def extract(
     settings = ExtractSettings(
         k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
         batch_tokens=batch_tokens, shard_rows=shard_rows, skip_invalid=skip_invalid,
+        top_p=top_p, within_nats=within_nats,
     )
     try:
         result = run_extract(model, data, store, name, settings)
@@ -209,6 +226,9 @@ def extract(
         f"stored, {plural(result.tokens, 'token')}, {plural(result.positions, 'position')}, "
         f"{result.truncated} truncated, "
         f"{result.seconds:.1f}s ({result.tokens_per_s:,.0f} tok/s)"
+        + (f"; {result.samples_reused} reused from earlier datasets" if result.samples_reused else "")
+        + (f"; {result.samples_lost_to_others} scored but committed first by another writer"
+           if result.samples_lost_to_others else "")
     )
     if backend == "vllm":
         # Every shard and the manifest are committed. vLLM's engine threads can abort the interpreter at

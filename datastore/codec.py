@@ -1,40 +1,62 @@
 """The compact encoding of top-k distributions: `ScoredSample`s <-> one Parquet shard's bytes.
 
-Log-probabilities. ``q = rint(-logprob / step)`` with ``step = 5/128 = 0.0390625`` nat by default: every
-stored logprob is within ``step / 2 = 5/256 = 0.01953125`` nat of its fp32 input (round to nearest; the
-quotient is computed in float64, which can add at most 1e-11 nat; the decoded value ``-5q/128`` is exact
-in fp32 for |logprob| <= 2**16, the largest magnitude accepted). There is no floor and no coarser step for the tail: the bound holds for every
-entry, -80 included. `CodecConfig(step_units=1, step_log2=5)` gives 1/32 nat (bound 1/64) at ~0.04 B/entry
-more. A position stores the top-1's ``q`` and the k-1 differences to the next rank (non-negative because
-ranks are sorted), one byte each with an escape (255) to wider values (`datastore.schema`).
+Log-probabilities. ``q = rint(-max(logprob, LOGPROB_FLOOR) / step)`` with ``step = 5/128 = 0.0390625`` nat
+by default: every stored logprob at or above the floor (-2**16 nat) is within ``step / 2 = 5/256 =
+0.01953125`` nat of its fp32 input (round to nearest; the quotient is computed in float64, which can add
+at most 1e-11 nat; the decoded value ``-5q/128`` is exact in fp32). There is no coarser step for the
+tail: -80 is as exact as -0.1. Below the floor (``-inf`` included, which vLLM returns for masked tokens)
+a logprob is stored as the floor: its probability is exactly 0 in float64 either way. NaN is rejected.
+`CodecConfig(step_units=1, step_log2=5)` gives 1/32 nat (bound 1/64).
 
-Ids (lossless). The gold next token ``input_ids[t + 1]`` is usually in the top-k: a one-byte `gold_rank`
-says where, and its id (and logprob) are not stored again. The other ids are coded per shard against a
-context table: for each current token ``c = input_ids[t]``, the ids seen after ``c`` at least twice in
-the shard's top-k, most frequent first; an id is stored as 1 + its index in its context's list (small
-numbers: the top-k of a context repeats), or 0 followed by its rank in the shard vocabulary (ids by
-frequency, which also codes `input_ids`) in `id_escapes`. zstd (Parquet) does the entropy coding.
+Encoding v2 (`logitfuse-topk-v2`, written now). Per position: the number of entries ``kt`` (k unless
+the extraction truncated the row, `truncate_topk`), the gold next token's rank among them (its id and
+logprob are then not stored again) or "absent" plus its distance below the last entry, the top-1's
+``q`` and the ``kt - 1`` gaps between consecutive ranks, and the ids. An id is 1 + its index in the
+shard's context list of the current token ``input_ids[t]`` (ids seen after that token at least twice in
+the shard's top-k, most frequent first), or 0 and its rank in the shard vocabulary (ids by frequency).
+Every one of these integers is coded by `datastore._ans` (constriction's rANS) under a static model per
+*class*, counted over the shard: a gap's class is its rank and the previous gap (or the top-1's ``q``),
+an id's its rank, so peaked and flat rows, early and late ranks, each get their own statistics. One ANS
+stream per shard sits in the Parquet key-value metadata (`TOPK_KEY`) beside the vocabulary, context
+table and class histograms (`TABLE_KEY`); the rows hold the sample itself (input ids as a zstd byte
+stream, text, spans). Decoding is vectorised numpy plus one constriction call per class.
 
-Encoding and decoding are vectorised numpy over a whole shard. `datastore.schema` names the columns.
+Encoding v1 (`logitfuse-topk-v1`, shards written before 2026-11-29) is still read: the same numbers as
+per-row byte streams with escapes, entropy-coded by Parquet's zstd (`datastore.schema.SHARD_SCHEMA_V1`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from datastore import _ans
 from datastore.sample import ScoredSample
-from datastore.schema import CODEC_KEY, SHARD_SCHEMA, STAT_COLUMNS, STREAM_COLUMNS, TABLE_KEY, TOPK_COLUMNS
+from datastore.schema import (
+    CODEC_KEY,
+    SHARD_SCHEMA,
+    SHARD_SCHEMA_V1,
+    STAT_COLUMNS,
+    STREAM_COLUMNS,
+    TABLE_KEY,
+    TOPK_COLUMNS,
+    TOPK_KEY,
+    V2_STREAM_COLUMNS,
+)
 
-CODEC_NAME = "logitfuse-topk-v1"
+CODEC_NAME = "logitfuse-topk-v2"
+CODEC_V1 = "logitfuse-topk-v1"
 ESCAPE = 255
 MAX_ABS_LOGPROB = float(2**16)  # keeps step_units * q < 2**24: the decoded value is exact in fp32
+# Log-probabilities below this (-inf included: vLLM returns it for masked tokens) are stored as it.
+LOGPROB_FLOOR = -MAX_ABS_LOGPROB
+PAD_ID = -1  # a truncated row's missing entries: id -1, logprob -inf (probability 0)
 
 
 @dataclass(frozen=True)
@@ -43,11 +65,17 @@ class CodecConfig:
 
     step_units: int = 5  # quantisation step = step_units / 2**step_log2 nat; the bound is half a step
     step_log2: int = 7
-    zstd_level: int = 17  # Parquet zstd level of every column (size vs speed in bench/bench_codec.py)
+    zstd_level: int = 17  # zstd level of the Parquet columns (text, input ids) and of the tables
+    min_pair_count: int = 2  # a (context, id) pair enters the context table when seen this often
+    version: int = 2  # 1: the former per-row zstd streams (faster to write, larger; no truncated rows)
 
     def __post_init__(self):
+        if self.version not in (1, 2):
+            raise ValueError("version must be 1 or 2")
         if not (1 <= self.step_units <= 7 and 0 <= self.step_log2 <= 8):
             raise ValueError("step_units must be in [1, 7] and step_log2 in [0, 8]")
+        if self.min_pair_count < 1:
+            raise ValueError("min_pair_count must be >= 1")
 
     @property
     def step(self) -> float:
@@ -59,17 +87,17 @@ class CodecConfig:
 
     def describe(self) -> dict:
         return {
-            "codec": CODEC_NAME,
+            "codec": CODEC_NAME if self.version == 2 else CODEC_V1,
             "step_units": self.step_units,
             "step_log2": self.step_log2,
             "logprob_step": self.step,
             "logprob_max_abs_error": self.max_abs_error,
-            "rounding": "round-to-nearest on -logprob/step; decoded -q*step exact in fp32; every entry, no floor",
+            "logprob_floor": LOGPROB_FLOOR,
+            "rounding": "round-to-nearest on -max(logprob, floor)/step; decoded -q*step exact in fp32; "
+            "below the floor (-inf included) stored as the floor",
             "ids": "lossless",
             "zstd_level": self.zstd_level,
         }
-
-
 # ---------------------------------------------------------------- small vectorised helpers
 
 
@@ -166,7 +194,10 @@ def _unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
 
 
 def validate(sample: ScoredSample, k: int) -> None:
-    """Raise ValueError when a sample breaks the ScoredSample contract (shapes, order, ranges)."""
+    """Raise ValueError when a sample breaks the ScoredSample contract (shapes, order, ranges).
+
+    A row may end in padding (id -1, from `truncate_topk`) after at least one entry; logprobs must be
+    <= 0 and not NaN (-inf and values below `LOGPROB_FLOOR` are stored as the floor)."""
     sid = sample.sample_id
     t, n = len(sample.input_ids), len(sample.positions)
     if not isinstance(sid, str) or not sid:
@@ -182,27 +213,37 @@ def validate(sample: ScoredSample, k: int) -> None:
     pos = np.asarray(sample.positions, dtype=np.int64)
     if n and (pos[0] < 0 or pos[-1] >= t - 1 or np.any(np.diff(pos) <= 0)):
         raise ValueError(f"{sid}: positions must be strictly ascending in [0, {t - 1})")
-    for name, ids in (("input_ids", sample.input_ids), ("topk_ids", sample.topk_ids)):
-        if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
-            raise ValueError(f"{sid}: {name} out of range [0, 2**31)")
-    lp = np.asarray(sample.topk_logprobs, dtype=np.float32)
+    ids = np.asarray(sample.topk_ids)
+    if sample.input_ids.size and (sample.input_ids.min() < 0 or sample.input_ids.max() >= 2**31):
+        raise ValueError(f"{sid}: input_ids out of range [0, 2**31)")
+    valid = ids != PAD_ID
+    if ids.size and (ids[valid].min(initial=0) < 0 or ids.max() >= 2**31):
+        raise ValueError(f"{sid}: topk_ids out of range [0, 2**31) (or -1 for a truncated row's padding)")
+    if n and not (valid[:, 0].all() and np.all(valid[:, 1:] <= valid[:, :-1])):
+        raise ValueError(f"{sid}: padding ids (-1) must only end a row, after at least one entry")
+    lp = np.where(valid, np.asarray(sample.topk_logprobs, dtype=np.float32), -np.inf)
     gold = np.asarray(sample.gold_logprob, dtype=np.float32)
     for name, a in (("topk_logprobs", lp), ("gold_logprob", gold)):
-        if a.size and not (np.all(np.isfinite(a)) and a.max() <= 0.0 and a.min() >= -MAX_ABS_LOGPROB):
-            raise ValueError(f"{sid}: {name} must be finite log-probabilities in [-2**16, 0]")
-    if k > 1 and n and np.any(lp[:, 1:] > lp[:, :-1]):
+        if a.size and (np.isnan(a).any() or a.max() > 0.0):
+            raise ValueError(f"{sid}: {name} must be log-probabilities <= 0 (no NaN, no +inf)")
+    floored = np.maximum(lp, LOGPROB_FLOOR) if lp.size else lp
+    if k > 1 and n and np.any((floored[:, 1:] > floored[:, :-1]) & valid[:, 1:]):
         raise ValueError(f"{sid}: topk_logprobs must be sorted by descending log-probability")
     spans = np.asarray(sample.assistant_spans)
     if spans.size and spans.reshape(-1, 2).shape[1] != 2:
         raise ValueError(f"{sid}: assistant_spans must be [S, 2]")
 
 
-# ---------------------------------------------------------------- encode
+# ---------------------------------------------------------------- quantisation and truncation
 
 
 def quantise(logprobs: np.ndarray, units: int, step_log2: int) -> np.ndarray:
-    """fp32 logprobs -> int64 ``q = rint(-logprob / step)``, step = units / 2**step_log2."""
-    return np.rint(-np.asarray(logprobs, dtype=np.float64) * (1 << step_log2) / units).astype(np.int64)
+    """fp32 logprobs -> int64 ``q = rint(-max(logprob, LOGPROB_FLOOR) / step)``, step = units / 2**step_log2.
+
+    Values below the floor (-inf included) are stored as the floor: both have probability exactly 0 in
+    float64 (exp underflows below -745 nat), so nothing a consumer computes from them changes."""
+    lp = np.maximum(np.asarray(logprobs, dtype=np.float64), LOGPROB_FLOOR)
+    return np.rint(-lp * (1 << step_log2) / units).astype(np.int64)
 
 
 def dequantise(q: np.ndarray, units: int, step_log2: int) -> np.ndarray:
@@ -210,8 +251,300 @@ def dequantise(q: np.ndarray, units: int, step_log2: int) -> np.ndarray:
     return (-(np.asarray(q, dtype=np.float64) * units) / (1 << step_log2)).astype(np.float32)
 
 
-def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = CodecConfig()) -> bytes:
-    """Encode samples (already validated) into one Parquet file's bytes."""
+def truncate_topk(
+    topk_ids: np.ndarray, topk_logprobs: np.ndarray, top_p: float | None = None, within_nats: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep, per position, only the leading entries a consumer needs; pad the rest with id -1, logprob -inf.
+
+    Args:
+        topk_ids: int32 ``[N, k]`` ids by descending logprob.
+        topk_logprobs: float32 ``[N, k]`` their log-probabilities (nats).
+        top_p: keep the fewest leading entries whose probabilities sum to >= top_p (nucleus, as in
+            Megatron-LM's offline knowledge distillation), all k when they never reach it; in (0, 1].
+        within_nats: keep the entries within this many nats of the top-1's logprob; >= 0.
+
+    Returns:
+        (ids, logprobs) of the same shapes; every row keeps at least its top-1. With both options a row
+        keeps the entries both would keep. Raises ValueError on an option out of range.
+    """
+    ids = np.array(topk_ids, dtype=np.int32, copy=True)
+    lp = np.array(topk_logprobs, dtype=np.float32, copy=True)
+    if ids.size == 0:
+        return ids, lp
+    n, k = ids.shape
+    keep = np.ones((n, k), dtype=bool)
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+        mass_before = np.cumsum(np.exp(lp.astype(np.float64)), axis=1) - np.exp(lp.astype(np.float64))
+        keep &= mass_before < top_p  # an entry is needed while the mass before it is short of p
+    if within_nats is not None:
+        if not within_nats >= 0.0:
+            raise ValueError(f"within_nats={within_nats}: must be >= 0")
+        keep &= lp.astype(np.float64) >= lp[:, :1].astype(np.float64) - within_nats
+    keep[:, 0] = True
+    keep &= np.cumsum(~keep, axis=1) == 0  # a prefix: nothing kept after the first dropped entry
+    ids[~keep] = PAD_ID
+    lp[~keep] = -np.inf
+    return ids, lp
+# ---------------------------------------------------------------- v2: classes
+
+
+# Class alphabets (`_ans.IntClass` limits): values at or above escape to bit-length symbols + raw bits.
+_LIMITS = {"top1": 128, "below": 64, "gap": 64, "escape": 512}
+# rank buckets (a class per bucket): ranks 1, 2, 3, 4, 5-7, 8-15, 16+
+_RANK_EDGES = np.array([0, 1, 2, 3, 4, 5, 8, 16])
+# the previous gap's bucket (the gap before rank j conditions the gap after it), and the top-1's q
+# bucket for the first gap (a peaked row has a large first gap)
+_GAP_EDGES = np.array([0, 1, 2, 3, 5, 9, 17, 33])
+_TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
+
+
+CTX_MAX = 32  # context lists keep their 32 most frequent ids
+CTX_FIRST = 32  # a listed id at index <= this is coded by its index even when recency could code it
+ID_ALPHABET = CTX_MAX + 33  # 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
+
+
+def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: np.ndarray, mask: np.ndarray):
+    """int64 ``[N, k]``: for each masked entry, how far before token index ``at[i]`` (inclusive, not before
+    the sample's first token ``start[i]``) its id last occurs in the shard's tokens; -1 when it does not
+    (and for unmasked entries). Tokens and ids are vocabulary ranks."""
+    n_tok = max(len(inp_rank), 1)
+    keys = inp_rank * n_tok + np.arange(len(inp_rank))
+    keys.sort()
+    out = np.full(id_rank.shape, -1, dtype=np.int64)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0 or keys.size == 0:
+        return out
+    v = id_rank[rows, cols]
+    i = np.searchsorted(keys, v * n_tok + at[rows], side="right") - 1
+    ok = i >= 0
+    hit = keys[np.maximum(i, 0)]
+    ok &= (hit // n_tok == v) & (hit % n_tok >= start[rows])
+    out[rows[ok], cols[ok]] = at[rows[ok]] - hit[ok] % n_tok
+    return out
+
+
+# the length of the current token's context list (0: no list) conditions its ids' codes
+_LIST_EDGES = np.array([0, 1, 3, 6, 12, 24])
+
+
+def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarray) -> np.ndarray:
+    """Per position: the bucket of the length of the context list of its current token (vocab rank)."""
+    if not len(ctx_keys):
+        return np.zeros(len(cur_rank), dtype=np.int64)
+    i = np.minimum(np.searchsorted(ctx_keys, cur_rank), len(ctx_keys) - 1)
+    size = np.where(ctx_keys[i] == cur_rank, ctx_sizes[i], 0)
+    return _bucket(size, _LIST_EDGES)
+
+
+def _id_classes(keep: np.ndarray, list_bucket: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The flat indices of the ``[N, k]`` entries to code, grouped by class (rank bucket, then list-length
+    bucket; row-major inside a class), and the number in each class."""
+    flat = np.flatnonzero(keep.ravel())
+    cls = _bucket(flat % k, _RANK_EDGES) * len(_LIST_EDGES) + list_bucket[flat // k]
+    order = np.argsort(cls, kind="stable")
+    return flat[order], np.bincount(cls, minlength=len(_RANK_EDGES) * len(_LIST_EDGES))
+
+
+def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    return np.searchsorted(edges, values, side="right") - 1
+
+
+def _limit(name: str, k: int) -> int:
+    """The `_ans.IntClass` limit of a class, by the family before its first '.'."""
+    base = name.split(".")[0]
+    return {"kt": k, "gold": k + 1, "id": ID_ALPHABET}.get(base) or _LIMITS[base]
+
+
+class _Shard:
+    """The arrays of a shard's samples, concatenated (positions row-major)."""
+
+    def __init__(self, samples: list[ScoredSample], k: int):
+        self.n_pos = np.array([len(s.positions) for s in samples], dtype=np.int64)
+        self.n_tok = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+        self.input_ids = np.concatenate(
+            [np.asarray(s.input_ids, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)]
+        )
+        tok_start = np.cumsum(self.n_tok) - self.n_tok
+        pos = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)])
+        self.pos_abs = pos + np.repeat(tok_start, self.n_pos)
+        self.tok_start_of_pos = np.repeat(tok_start, self.n_pos)
+        self.topk_ids = np.concatenate(
+            [np.asarray(s.topk_ids, dtype=np.int64).reshape(-1, k) for s in samples] + [np.zeros((0, k), np.int64)]
+        )
+        self.topk_lp = np.concatenate(
+            [np.asarray(s.topk_logprobs).reshape(-1, k) for s in samples] + [np.zeros((0, k), np.float32)]
+        )
+        self.gold_lp = np.concatenate([np.asarray(s.gold_logprob).ravel() for s in samples] + [np.zeros(0)])
+
+
+def _vocab_rank(vocab_ids: np.ndarray, rank_of: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return rank_of[np.searchsorted(vocab_ids, ids)]
+
+
+def encode_shard(
+    samples: list[ScoredSample], k: int, config: CodecConfig = CodecConfig(), stats: dict | None = None
+) -> bytes:
+    """Encode samples (already validated) into one Parquet file's bytes (encoding v2).
+
+    `stats`, when given, receives the bytes each part of the top-k costs (ANS estimate per class group:
+    ``kt``, ``gold``, ``top1``, ``gaps``, ``below``, ``ids``, ``escapes``; ``table``: context table and
+    models), for `bench/bench_codec.py`'s breakdown."""
+    if config.version == 1:
+        if any((np.asarray(s.topk_ids) == PAD_ID).any() for s in samples):
+            raise ValueError("encoding v1 cannot store truncated rows: use version 2")
+        return _encode_shard_v1(samples, k, config)
+    sl = (config.step_units, config.step_log2)
+    sh = _Shard(samples, k)
+    n = len(sh.pos_abs)
+    valid = sh.topk_ids != PAD_ID
+    kt = valid.sum(axis=1)
+    q = quantise(np.where(valid, sh.topk_lp, LOGPROB_FLOOR), *sl)
+    gold_q = quantise(sh.gold_lp, *sl)
+
+    # gold rank: the first rank holding the gold id, if its stored logprob is also the gold's; else k
+    gold_id = sh.input_ids[sh.pos_abs + 1] if n else np.zeros(0, np.int64)
+    hit = sh.topk_ids == gold_id[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
+    in_topk = rank < k
+    in_topk[in_topk] = q[np.flatnonzero(in_topk), rank[in_topk]] == gold_q[in_topk]
+    rank = np.where(in_topk, rank, k)
+    keep = valid.copy()  # the ids to code: all but the gold's and the padding
+    keep[np.flatnonzero(in_topk), rank[in_topk]] = False
+
+    # shard vocabulary, most frequent first: codes input_ids, the context table and escaped ids
+    vocab_ids, vocab_counts = np.unique(np.concatenate([sh.input_ids, sh.topk_ids[keep]]), return_counts=True)
+    by_freq = np.argsort(-vocab_counts, kind="stable")
+    vocab = vocab_ids[by_freq]
+    rank_of = np.empty(len(vocab), dtype=np.int64)
+    rank_of[by_freq] = np.arange(len(vocab))
+    nv = max(len(vocab), 1)
+
+    # context table: (rank of current token, rank of id) pairs seen min_pair_count times or more; per
+    # context most frequent first. Code 0 escapes to the id's vocabulary rank.
+    ctx_tok = np.broadcast_to(sh.input_ids[sh.pos_abs][:, None], (n, k))[keep] if n else np.zeros(0, np.int64)
+    ctx = _vocab_rank(vocab_ids, rank_of, ctx_tok)
+    idr = _vocab_rank(vocab_ids, rank_of, sh.topk_ids[keep])
+    pairs, pair_inv, pair_counts = np.unique(ctx * nv + idr, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(pair_counts >= config.min_pair_count)
+    pair_ctx, pair_id = pairs[repeated] // nv, pairs[repeated] % nv
+    order = np.lexsort((pair_id, -pair_counts[repeated], pair_ctx))
+    ctx_keys, ctx_sizes = np.unique(pair_ctx, return_counts=True)
+    listed = _segment_index(ctx_sizes) < CTX_MAX  # ids further down a list are coded otherwise
+    order, pair_ctx, pair_id = order[listed], pair_ctx[order][listed], pair_id[order][listed]
+    ctx_keys, ctx_sizes = np.unique(pair_ctx, return_counts=True)
+    code_of_pair = np.zeros(len(pairs), dtype=np.int64)
+    code_of_pair[repeated[order]] = _segment_index(ctx_sizes) + 1
+    codes = np.zeros((n, k), dtype=np.int64)
+    codes[keep] = code_of_pair[pair_inv.ravel()]
+    id_rank = np.zeros((n, k), dtype=np.int64)
+    id_rank[keep] = idr
+
+    enc = _ans.Encoder()
+    enc.write("kt", kt - 1, k)
+    enc.write("gold", rank, k + 1)
+    gold_class = np.where(rank == 0, 0, np.where(rank < k, 1, 2))  # gold: the top-1, another entry, absent
+    for g in range(3):  # a teacher whose top-1 is the gold token tends to be sure of it
+        enc.write(f"top1.{g}", q[gold_class == g, 0], _LIMITS["top1"])
+    gaps = np.diff(q, axis=1)
+    for j in range(1, k):
+        rows = np.flatnonzero(kt > j)
+        prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(gaps[rows, j - 2], _GAP_EDGES)
+        rb = _bucket(j, _RANK_EDGES)
+        order = np.argsort(prev, kind="stable")
+        vals = gaps[rows[order], j - 1]
+        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
+        for b, part in enumerate(np.split(vals, np.cumsum(counts)[:-1])):
+            enc.write(f"gap.{rb}.{b}", part, _LIMITS["gap"])
+    absent = np.flatnonzero(~in_topk)
+    below = gold_q[absent] - q[absent, kt[absent] - 1]
+    enc.write("below", np.where(below >= 0, 2 * below, -2 * below - 1), _LIMITS["below"])
+    # an id not in its context's list (or too far down it) but seen earlier in the sample (the gold
+    # token's position included) is coded by how far back: symbol CTX_MAX + bit length of d + 1, then
+    # the low bits; else 0 and its vocabulary rank
+    inp_rank = _vocab_rank(vocab_ids, rank_of, sh.input_ids)
+    near = keep & (codes > 0) & (codes <= CTX_FIRST)  # high in its list: the list index, whatever else
+    dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, keep & ~near)
+    recent = keep & ~near & (dist >= 0)
+    far = keep & ~recent & (codes == 0)  # neither listed nor seen: the vocabulary rank
+    bl = _ans._bitlen(dist[recent] + 1)
+    sym = np.where(far, 0, codes)
+    sym[recent] = CTX_MAX + bl
+    list_bucket = _list_bucket(inp_rank[sh.pos_abs] if n else np.zeros(0, np.int64), ctx_keys, ctx_sizes)
+    entries, counts = _id_classes(keep, list_bucket, k)
+    sym_sorted = sym.ravel()[entries]
+    for c, part in enumerate(np.split(sym_sorted, np.cumsum(counts)[:-1])):
+        enc.write(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", part, ID_ALPHABET)
+    recent_order = entries[recent.ravel()[entries]]
+    escaped = [id_rank.ravel()[entries[far.ravel()[entries]]]]
+    d1 = dist.ravel()[recent_order] + 1
+    nb = _ans._bitlen(d1) - 1
+    enc.write_bits("recent", d1 - (np.int64(1) << nb), nb)
+    enc.write("escape", np.concatenate(escaped), _LIMITS["escape"])
+    words, hists = enc.finish()
+
+    table_arrays = {
+        "vocab": vocab,
+        "ctx_key_deltas": np.diff(ctx_keys, prepend=0),
+        "ctx_sizes": ctx_sizes,
+        "pair_ids": pair_id,
+    }
+    table_arrays.update({f"h:{name}": h for name, h in hists.items()})
+    table = _pack_arrays(table_arrays, config.zstd_level)
+    if stats is not None:
+        stats.update(enc.costs())
+        stats["table"] = len(table)
+
+    tok_bounds = np.concatenate([[0], np.cumsum(sh.n_tok)])
+    small, wide, huge = _escape(_vocab_rank(vocab_ids, rank_of, sh.input_ids))
+    b1 = np.concatenate([[0], np.cumsum(small == ESCAPE)])[tok_bounds]
+    b2 = np.concatenate([[0], np.cumsum(wide == ESCAPE16)])[b1]
+    columns = _sample_columns(samples, SHARD_SCHEMA)
+    columns["input_ids"] = [small[tok_bounds[i] : tok_bounds[i + 1]].tobytes() for i in range(len(samples))]
+    columns["input_ids_u16"] = [wide[b1[i] : b1[i + 1]].tobytes() for i in range(len(samples))]
+    columns["input_ids_u32"] = [huge[b2[i] : b2[i + 1]].tobytes() for i in range(len(samples))]
+    meta = {"codec": CODEC_NAME, "k": k, "step_units": sl[0], "step_log2": sl[1]}
+    kv = {CODEC_KEY: json.dumps(meta).encode(), TABLE_KEY: table, TOPK_KEY: words.astype("<u4").tobytes()}
+    return _write_parquet(columns, SHARD_SCHEMA, V2_STREAM_COLUMNS, config.zstd_level, kv)
+
+
+def _sample_columns(samples: list[ScoredSample], schema: pa.Schema) -> dict[str, list]:
+    """The columns every encoding stores the same way; the stream columns are left empty."""
+    columns: dict[str, list] = {name: [] for name in schema.names}
+    for s in samples:
+        columns["sample_id"].append(s.sample_id)
+        columns["num_tokens"].append(len(s.input_ids))
+        columns["num_positions"].append(len(s.positions))
+        columns["truncated"].append(bool(s.truncated))
+        columns["text"].append(s.text)
+        columns["assistant_spans"].append(np.asarray(s.assistant_spans, dtype=np.int32).ravel())
+        columns["loss_spans"].append(_runs(np.asarray(s.loss_mask)))
+        columns["position_spans"].append(_positions_runs(np.asarray(s.positions, dtype=np.int64)))
+    return columns
+
+
+def _write_parquet(columns: dict[str, list], schema: pa.Schema, streams, level: int, kv: dict) -> bytes:
+    """One row group of `columns`, zstd at `level`, with `kv` as the file's key-value metadata."""
+    tbl = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
+    buf = io.BytesIO()
+    # store_schema=False: the Arrow schema copy would repeat the key-value metadata in base64
+    with pq.ParquetWriter(
+        buf,
+        schema,
+        compression="zstd",
+        compression_level=level,
+        use_dictionary=STAT_COLUMNS,
+        # lengths apart from the bytes: zstd then sees each stream as one contiguous run
+        column_encoding={c: "DELTA_LENGTH_BYTE_ARRAY" for c in streams},
+        write_statistics=STAT_COLUMNS,
+        store_schema=False,
+    ) as writer:
+        writer.write_table(tbl, row_group_size=max(1, tbl.num_rows))
+        writer.add_key_value_metadata(kv)
+    return buf.getvalue()
+def _encode_shard_v1(samples: list[ScoredSample], k: int, config: CodecConfig) -> bytes:
+    """Encoding v1 (`CodecConfig(version=1)`): per-row byte streams, zstd. No truncated rows."""
     sl = (config.step_units, config.step_log2)
     n_pos = np.array([len(s.positions) for s in samples], dtype=np.int64)
     n_tok = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
@@ -293,45 +626,15 @@ def encode_shard(samples: list[ScoredSample], k: int, config: CodecConfig = Code
         b1 = np.concatenate([[0], np.cumsum(small == ESCAPE)])[bounds]
         b2 = np.concatenate([[0], np.cumsum(wide == ESCAPE16)])[b1]
         cuts[name] = (bounds, b1, b2)
-    columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    for i, s in enumerate(samples):
-        columns["sample_id"].append(s.sample_id)
-        columns["num_tokens"].append(int(n_tok[i]))
-        columns["num_positions"].append(int(n_pos[i]))
-        columns["truncated"].append(bool(s.truncated))
-        columns["text"].append(s.text)
-        columns["assistant_spans"].append(np.asarray(s.assistant_spans, dtype=np.int32).ravel())
-        columns["loss_spans"].append(_runs(np.asarray(s.loss_mask)))
-        columns["position_spans"].append(_positions_runs(np.asarray(s.positions, dtype=np.int64)))
+    columns = _sample_columns(samples, SHARD_SCHEMA_V1)
+    for i in range(len(samples)):
         for name, (levels, _bounds) in streams.items():
             for suffix, level, b in zip(("", "_u16", "_u32"), levels, cuts[name], strict=True):
                 columns[name + suffix].append(level[b[i] : b[i + 1]].tobytes())
+    meta = {"codec": CODEC_V1, "k": k, "step_units": sl[0], "step_log2": sl[1]}
+    kv = {CODEC_KEY: json.dumps(meta).encode(), TABLE_KEY: table}
+    return _write_parquet(columns, SHARD_SCHEMA_V1, STREAM_COLUMNS, config.zstd_level, kv)
 
-    arrays = [pa.array(columns[f.name], type=f.type) for f in SHARD_SCHEMA]
-    tbl = pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA)
-    buf = io.BytesIO()
-    # store_schema=False: the Arrow schema copy would repeat the key-value metadata in base64
-    with pq.ParquetWriter(
-        buf,
-        SHARD_SCHEMA,
-        compression="zstd",
-        compression_level=config.zstd_level,
-        use_dictionary=STAT_COLUMNS,
-        # lengths apart from the bytes: zstd then sees each stream as one contiguous run
-        column_encoding={c: "DELTA_LENGTH_BYTE_ARRAY" for c in STREAM_COLUMNS},
-        write_statistics=STAT_COLUMNS,
-        store_schema=False,
-    ) as writer:
-        writer.write_table(tbl, row_group_size=max(1, len(samples)))
-        writer.add_key_value_metadata(
-            {
-                CODEC_KEY: json.dumps(
-                    {"codec": CODEC_NAME, "k": k, "step_units": sl[0], "step_log2": sl[1]}
-                ).encode(),
-                TABLE_KEY: table,
-            }
-        )
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- decode
@@ -361,63 +664,88 @@ def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 @dataclass
 class ContextTable:
-    """A shard's vocabulary and context table, decoded once per shard."""
+    """A shard's codec parameters, vocabulary, context table and (v2) class models, read once per shard.
 
+    For v2 the top-k of the whole shard are one ANS stream: `decode_rows` decodes it from `shard`, the
+    full table that `read_shard_bytes` read, once (cached here), whatever slice of rows it is asked for."""
+
+    codec: str
     k: int
     step_units: int
     step_log2: int
     vocab: np.ndarray  # int64 token ids, most frequent first
     ctx_keys: np.ndarray  # ascending vocab ranks of contexts
+    ctx_sizes: np.ndarray  # length of each context's list
     ctx_starts: np.ndarray  # start of each context's list in pair_ids
     pair_ids: np.ndarray  # token ids
+    hists: dict[str, np.ndarray] = field(default_factory=dict)  # v2: quantised class histograms
+    words: np.ndarray | None = None  # v2: the shard's ANS stream (uint32)
+    shard: pa.Table | None = None  # v2: every row of the shard
+    _decoded: dict[str, int] | None = None
+    _samples: list[ScoredSample] | None = None
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes]) -> ContextTable:
         if metadata is None or CODEC_KEY not in metadata or TABLE_KEY not in metadata:
             raise ValueError("not a logitfuse logits shard: codec metadata missing")
         codec = json.loads(metadata[CODEC_KEY])
-        if codec.get("codec") != CODEC_NAME:
-            raise ValueError(f"unknown shard codec {codec.get('codec')!r}, this reader knows {CODEC_NAME!r}")
+        name = codec.get("codec")
+        if name not in (CODEC_NAME, CODEC_V1):
+            raise ValueError(f"unknown shard codec {name!r}, this reader knows {CODEC_NAME!r} and {CODEC_V1!r}")
         t = _unpack_arrays(metadata[TABLE_KEY])
         sizes = t["ctx_sizes"]
+        words = None
+        if name == CODEC_NAME:
+            if TOPK_KEY not in metadata:
+                raise ValueError("corrupt shard: the top-k stream is missing")
+            words = np.frombuffer(metadata[TOPK_KEY], dtype="<u4")
         return cls(
+            codec=name,
             k=int(codec["k"]),
             step_units=int(codec["step_units"]),
             step_log2=int(codec["step_log2"]),
             vocab=t["vocab"],
             ctx_keys=np.cumsum(t["ctx_key_deltas"]),
+            ctx_sizes=sizes,
             ctx_starts=np.cumsum(sizes) - sizes,
             pair_ids=t["vocab"][t["pair_ids"]] if len(t["pair_ids"]) else np.zeros(0, np.int64),
+            hists={key[2:]: h for key, h in t.items() if key.startswith("h:")},
+            words=words,
         )
 
 
 def read_shard_bytes(data: bytes) -> tuple[pa.Table, ContextTable]:
+    """A shard file's bytes -> (its table, its `ContextTable`), for `decode_rows`."""
     pf = pq.ParquetFile(pa.BufferReader(data))
     table = pf.read()
-    return table, ContextTable.from_metadata(pf.metadata.metadata)
+    ctx = ContextTable.from_metadata(pf.metadata.metadata)
+    if ctx.codec == CODEC_NAME:
+        ctx.shard = table
+    return table, ctx
 
 
-def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
-    """Decode every row of a shard table (or any slice of one) into ScoredSamples."""
-    k, sl = ctx.k, (ctx.step_units, ctx.step_log2)
+@dataclass
+class _Rows:
+    """What every encoding stores the same way: tokens, positions, masks, text, per row."""
+
+    n_pos: np.ndarray
+    n_tok: np.ndarray
+    input_ranks: np.ndarray  # int64 vocab ranks of every token, rows concatenated
+    input_ids: np.ndarray  # int64 token ids
+    positions: list[np.ndarray]
+    pos_abs: np.ndarray  # int64 index of each scored position in input_ids
+
+
+def _rows(table: pa.Table, vocab: np.ndarray) -> _Rows:
     n_pos = np.asarray(table.column("num_positions").to_numpy(), dtype=np.int64)
     n_tok = np.asarray(table.column("num_tokens").to_numpy(), dtype=np.int64)
-    n = int(n_pos.sum())
-
-    def stream(name: str) -> np.ndarray:
-        return _unescape(
-            _flat_binary(table.column(name)),
-            _flat_binary(table.column(name + "_u16")).view("<u2"),
-            _flat_binary(table.column(name + "_u32")).view("<u4"),
-        )
-
-    input_ranks = stream("input_ids")
+    input_ranks = _stream(table, "input_ids")
     if len(input_ranks) != n_tok.sum():
         raise ValueError(f"corrupt shard: {len(input_ranks)} input ids, expected {int(n_tok.sum())}")
-    input_ids = ctx.vocab[input_ranks] if len(input_ranks) else np.zeros(0, np.int64)
+    if len(input_ranks) and input_ranks.max() >= len(vocab):
+        raise ValueError("corrupt shard: an input id outside the shard vocabulary")
+    input_ids = vocab[input_ranks] if len(input_ranks) else np.zeros(0, np.int64)
     tok_start = np.cumsum(n_tok) - n_tok
-
-    # positions from their runs
     span_lens = _list_lengths(table.column("position_spans"))
     spans = _flat_list(table.column("position_spans"), np.int64)
     pos_rows = np.split(spans, np.cumsum(span_lens)[:-1]) if len(span_lens) else []
@@ -426,6 +754,152 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         raise ValueError("corrupt shard: position spans disagree with num_positions")
     pos = np.concatenate(positions + [np.zeros(0, np.int32)]).astype(np.int64)
     pos_abs = pos + np.repeat(tok_start, n_pos)
+    if len(pos_abs) and (pos_abs + 1 >= np.repeat(tok_start + n_tok, n_pos)).any():
+        raise ValueError("corrupt shard: a scored position past its sample's last token")
+    return _Rows(n_pos, n_tok, input_ranks, input_ids, positions, pos_abs)
+
+
+def _stream(table: pa.Table, name: str) -> np.ndarray:
+    return _unescape(
+        _flat_binary(table.column(name)),
+        _flat_binary(table.column(name + "_u16")).view("<u2"),
+        _flat_binary(table.column(name + "_u32")).view("<u4"),
+    )
+
+
+def _assemble(table: pa.Table, r: _Rows, topk_ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray):
+    topk_ids32 = topk_ids.astype(np.int32)
+    ids32 = r.input_ids.astype(np.int32)
+    mask_lens = _list_lengths(table.column("loss_spans"))
+    mask_runs = np.split(_flat_list(table.column("loss_spans"), np.int64), np.cumsum(mask_lens)[:-1])
+    span_lens = _list_lengths(table.column("assistant_spans"))
+    a_spans = np.split(_flat_list(table.column("assistant_spans"), np.int32), np.cumsum(span_lens)[:-1])
+    sample_ids = table.column("sample_id").to_pylist()
+    texts = table.column("text").to_pylist()
+    truncated = table.column("truncated").to_pylist()
+    tok_start = np.cumsum(r.n_tok) - r.n_tok
+    out = []
+    p0 = 0
+    for i in range(table.num_rows):
+        t0, t1, p1 = tok_start[i], tok_start[i] + r.n_tok[i], p0 + r.n_pos[i]
+        mask = np.zeros(r.n_tok[i], dtype=bool)
+        mask[_expand_runs(mask_runs[i])] = True
+        out.append(
+            ScoredSample(
+                sample_id=sample_ids[i],
+                input_ids=ids32[t0:t1],
+                loss_mask=mask,
+                positions=r.positions[i].astype(np.int32),
+                topk_ids=topk_ids32[p0:p1],
+                topk_logprobs=logprobs[p0:p1],
+                gold_logprob=gold[p0:p1],
+                text=texts[i],
+                assistant_spans=a_spans[i].reshape(-1, 2),
+                truncated=bool(truncated[i]),
+            )
+        )
+        p0 = p1
+    return out
+
+
+def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
+    """Decode every row of a shard table (or any slice of one) into ScoredSamples.
+
+    Truncated rows (`truncate_topk`) come back padded to k with id -1 and logprob -inf."""
+    if ctx.codec == CODEC_V1:
+        return _decode_rows_v1(table, ctx)
+    if ctx._samples is None:
+        if ctx.shard is None:
+            raise ValueError("decode_rows needs the ContextTable of read_shard_bytes (it holds the whole shard)")
+        ctx._samples = _decode_v2(ctx.shard, ctx)
+        ctx._decoded = {s.sample_id: i for i, s in enumerate(ctx._samples)}
+    if table.num_rows == len(ctx._samples):
+        ids = table.column("sample_id").to_pylist()
+        if all(s.sample_id == sid for s, sid in zip(ctx._samples, ids, strict=True)):
+            return list(ctx._samples)
+    return [ctx._samples[ctx._decoded[sid]] for sid in table.column("sample_id").to_pylist()]
+
+
+def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
+    k, sl = ctx.k, (ctx.step_units, ctx.step_log2)
+    r = _rows(table, ctx.vocab)
+    n = len(r.pos_abs)
+    dec = _ans.Decoder(ctx.words, ctx.hists, {name: _limit(name, k) for name in ctx.hists})
+    kt = dec.read("kt", n) + 1
+    rank = dec.read("gold", n)
+    if n and (kt.max() > k or rank.max() > k):
+        raise ValueError("corrupt shard: entry counts or gold ranks out of range")
+    q = np.zeros((n, k), dtype=np.int64)
+    gold_class = np.where(rank == 0, 0, np.where(rank < k, 1, 2))
+    for g in range(3):
+        sel = np.flatnonzero(gold_class == g)
+        q[sel, 0] = dec.read(f"top1.{g}", len(sel))
+    for j in range(1, k):
+        rows = np.flatnonzero(kt > j)
+        prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(q[rows, j - 1], _GAP_EDGES)
+        rb = _bucket(j, _RANK_EDGES)
+        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
+        vals = [dec.read(f"gap.{rb}.{b}", int(m)) for b, m in enumerate(counts)]
+        q[rows[np.argsort(prev, kind="stable")], j] = np.concatenate(vals)
+    np.cumsum(q, axis=1, out=q)  # q[:, j] held the gap before rank j: now the values themselves
+    valid = np.arange(k)[None, :] < kt[:, None]
+    present = np.flatnonzero(rank < k)
+    if (rank[present] >= kt[present]).any():
+        raise ValueError("corrupt shard: a gold rank past its row's entries")
+    absent = np.flatnonzero(rank == k)
+    zz = dec.read("below", len(absent))
+    gold_q = np.empty(n, dtype=np.int64)
+    gold_q[present] = q[present, rank[present]]
+    gold_q[absent] = q[absent, kt[absent] - 1] + np.where(zz % 2 == 0, zz // 2, -(zz + 1) // 2)
+
+    keep = valid.copy()
+    keep[present, rank[present]] = False
+    codes = np.zeros((n, k), dtype=np.int64)
+    list_bucket = _list_bucket(r.input_ranks[r.pos_abs] if n else np.zeros(0, np.int64), ctx.ctx_keys, ctx.ctx_sizes)
+    entries, counts = _id_classes(keep, list_bucket, k)
+    sym_sorted = np.concatenate(
+        [dec.read(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", int(m)) for c, m in enumerate(counts)]
+    )
+    codes.ravel()[entries] = sym_sorted
+    recent, escaped = entries[sym_sorted > CTX_MAX], entries[sym_sorted == 0]
+    topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
+    nb = codes.ravel()[recent] - CTX_MAX - 1
+    if len(recent):
+        if nb.max() > 32:
+            raise ValueError("corrupt shard: an id code outside the alphabet")
+        d = (np.int64(1) << nb) + dec.read_bits(nb) - 1
+        row = recent // k
+        src = r.pos_abs[row] + 1 - d
+        tok_start = np.repeat(np.cumsum(r.n_tok) - r.n_tok, r.n_pos)
+        if (src < tok_start[row]).any():
+            raise ValueError("corrupt shard: an id coded as a token before its sample")
+        topk_ids.flat[recent] = r.input_ids[src]
+    esc_ranks = dec.read("escape", len(escaped))
+    if len(esc_ranks) and esc_ranks.max() >= len(ctx.vocab):
+        raise ValueError("corrupt shard: an escaped id outside the shard vocabulary")
+    topk_ids.flat[escaped] = ctx.vocab[esc_ranks]
+    listed = keep & (codes > 0) & (codes <= CTX_MAX)
+    if listed.any():
+        cur_rank = np.broadcast_to(r.input_ranks[r.pos_abs][:, None], (n, k))[listed]
+        ci = np.minimum(np.searchsorted(ctx.ctx_keys, cur_rank), max(len(ctx.ctx_keys) - 1, 0))
+        c = codes[listed]
+        if not len(ctx.ctx_keys) or (ctx.ctx_keys[ci] != cur_rank).any() or (c > ctx.ctx_sizes[ci]).any():
+            raise ValueError("corrupt shard: an id code outside its context list")
+        topk_ids[listed] = ctx.pair_ids[ctx.ctx_starts[ci] + c - 1]
+    topk_ids[present, rank[present]] = r.input_ids[r.pos_abs[present] + 1]
+    logprobs = dequantise(q, *sl)
+    logprobs[~valid] = -np.inf
+    return _assemble(table, r, topk_ids, logprobs, dequantise(gold_q, *sl))
+
+
+def _decode_rows_v1(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
+    """Encoding v1: per-row byte streams (`datastore.schema.SHARD_SCHEMA_V1`)."""
+    k, sl = ctx.k, (ctx.step_units, ctx.step_log2)
+    r = _rows(table, ctx.vocab)
+    n, pos_abs = len(r.pos_abs), r.pos_abs
+
+    def stream(name: str) -> np.ndarray:
+        return _stream(table, name)
 
     q = np.empty((n, k), dtype=np.int64)
     q[:, 0] = stream("lp_top1")
@@ -452,7 +926,7 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         raise ValueError(f"corrupt shard: {len(codes)} id codes, expected {int(keep.sum())}")
     topk_ids = np.empty((n, k), dtype=np.int64)
     if len(codes):
-        cur_rank = input_ranks[np.repeat(pos_abs, k).reshape(n, k)[keep]]
+        cur_rank = r.input_ranks[np.repeat(pos_abs, k).reshape(n, k)[keep]]
         ci = np.minimum(np.searchsorted(ctx.ctx_keys, cur_rank), max(len(ctx.ctx_keys) - 1, 0))
         escaped = codes == 0
         ids = np.empty(len(codes), dtype=np.int64)
@@ -462,46 +936,15 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
             raise ValueError("corrupt shard: id_escapes length disagrees with id_codes")
         ids[escaped] = ctx.vocab[esc_ranks]
         topk_ids[keep] = ids
-    topk_ids[hit_rows, rank[hit_rows]] = input_ids[pos_abs[hit_rows] + 1]
-
-    topk_ids32 = topk_ids.astype(np.int32)
-    ids32 = input_ids.astype(np.int32)
-    mask_lens = _list_lengths(table.column("loss_spans"))
-    mask_runs = np.split(_flat_list(table.column("loss_spans"), np.int64), np.cumsum(mask_lens)[:-1])
-    span_lens = _list_lengths(table.column("assistant_spans"))
-    a_spans = np.split(_flat_list(table.column("assistant_spans"), np.int32), np.cumsum(span_lens)[:-1])
-    sample_ids = table.column("sample_id").to_pylist()
-    texts = table.column("text").to_pylist()
-    truncated = table.column("truncated").to_pylist()
-
-    out = []
-    p0 = 0
-    for i in range(table.num_rows):
-        t0, t1, p1 = tok_start[i], tok_start[i] + n_tok[i], p0 + n_pos[i]
-        mask = np.zeros(n_tok[i], dtype=bool)
-        mask[_expand_runs(mask_runs[i])] = True
-        out.append(
-            ScoredSample(
-                sample_id=sample_ids[i],
-                input_ids=ids32[t0:t1],
-                loss_mask=mask,
-                positions=positions[i].astype(np.int32),
-                topk_ids=topk_ids32[p0:p1],
-                topk_logprobs=logprobs[p0:p1],
-                gold_logprob=gold[p0:p1],
-                text=texts[i],
-                assistant_spans=a_spans[i].reshape(-1, 2),
-                truncated=bool(truncated[i]),
-            )
-        )
-        p0 = p1
-    return out
+    topk_ids[hit_rows, rank[hit_rows]] = r.input_ids[pos_abs[hit_rows] + 1]
+    return _assemble(table, r, topk_ids, logprobs, gold)
 
 
 def topk_bytes(data: bytes) -> int:
-    """Compressed bytes of a shard's top-k part: its top-k columns plus its context table."""
+    """Compressed bytes of a shard's top-k part: the top-k stream (v2) or columns (v1), plus the context
+    table and models."""
     md = pq.ParquetFile(pa.BufferReader(data)).metadata
-    total = len(md.metadata.get(TABLE_KEY, b""))
+    total = len(md.metadata.get(TABLE_KEY, b"")) + len(md.metadata.get(TOPK_KEY, b""))
     for rg in range(md.num_row_groups):
         group = md.row_group(rg)
         for j in range(group.num_columns):

@@ -237,8 +237,9 @@ def _vllm_row(n: int, obj) -> _Row:
         for tok, info in entry.items():
             lp = info.get("logprob") if isinstance(info, dict) else None
             rank = info.get("rank") if isinstance(info, dict) else None
-            if not isinstance(lp, (int, float)) or isinstance(lp, bool) or not math.isfinite(lp) or lp > 0:
-                raise ValueError(f"prompt_logprobs[{i}][{tok}]: logprob {lp!r} is not a finite value <= 0")
+            # -inf (a masked token) is a log-probability: the store keeps it at its floor
+            if not isinstance(lp, (int, float)) or isinstance(lp, bool) or math.isnan(lp) or lp > 0:
+                raise ValueError(f"prompt_logprobs[{i}][{tok}]: logprob {lp!r} is not a finite value <= 0 or -inf")
             if not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"prompt_logprobs[{i}][{tok}]: rank {rank!r} is not an integer >= 1")
             parsed.append((int(tok), float(lp), rank))

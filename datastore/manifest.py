@@ -1,7 +1,8 @@
 """What a logits dataset is (`LogitsMeta`, hashed into its id) and what it holds (`Manifest`).
 
-`manifest.json` is the dataset's only source of truth: a shard file it does not list does not exist for
-readers. The writer rewrites it atomically after each shard commit.
+`Manifest` is the in-memory view of one version of a dataset: built from the dataset's Delta transaction
+log (`datastore.table`, the one source of truth), or parsed from the ``manifest.json`` of a dataset
+written by logitfuse 0.1 (read-only; `logitfuse store migrate` converts it).
 """
 
 from __future__ import annotations
@@ -90,19 +91,32 @@ class ShardInfo(BaseModel):
     tokens: int
     topk_bytes: int  # compressed bytes of the top-k columns and the context table (see bench)
     id_bloom: str = ""  # `id_bloom` of the shard's sample ids; empty: unknown, `get` reads the shard
+    writer: str = ""  # holder id of the process that committed it (`datastore.leases.holder_id`)
+    team: str = ""  # team of that writer
+    sample_keys: list[str] = Field(default_factory=list)  # content key of each row (`datastore.reuse`)
 
 
 class ShardedManifest(BaseModel):
-    """The part of a `manifest.json` about shards: the manifest is the only source of truth for which
-    shards exist, and its totals are sums over them."""
+    """The part of a dataset's manifest about shards (which exist, in commit order) and versions; its
+    totals are sums over the shards.
+
+    `table` is "delta" for a Delta Lake dataset (`version` = its table version) and "manifest-0.1" for a
+    dataset still in the 0.1 layout (`version` -1). `range_rows` is the number of samples per claimed
+    range (`datastore.shards.ShardedWriter.claims`), fixed when the dataset is created. `team` is the team
+    that created the dataset, `teams` every team that committed shards."""
 
     model_config = ConfigDict(extra="ignore")
 
     format: str
+    table: str = "manifest-0.1"
+    version: int = -1
     code_version: str = Field(default_factory=code_version)
     created: str = Field(default_factory=now)
     updated: str = Field(default_factory=now)
     complete: bool = False
+    range_rows: int = 0
+    team: str = ""
+    teams: list[str] = Field(default_factory=list)
     shards: list[ShardInfo] = Field(default_factory=list)
 
     @computed_field

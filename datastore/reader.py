@@ -1,12 +1,14 @@
 """`LogitsReader`: reads a logits dataset back as `ScoredSample`s (int32 ids, float32 logprobs, bool mask).
 
-Only the shards listed in `manifest.json` exist for the reader. Every shard read is checked against the
-manifest's sha256 before it is decoded.
+The reader opens one version of the dataset (the newest, or `version=` for time travel on a Delta
+dataset); only the shards that version's log lists exist for it. No shard is returned or scanned before
+its bytes were checked against the log's sha256 (`datastore.shards.read_verified`). Datasets still in the
+0.1 layout (``manifest.json``) are read the same way, from their manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,43 +17,61 @@ from datastore import codec, fs
 from datastore.errors import UserError
 from datastore.manifest import Manifest, ShardInfo
 from datastore.sample import ScoredSample
-from datastore.shards import ShardLocator
+from datastore.shards import ShardLocator, ensure_verified, load_manifest, read_verified
+from datastore.writer import manifest_from_snapshot
+
+
+def parse_legacy_manifest(data: bytes) -> Manifest:
+    """A 0.1 logits ``manifest.json``. Raises UserError when it is a targets manifest, ValueError when
+    it does not parse."""
+    try:
+        fmt = json.loads(data).get("format", "")
+    except (ValueError, AttributeError):
+        raise ValueError("not JSON") from None
+    if isinstance(fmt, str) and fmt.startswith("logitfuse.targets/"):
+        raise UserError("a targets dataset, not a logits dataset")
+    return Manifest.model_validate_json(data)
+
+
+def load_logits_manifest(uri: str) -> Manifest:
+    """The `Manifest` of the logits dataset at `uri` (Delta log, or 0.1 manifest.json). Raises UserError
+    (one line) when nothing is there or the log/manifest is corrupt."""
+    return load_manifest(uri, manifest_from_snapshot, parse_legacy_manifest, "logits")
 
 
 class LogitsReader:
+    """Read a logits dataset at `uri` (``STORE/logits/<logits_id>``).
+
+    Raises:
+        UserError: no dataset there, another kind of dataset, or a corrupt log or manifest.
+    """
+
     def __init__(self, uri: str):
         self.uri = uri
         self._fs, self._root = fs.resolve(uri)
-        path = fs.join(self._root, fs.MANIFEST)
-        if not fs.exists(self._fs, path):
-            raise UserError(
-                f"no logits dataset at {uri} (no {fs.MANIFEST}): expected STORE/logits/<logits_id>"
-            )
-        self.manifest = Manifest.model_validate_json(fs.read_bytes(self._fs, path))
+        self.manifest = load_logits_manifest(uri)
         self._locator = ShardLocator(self._fs, self._root, self.manifest.shards)
 
     def __len__(self) -> int:
         return self.manifest.num_samples
 
     def tokenizer(self):
-        """The teacher's tokenizer, stored with the dataset at extraction (`datastore.fs.save_tokenizer`)."""
+        """The teacher's tokenizer, stored with the dataset at extraction (`datastore.fs.save_tokenizer`),
+        each file checked against the sha256 the log recorded."""
         return fs.load_tokenizer(self.uri)
 
     def shard_path(self, shard: ShardInfo) -> str:
         return fs.join(self._root, shard.file)
 
     def read_shard(self, shard: ShardInfo, rows: list[int] | None = None) -> list[ScoredSample]:
-        """Decode one shard (or only some of its rows), after checking its checksum."""
-        data = fs.read_bytes(self._fs, self.shard_path(shard))
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            raise ValueError(f"{self.uri}/{shard.file}: sha256 does not match the manifest (corrupt shard)")
-        table, ctx = codec.read_shard_bytes(data)
+        """Decode one shard (or only some of its rows), after checking its checksum (ValueError)."""
+        table, ctx = codec.read_shard_bytes(read_verified(self._fs, self._root, shard))
         if rows is not None:
             table = table.take(np.asarray(rows, dtype=np.int64))
         return codec.decode_rows(table, ctx)
 
     def iter_samples(self) -> Iterator[ScoredSample]:
-        """Every sample, in write order (one shard decoded at a time)."""
+        """Every sample, in commit order (one shard decoded at a time)."""
         for shard in self.manifest.shards:
             yield from self.read_shard(shard)
 
@@ -69,7 +89,7 @@ class LogitsReader:
 
     def get(self, sample_id: str) -> ScoredSample:
         """One sample by id: `datastore.shards.ShardLocator` opens only the shard that holds it (Bloom
-        filters in the manifest); then only that row is decoded. Raises KeyError when absent."""
+        filters in the log); then only that row is decoded. Raises KeyError when absent."""
         found = self._locator.locate(sample_id)
         if found is None:
             raise KeyError(sample_id)
@@ -81,13 +101,16 @@ class LogitsReader:
         return self._locator.shards_indexed
 
     def scan(self):
-        """A polars LazyFrame over the listed shards' physical columns (`datastore.schema`): useful ones
-        are sample_id, num_tokens, num_positions, truncated, text; the byte streams need `datastore.codec`."""
+        """A polars LazyFrame over the version's shards' physical columns (`datastore.schema`): useful ones
+        are sample_id, num_tokens, num_positions, truncated, text; the byte streams need `datastore.codec`.
+        Every shard is verified against its sha256 first (once per process). Raises ValueError naming a
+        corrupt shard."""
         import polars as pl
         import pyarrow.dataset as ds
 
         from datastore.schema import SHARD_SCHEMA
 
+        ensure_verified(self._fs, self._root, self.manifest.shards)
         paths = [self.shard_path(s) for s in self.manifest.shards]
         if not paths:
             return pl.LazyFrame(schema=pl.from_arrow(SHARD_SCHEMA.empty_table()).schema)

@@ -2,8 +2,9 @@
 reads. This module owns their logical record (`TargetSample`), identity (`TargetsMeta`), manifest, the one
 physical schema (`TARGETS_SCHEMA`), the writer and the reader.
 
-Layout: ``<dataset>/manifest.json`` + ``shard-NNNNNN.parquet`` (zstd), conventionally at
-``STORE/targets/<targets_id>`` (`targets_uri`), on a local directory or S3 (`datastore.fs`).
+Layout: a Delta Lake table (`datastore.table`: ``_delta_log/`` + content-addressed zstd Parquet shards
+``shard-<sha256>.parquet``), conventionally at ``STORE/targets/<targets_id>`` (`targets_uri`), on a local
+directory or S3 (`datastore.fs`). Targets datasets written by 0.1 (``manifest.json``) stay readable.
 
 Physical encoding, one row per sample (chosen so the trainer turns a shard into tensors with a handful of
 vectorised numpy calls, no per-token Python):
@@ -18,9 +19,8 @@ vectorised numpy calls, no per-token Python):
 - `winner`: string; `ce`: ``map<string, float64>`` (per-candidate cross-entropy the fusion saw).
 - `num_tokens`, `num_positions`: int32 lengths, so counts never need a decode.
 
-Crash safety mirrors `datastore.writer`: a shard is written atomically before the manifest that lists it;
-a reopened writer deletes unlisted shards and skips `done_ids`, so every committed sample is there
-exactly once.
+Crash safety mirrors `datastore.writer`: a shard is written whole before the commit that adds it; a
+reopened writer skips `done_ids`, so every committed sample is there exactly once.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from datastore import fs
 from datastore.errors import UserError
 from datastore.manifest import ShardedManifest, ShardInfo
-from datastore.shards import ShardedWriter, ShardLocator
+from datastore.shards import ShardedWriter, ShardLocator, load_manifest, read_verified
+from datastore.table import Snapshot
 
 FORMAT = "logitfuse.targets/1"
+KIND = "targets"
 TARGETS_DIR = "targets"
 PROB_SCALE = 65535
 MAX_ROW_SUM = 1.0 + 1e-3
@@ -159,16 +161,44 @@ def is_targets_manifest(data: bytes) -> bool:
         return False
 
 
+def parse_legacy_manifest(data: bytes) -> TargetsManifest:
+    """A 0.1 targets ``manifest.json``. Raises UserError when it is another kind, ValueError when it
+    does not parse."""
+    if not is_targets_manifest(data):
+        try:
+            json.loads(data)
+        except ValueError:
+            raise ValueError("not JSON") from None
+        raise UserError("not a targets dataset (its manifest has another format)")
+    return TargetsManifest.model_validate_json(data)
+
+
+def manifest_from_snapshot(snap: Snapshot) -> TargetsManifest:
+    """The `TargetsManifest` view of a targets table snapshot (`datastore.table`)."""
+    info = snap.info
+    if info.get("kind") != KIND:
+        raise UserError(f"not a targets dataset (its table holds {info.get('kind')!r})")
+    return TargetsManifest(
+        table="delta", version=snap.version, code_version=info.get("code_version", "unknown"),
+        created=snap.created, updated=snap.updated, complete=snap.complete, shards=snap.shards,
+        range_rows=int(info.get("range_rows", 0)), team=info.get("team", ""), teams=snap.teams,
+        targets_id=info["id"], meta=TargetsMeta.model_validate(info["meta"]), encoding=info["encoding"],
+    )
+
+
+def load_targets_manifest(uri: str) -> TargetsManifest:
+    """The manifest of the targets dataset at `uri` (Delta log or 0.1 manifest.json); UserError when
+    nothing is there, another kind is, or the log/manifest is corrupt."""
+    return load_manifest(uri, manifest_from_snapshot, parse_legacy_manifest, "targets")
+
+
 def list_targets(store_uri: str) -> list[TargetsManifest]:
-    """The catalog: manifests of every targets dataset in a store (``STORE/targets/*``)."""
-    fsys, root = fs.resolve(store_uri)
-    base = fs.join(root, TARGETS_DIR)
-    out = []
-    for name in fs.list_dirs(fsys, base):
-        path = fs.join(base, name, fs.MANIFEST)
-        if fs.exists(fsys, path):
-            out.append(TargetsManifest.model_validate_json(fs.read_bytes(fsys, path)))
-    return out
+    """Manifests of every readable targets dataset in a store (``STORE/targets/*``); see
+    `datastore.catalog` for the listing that reports broken datasets too."""
+    from datastore.catalog import catalog
+
+    return [e["manifest"] for e in catalog(store_uri, kind="targets", with_manifest=True, missing_ok=True)
+            if "manifest" in e]
 
 
 # ---------------------------------------------------------------- validation and encoding
@@ -364,17 +394,17 @@ class TargetsWriter(ShardedWriter):
     Re-opening an existing dataset resumes it: skip `done_ids`, write the rest (`datastore.shards`)."""
 
     kind = "targets dataset"
+    schema = TARGETS_SCHEMA
 
-    def __init__(self, uri: str, meta: TargetsMeta, shard_rows: int = 512):
-        super().__init__(uri, meta, shard_rows)
+    def __init__(self, uri: str, meta: TargetsMeta, shard_rows: int = 512, *, team: str | None = None):
+        super().__init__(uri, meta, shard_rows, team=team)
 
-    def _load_manifest(self, data: bytes) -> TargetsManifest:
-        if not is_targets_manifest(data):
-            raise UserError(f"{self.uri} holds another kind of dataset, not targets: choose another --out")
-        return TargetsManifest.model_validate_json(data)
+    def _info(self) -> dict:
+        return {"kind": KIND, "id": targets_id(self.meta), "meta": self.meta.model_dump(mode="json"),
+                "encoding": dict(ENCODING)}
 
-    def _new_manifest(self) -> TargetsManifest:
-        return TargetsManifest(targets_id=targets_id(self.meta), meta=self.meta)
+    def _manifest_from_snapshot(self, snap: Snapshot) -> TargetsManifest:
+        return manifest_from_snapshot(snap)
 
     def _validate(self, sample: TargetSample) -> TargetSample:
         return validate(sample, self.meta.k)
@@ -402,19 +432,14 @@ def _topk_bytes(data: bytes) -> int:
 
 
 class TargetsReader:
-    """Read a targets dataset. Only shards listed in the manifest exist; each is checked against its
-    sha256 before it is decoded."""
+    """Read a targets dataset (Delta table, or 0.1 manifest.json). Only shards the log lists exist; each
+    is checked against its sha256 before it is decoded. Raises UserError when `uri` holds no targets
+    dataset or its log is corrupt."""
 
     def __init__(self, uri: str):
         self.uri = uri
         self._fs, self._root = fs.resolve(uri)
-        path = fs.join(self._root, fs.MANIFEST)
-        if not fs.exists(self._fs, path):
-            raise UserError(f"no targets dataset at {uri} (no {fs.MANIFEST}): expected STORE/targets/<id>")
-        data = fs.read_bytes(self._fs, path)
-        if not is_targets_manifest(data):
-            raise UserError(f"{uri} is not a targets dataset (its manifest has another format)")
-        self.manifest = TargetsManifest.model_validate_json(data)
+        self.manifest = load_targets_manifest(uri)
         self._locator = ShardLocator(self._fs, self._root, self.manifest.shards)
 
     @property
@@ -428,10 +453,8 @@ class TargetsReader:
         return fs.join(self._root, shard.file)
 
     def read_shard_bytes(self, shard: ShardInfo) -> bytes:
-        data = fs.read_bytes(self._fs, self.shard_path(shard))
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            raise ValueError(f"{self.uri}/{shard.file}: sha256 does not match the manifest (corrupt shard)")
-        return data
+        """A shard's bytes after checking them against the log's sha256 (ValueError when they differ)."""
+        return read_verified(self._fs, self._root, shard)
 
     def read_shard(self, shard: ShardInfo | int, with_extras: bool = True) -> ShardArrays:
         """One shard (a `ShardInfo` or its index in the manifest) as flat arrays (`ShardArrays`)."""

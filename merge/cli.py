@@ -85,7 +85,9 @@ def merge_command(
     """Merge target models onto the pivot in parameter space (FuseChat uses sce), streaming tensor by tensor."""
     from merge.config import load_config, parse_config  # torch: imported only when the command runs
     from merge.engine import run_merge
+    from merge.safetensors_io import parse_size
 
+    parse_size(max_shard_size)  # a bad --max-shard-size fails before any checkpoint is read
     targets = list(models or [])
     def given(param: str) -> bool:  # options left at their defaults are not passed: the method's defaults apply
         source = ctx.get_parameter_source(param)  # typer's own click: compare the enum by name

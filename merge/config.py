@@ -177,6 +177,9 @@ def load_config(path: Path | str) -> MergeConfig:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise MergeError(f"{path}: cannot read merge config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected a YAML merge config") \
+            from None
     except yaml.YAMLError as e:
         raise MergeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if isinstance(data, dict):

@@ -246,6 +246,8 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
     for path in inputs:
         if _same_path(out, path):
             raise MergeError(f"--out {out} is one of the input models; choose a new directory")
+    if out.exists() and not out.is_dir():  # --overwrite replaces a merge directory, never a file
+        raise MergeError(f"--out {out} is a file, not a directory; choose a new or empty directory")
     try:
         check_target(out, overwrite)
     except UserError as e:

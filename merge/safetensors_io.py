@@ -9,6 +9,7 @@ is written, so every tensor can be streamed to disk chunk by chunk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -125,6 +126,9 @@ class Checkpoint:
                 self.config = json.loads(config.read_text())
             except ValueError as e:
                 raise MergeError(f"{config}: not JSON ({e})") from None
+            if not isinstance(self.config, dict):
+                raise MergeError(f"{config}: expected a JSON object (a transformers model config), got "
+                                 f"{type(self.config).__name__}")
         self._fds: dict[Path, int] = {}
 
     def read(self, info: TensorInfo, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -151,21 +155,25 @@ class Checkpoint:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '20KB' or a byte count -> bytes (decimal units, as transformers uses)."""
+    """'5GB', '500MB', '20KB' or a byte count -> bytes (decimal units, as transformers uses). Raises
+    MergeError for anything else, and for sizes under one byte (0, negative, NaN: one shard per tensor)."""
+    bad = MergeError(f"bad size {text!r}: expected a positive number of bytes, or a number with KB, MB, GB or TB")
     if isinstance(text, int):
-        return text
-    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    s = text.strip().upper()
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise MergeError(f"bad size {text!r}: expected bytes or a number with KB, MB, GB or TB") from None
+        size = text
+    else:
+        units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+        s = text.strip().upper()
+        unit = next((u for u in units if s.endswith(u)), "")
+        try:
+            number = float(s[: len(s) - len(unit)]) * units.get(unit, 1)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number):
+            raise bad
+        size = int(number)
+    if size < 1:
+        raise bad
+    return size
 
 
 @dataclass
@@ -221,7 +229,7 @@ class ShardedWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         path = self.out_dir / (self.shard_name(shard) + ".tmp")
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # & ~umask
         self._write_all(struct.pack("<Q", len(blob)) + blob)
         self._open_shard = shard
 

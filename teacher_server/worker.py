@@ -219,7 +219,8 @@ class _Worker:
             settings = ExtractSettings(
                 k=job.k, chat_template=job.chat_template, max_length=job.max_length,
                 all_positions=job.all_positions, batch_tokens=self.t.batch_tokens, shard_rows=self.t.shard_rows,
-                skip_invalid=ds.skip_invalid,
+                team=getattr(job, "team", None) or None,  # recorded in the dataset's log (catalog: writer team)
+                skip_invalid=ds.skip_invalid, top_p=self.t.top_p, within_nats=self.t.within_nats,
             )
 
             def on_batch(res) -> None:

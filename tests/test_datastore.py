@@ -125,23 +125,26 @@ def test_resume_after_crash_is_exactly_once(uri, monkeypatch):
         w.write(s)
     del w  # crash: no close()
 
-    # a crash between shard write and manifest write: the shard lands, the manifest does not list it
+    # a crash between the shard write and its Delta commit: the file lands, no version references it
     w = LogitsWriter(uri, meta(), shard_rows=3)
     assert w.done_ids == {s.sample_id for s in samples[:6]}
-    monkeypatch.setattr(w, "_save_manifest", lambda: (_ for _ in ()).throw(OSError("crash")))
+    root = resolve(uri)[1]
+    before = set(os.listdir(root))
+    monkeypatch.setattr(w.table, "commit", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
     for s in samples[6:8]:
         w.write(s)
     with pytest.raises(OSError):
         w.write(samples[8])
     monkeypatch.undo()
-    root = resolve(uri)[1]
-    assert "shard-000002.parquet" in os.listdir(root)  # the orphan
+    orphans = set(os.listdir(root)) - before
+    assert len(orphans) == 1 and orphans.pop().startswith("shard-")  # the orphan
     open(os.path.join(root, ".tmp-partial"), "wb").write(b"half a shard")
-    assert len(LogitsReader(uri)) == 6  # readers never see the orphan
+    r = LogitsReader(uri)
+    assert len(r) == 6 and not r.manifest.complete  # readers never see the orphan
+    assert r.manifest.table == "delta" and r.manifest.version == 2
 
     w = LogitsWriter(uri, meta(), shard_rows=3)
     assert w.done_ids == {s.sample_id for s in samples[:6]}
-    assert "shard-000002.parquet" not in os.listdir(root) and ".tmp-partial" not in os.listdir(root)
     for s in samples:
         if s.sample_id not in w.done_ids:
             w.write(s)
@@ -201,19 +204,22 @@ def test_cli_ls_show_verify_ok(tmp_path):
 def test_cli_verify_detects_flipped_byte_and_missing_shard(tmp_path):
     store, uri = _store_with_data(tmp_path)
     root = resolve(uri)[1]
+    names = [s.file for s in LogitsReader(uri).manifest.shards]
     runner = CliRunner()
-    path = os.path.join(root, "shard-000001.parquet")
+    path = os.path.join(root, names[1])
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0x01
     open(path, "wb").write(bytes(data))
     res = runner.invoke(store_app, ["verify", uri])
-    assert res.exit_code == 1 and "shard-000001.parquet: sha256 mismatch" in res.output
+    assert res.exit_code == 1 and f"{names[1]}: sha256 mismatch" in res.output
 
-    shutil.copy(os.path.join(root, "shard-000000.parquet"), path)  # right size, wrong content, wrong rows?
-    os.remove(os.path.join(root, "shard-000002.parquet"))
+    shutil.copy(os.path.join(root, names[0]), path)  # a shard copied over another: duplicate ids
+    os.remove(os.path.join(root, names[2]))
     res = runner.invoke(store_app, ["verify", uri])
     assert res.exit_code == 1
-    assert "shard-000002.parquet: missing" in res.output
-    assert "shard-000001.parquet: sha256 mismatch" in res.output
+    assert f"{names[2]}: missing" in res.output
+    assert f"{names[1]}: sha256 mismatch" in res.output
     with pytest.raises(ValueError, match="sha256"):
         list(LogitsReader(uri).iter_samples())
+    with pytest.raises(ValueError, match="sha256"):  # scan() never reads an unverified shard
+        LogitsReader(uri).scan()

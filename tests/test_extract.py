@@ -4,7 +4,6 @@ and the CLI's error contract."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
 import subprocess
@@ -50,8 +49,8 @@ def dataset(tmp_path_factory) -> Path:
     return write_jsonl(records, tmp_path_factory.mktemp("data") / "chats.jsonl")
 
 
-def _run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run_cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
                           env=env, **kw)
 
@@ -102,34 +101,34 @@ def test_kill_9_mid_run_then_rerun_stores_every_sample_once(tmp_path, teacher_di
     proc = subprocess.Popen([sys.executable, "-m", "clients.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    manifest = None
+    dataset_dir = None
     while time.monotonic() < deadline and proc.poll() is None:
-        found = list(store.glob("logits/*/manifest.json"))
-        if found and json.loads(found[0].read_text())["shards"]:
-            manifest = found[0]
+        found = list(store.glob("logits/*/_delta_log"))
+        if found and LogitsReader(str(found[0].parent)).manifest.shards:
+            dataset_dir = found[0].parent
             break
-        time.sleep(0.02)
-    assert manifest is not None and proc.poll() is None, "extract finished or failed before it could be killed"
+        time.sleep(0.05)
+    assert dataset_dir is not None and proc.poll() is None, "extract finished or failed before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = json.loads(manifest.read_text())
-    assert not first["complete"] and 0 < sum(s["rows"] for s in first["shards"]) < len(records)
+    first = LogitsReader(str(dataset_dir)).manifest
+    assert not first.complete and 0 < first.num_samples < len(records)
 
-    again = _run_cli(*args)
+    again = _run_cli(*args, env={**os.environ, "OMP_NUM_THREADS": "1", "LOGITFUSE_LEASE_SECONDS": "2"})
     assert again.returncode == 0, again.stderr
     assert "already stored" in again.stdout
-    reader = LogitsReader(str(manifest.parent))
+    reader = LogitsReader(str(dataset_dir))
     ids = [s.sample_id for s in reader.iter_samples()]
     assert sorted(ids) == sorted(r["id"] for r in records)  # every sample, exactly once
-    assert reader.manifest.complete and [s["file"] for s in first["shards"]] == \
-        [s.file for s in reader.manifest.shards[: len(first["shards"])]]  # committed shards untouched
-    verify = _run_cli("store", "verify", str(manifest.parent))
+    assert reader.manifest.complete and [s.file for s in first.shards] == \
+        [s.file for s in reader.manifest.shards[: len(first.shards)]]  # committed shards untouched
+    verify = _run_cli("store", "verify", str(dataset_dir))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
     # Same values as an uninterrupted run (compared on a sample of ids).
     clean = _run_cli(*args[:6], str(tmp_path / "clean"), *args[7:])
     assert clean.returncode == 0, clean.stderr
-    ref = LogitsReader(str(tmp_path / "clean" / "logits" / manifest.parent.name))
+    ref = LogitsReader(str(tmp_path / "clean" / "logits" / dataset_dir.name))
     for sid in ids[::37]:
         a, b = reader.get(sid), ref.get(sid)
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
@@ -170,3 +169,36 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, teacher_dir, dataset):
     assert "skipped 1 invalid sample" in ok.output
     (m,) = list_logits(store)
     assert m.num_samples == 1 and m.complete
+
+
+def test_truncation_option_is_part_of_the_logits_id_and_keeps_leading_entries(tmp_path, teacher_dir, dataset):
+    """`--top-p` / `--within-nats`: per position only the entries covering the mass / within X nats of the
+    top-1 are stored (padding -1 / -inf after them), and the setting is part of the logits id."""
+    from datastore.chat import load_dataset
+
+    data = load_dataset(dataset)
+    backend = HFBackend(teacher_dir, device="cpu")
+    full = extract(backend, data, str(tmp_path / "s"), "t", ExtractSettings(k=K), progress=False)
+    cut = extract(backend, data, str(tmp_path / "s"), "t", ExtractSettings(k=K, top_p=0.5, within_nats=2.0),
+                  progress=False)
+    assert cut.logits_id != full.logits_id
+    rc, rf = LogitsReader(cut.uri), LogitsReader(full.uri)
+    assert rc.manifest.meta.extra == {"top_p": 0.5, "within_nats": 2.0}
+    padded = 0
+    for a in rc.iter_samples():
+        b = rf.get(a.sample_id)
+        kept = a.topk_ids >= 0
+        assert kept[:, 0].all()
+        padded += int((~kept).sum())
+        assert np.all(np.isneginf(a.topk_logprobs[~kept]))
+        # the kept entries are the full run's leading ones, to the codec's bound
+        np.testing.assert_allclose(a.topk_logprobs[kept], b.topk_logprobs[kept], atol=CodecConfig().step + 1e-6)
+        lp = b.topk_logprobs.astype(np.float64)
+        before = np.cumsum(np.exp(lp), axis=1) - np.exp(lp)
+        needed = (before < 0.5 - 0.05) & (lp >= lp[:, :1] - 2.0 + 0.05)  # clear of the quantisation step
+        assert np.all(kept[needed])
+        np.testing.assert_array_equal(a.gold_logprob, b.gold_logprob)
+    assert padded > 0
+    result = CliRunner().invoke(app, ["extract", "--teacher", str(teacher_dir), "--dataset", str(dataset),
+                                      "--store", str(tmp_path / "x"), "--top-p", "1.5"])
+    assert result.exit_code == 2 and "--top-p 1.5" in result.output

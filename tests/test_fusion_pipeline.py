@@ -4,7 +4,6 @@ extracted through the datastore, fused, read back as targets and checked value b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -201,11 +200,16 @@ def test_cli_fuses_and_reports(logits, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(logits["source"], other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["meta"]["dataset_id"] = "0123456789abcdef"
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    from datastore.fs import save_tokenizer
+    from datastore.reader import LogitsReader
+    from datastore.writer import LogitsWriter
+
+    other = tmp_path / "other"  # the source's logits, recorded as scoring another input dataset
+    src = LogitsReader(logits["source"])
+    with LogitsWriter(str(other), src.manifest.meta.model_copy(update={"dataset_id": "0123456789abcdef"})) as w:
+        for s in src.iter_samples():
+            w.write(s)
+    save_tokenizer(str(other), src.tokenizer())
     out = str(tmp_path / "out")
     base = ["--pivot", logits["pivot"], "--out", out]
     cases = [

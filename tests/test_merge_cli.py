@@ -203,6 +203,53 @@ def test_cli_rejects_config_mixed_with_flags_and_missing_inputs(tmp_path, family
     assert result.exit_code == 2 and "--weight: give one value or one per model (3), not 2" in result.output
 
 
+def test_cli_bad_inputs_found_by_review_exit_2_and_write_nothing(tmp_path, family):
+    """A config that is not text, a shard size under one byte, --out a file (even with --overwrite), and
+    --out under a path that cannot be a directory: one line, exit 2, nothing written or replaced."""
+    pivot, targets = family
+    flags = ["merge", "--method", "sce", "--base", str(pivot), "--models", str(targets[0])]
+    from clients.cli import app  # the real CLI: OSErrors naming a path become one line too
+
+    config = tmp_path / "merge.yaml"
+    config.write_bytes(b"merge_method: sce\nbase_model: x\n\xff\xfe")
+    result = CliRunner().invoke(app, ["merge", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "merge.yaml: not a text file (byte" in result.output
+    for size in ["0", "-1", "nan", "5XB"]:
+        result = CliRunner().invoke(app, [*flags, "--out", str(tmp_path / "o"), "--max-shard-size", size])
+        assert result.exit_code == 2 and f"bad size '{size}': expected a positive number" in result.output
+        assert len(result.output.strip().splitlines()) == 1  # checked before any checkpoint is read
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    result = CliRunner().invoke(app, [*flags, "--out", str(afile), "--overwrite"])
+    assert result.exit_code == 2 and "is a file, not a directory" in result.output
+    assert afile.read_text() == "keep me"
+    result = CliRunner().invoke(app, [*flags, "--out", str(afile / "out")])
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith(f"error: {afile}")
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "notes.txt"]
+
+
+def test_a_model_config_that_is_not_an_object_is_one_line_and_version_prints(tmp_path, family):
+    """A target whose config.json is a JSON list merged with exit 0 (its checks skipped); a base's raised
+    AttributeError. `logitfuse --version` did not exist."""
+    import shutil
+
+    from clients.cli import app
+
+    pivot, targets = family
+    for role in ("base", "target"):
+        broken = tmp_path / role
+        shutil.copytree(pivot if role == "base" else targets[0], broken)
+        (broken / "config.json").write_text("[1, 2]")
+        base, model = (broken, targets[0]) if role == "base" else (pivot, broken)
+        result = CliRunner().invoke(app, ["merge", "--method", "sce", "--base", str(base), "--models", str(model),
+                                          "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert f"{broken}/config.json: expected a JSON object" in result.output and not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("logitfuse ")
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/merge.md"])
 def test_the_documented_merge_synopsis_shows_the_real_defaults(doc):
     """Every `[--option VALUE]` of the merge synopsis is the option's default (or the method's, for the

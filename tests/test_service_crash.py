@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -53,8 +52,8 @@ def test_kill_9_mid_job_then_resume(tmp_path):
             deadline = time.monotonic() + 240
             while True:
                 state = client.job(job["id"])
-                manifest = Path(state["uri"] or "/nonexistent") / "manifest.json"
-                if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+                log = Path(state["uri"] or "/nonexistent") / "_delta_log"
+                if log.is_dir() and len(LogitsReader(state["uri"]).manifest.shards) >= 2:
                     break
                 assert state["state"] in ("queued", "running"), state
                 assert time.monotonic() < deadline, "no shard committed in time"
@@ -66,7 +65,7 @@ def test_kill_9_mid_job_then_resume(tmp_path):
             proc.kill()
     # The worker dies with the server (PR_SET_PDEATHSIG); give the kernel a moment to reap it.
     time.sleep(1)
-    killed_at = len(json.loads(manifest.read_text())["shards"])
+    killed_at = len(LogitsReader(state["uri"]).manifest.shards)
     assert killed_at < 20, "the job finished before the kill; make it longer"
 
     proc = _serve(cfg_path, port, tmp_path / "serve.log")

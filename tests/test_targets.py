@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from datastore.errors import UserError
+from datastore.retention import gc_dataset
 from datastore.targets import (
     PROB_SCALE,
     TargetSample,
@@ -106,7 +107,9 @@ def test_resume_after_crash_every_sample_once(tmp_path):
     assert not TargetsReader(uri).manifest.complete
 
     w = TargetsWriter(uri, meta(), shard_rows=4)
-    assert w.done_ids == {s.sample_id for s in samples[:8]}
+    assert w.done_ids == {s.sample_id for s in samples[:8]}  # the orphan is not part of any version
+    assert gc_dataset(uri, older_than_s=3600) == []  # young files may be another writer's: kept
+    assert gc_dataset(uri, older_than_s=0) == [".tmp-abc", "shard-000099.parquet"]
     assert not os.path.exists(orphan) and not os.path.exists(os.path.join(uri, ".tmp-abc"))
     with w:
         for s in samples:
@@ -175,7 +178,7 @@ def test_corrupt_shard_is_detected(tmp_path):
     uri = str(tmp_path / "t")
     with TargetsWriter(uri, meta()) as w:
         w.write(sample(1))
-    shard = os.path.join(uri, "shard-000000.parquet")
+    shard = os.path.join(uri, TargetsReader(uri).manifest.shards[0].file)
     data = bytearray(open(shard, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(shard, "wb").write(bytes(data))
@@ -199,7 +202,7 @@ def test_store_cli_shows_and_verifies_targets(tmp_path):
     assert r.exit_code == 0 and "mince" in r.output and "samples       7" in r.output
     r = runner.invoke(store_app, ["verify", uri])
     assert r.exit_code == 0 and "OK" in r.output and "7 samples" in r.output
-    shard = os.path.join(uri, "shard-000001.parquet")
+    shard = os.path.join(uri, TargetsReader(uri).manifest.shards[1].file)
     open(shard, "ab").write(b"x")
     r = runner.invoke(store_app, ["verify", uri])
     assert r.exit_code == 1 and "sha256" in r.output

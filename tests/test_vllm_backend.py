@@ -150,7 +150,7 @@ def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path):
         proc = subprocess.run([exe, *args, "--store", str(store), *extra], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        (runs[name],) = [p.parent.name for p in store.glob("logits/*/manifest.json")]
+        (runs[name],) = [p.parent.name for p in store.glob("logits/*/_delta_log")]
     assert runs["vllm"] == runs["hf"]  # one data product, whichever backend computed it
     a = LogitsReader(str(tmp_path / "vllm" / "logits" / runs["vllm"]))
     b = LogitsReader(str(tmp_path / "hf" / "logits" / runs["hf"]))

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datastore.errors import UserError
+from datastore.fs import honour_umask
 from datastore.targets import TargetsMeta, TargetsReader
 from datastore.words import plural
 from trainer.data import DataConfig, StreamState, TargetStream, estimate_rows_per_epoch
@@ -456,6 +457,7 @@ def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stre
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(), "data": states}, tmp / STATE_FILE)
+        honour_umask(tmp)  # safetensors writes through a private 0600 temp file; checkpoints are shared
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoints(out)[:-keep]:

@@ -26,48 +26,28 @@ TRAIN_LOG = Path("logs") / "train.jsonl"  # written by `logitfuse train` under i
 
 
 def catalog(store: str) -> list[dict]:
-    """Every logits and targets dataset in `store`, one dict each: kind, id, uri, teacher, revision,
-    tokenizer, k, template, dataset, samples, positions, bytes, bytes_per_entry, version, team, created,
-    updated, complete, error (a dataset that cannot be read is one row with `error` set)."""
-    from datastore.manifest import Manifest
-    from datastore.targets import TargetsManifest, is_targets_manifest
+    """Every logits and targets dataset in `store` (`datastore.catalog.catalog`, the same entries as
+    `logitfuse store ls` and `GET /v1/logits`), each with `error` set (None when readable): a broken
+    dataset is one row, never a failed listing. A store not created yet lists nothing."""
+    from datastore.catalog import catalog as store_catalog
 
-    rows: list[dict] = []
-    filesystem, root = fs.resolve(store)
-    for kind in ("logits", "targets"):
-        base = fs.join(root, kind)
-        for name in fs.list_dirs(filesystem, base):
-            uri = fs.join(store, kind, name)
-            row: dict = {"kind": kind, "id": name, "uri": uri, "error": None}
-            try:
-                raw = fs.read_bytes(filesystem, fs.join(base, name, fs.MANIFEST))
-                if kind == "targets" or is_targets_manifest(raw):
-                    t = TargetsManifest.model_validate_json(raw)
-                    row.update(teacher=f"pivot {t.meta.pivot}", revision=None, tokenizer=None, k=t.meta.k,
-                               template=None, dataset=t.meta.extra.get("dataset_id"), fusion=t.meta.fusion,
-                               sources=list(t.meta.sources), samples=t.num_samples, positions=t.num_positions,
-                               bytes=t.num_bytes, bytes_per_entry=None, version=t.updated, team=None,
-                               created=t.created, updated=t.updated, complete=t.complete)
-                else:
-                    m = Manifest.model_validate_json(raw)
-                    row.update(teacher=m.meta.teacher_name, revision=m.meta.teacher_revision,
-                               tokenizer=m.meta.tokenizer_fingerprint, k=m.meta.k, template=m.meta.chat_template,
-                               dataset=m.meta.dataset_id, samples=m.num_samples, positions=m.num_positions,
-                               bytes=m.num_bytes, bytes_per_entry=m.bytes_per_entry, version=m.updated,
-                               team=None, created=m.created, updated=m.updated, complete=m.complete)
-            except Exception as e:  # noqa: BLE001 - a broken dataset is one row, never a failed listing
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rows.append(row)
+    rows = store_catalog(store, missing_ok=True)
+    for r in rows:
+        r.setdefault("error", None)
     return rows
 
 
 def _describe(row: dict) -> dict:
-    """The dataset's full metadata and its shard list (file, rows, bytes, sha256)."""
-    filesystem, root = fs.resolve(row["uri"])
-    raw = json.loads(fs.read_bytes(filesystem, fs.join(root, fs.MANIFEST)))
-    shards = raw.pop("shards", [])
-    return {"metadata": raw, "shards": [{k: s.get(k) for k in ("file", "rows", "bytes", "sha256")}
-                                        for s in shards]}
+    """The dataset's metadata (its log's view, without the per-shard lists) and its shards."""
+    from datastore.catalog import describe
+
+    entry = describe(row["kind"], row["uri"], row["id"], with_manifest=True)
+    m = entry.get("manifest")
+    if m is None:
+        return {"metadata": None, "shards": []}
+    meta = m.model_dump(mode="json", exclude={"shards"})
+    shards = [{"file": s.file, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256} for s in m.shards]
+    return {"metadata": meta, "shards": shards}
 
 
 def dataset_detail(store: str, kind: str, dataset_id: str) -> dict:

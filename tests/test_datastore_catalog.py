@@ -1,0 +1,227 @@
+"""The store catalog (`logitfuse store ls`, `datastore.catalog`, ``GET /v1/logits``), store-wide verify,
+corrupt logs and manifests as one line, 0.1 datasets (read as they are, `store migrate`), rm and gc."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from clients.cli import app
+from datastore import LogitsReader, LogitsWriter, codec, logits_id, logits_uri
+from datastore.catalog import catalog
+from datastore.fs import save_tokenizer
+from datastore.manifest import Manifest, ShardInfo, id_bloom
+from datastore.retention import gc_dataset
+from datastore.targets import TargetsWriter, targets_id, targets_uri
+from tests.test_datastore import check, meta, sample
+from tests.test_targets import meta as tmeta
+from tests.test_targets import sample as tsample
+
+runner = CliRunner()
+
+
+def _one_line_exit_2(result, *words: str) -> None:
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for w in words:
+        assert w in lines[0], result.output
+
+
+@pytest.fixture
+def store(tmp_path, spm_tokenizer) -> str:
+    """Two logits datasets (two teachers), one with its tokenizer, and one targets dataset."""
+    root = str(tmp_path / "store")
+    uri = logits_uri(root, logits_id(meta()))
+    with LogitsWriter(uri, meta(), shard_rows=3, team="research") as w:
+        for i in range(7):
+            w.write(sample(i))
+    save_tokenizer(uri, spm_tokenizer)
+    other = meta(teacher_name="tiny-qwen", dataset_id="ds-2")
+    with LogitsWriter(logits_uri(root, logits_id(other)), other, shard_rows=4) as w:
+        for i in range(5):
+            w.write(sample(i))
+    with TargetsWriter(targets_uri(root, targets_id(tmeta())), tmeta(), shard_rows=4) as w:
+        for i in range(6):
+            w.write(tsample(i))
+    return root
+
+
+def test_catalog_lists_logits_and_targets_with_their_facts(store):
+    entries = {e["id"]: e for e in catalog(store)}
+    assert len(entries) == 3
+    e = entries[logits_id(meta())]
+    assert e["kind"] == "logits" and e["status"] == "ok" and e["teacher"] == "tiny-llama"
+    assert (e["revision"], e["tokenizer"], e["k"], e["template"], e["dataset"]) == ("r1", "sp32k", 6, "model", "ds-1")
+    assert e["samples"] == 7 and e["team"] == "research" and e["complete"] and e["version"] >= 3
+    assert e["bytes_per_entry"] == pytest.approx(e["bytes"] / (e["positions"] * 6), rel=1e-3)
+    t = entries[targets_id(tmeta())]
+    assert t["kind"] == "targets" and t["samples"] == 6 and t["teacher"] == "tiny-llama"
+
+    assert [e["teacher"] for e in catalog(store, teacher="qwen")] == ["tiny-qwen"]
+    assert [e["dataset"] for e in catalog(store, dataset="ds-1")] == ["ds-1"]
+    assert [e["kind"] for e in catalog(store, kind="targets")] == ["targets"]
+
+    res = runner.invoke(app, ["store", "ls", store])
+    assert res.exit_code == 0, res.output
+    header, *rows = res.output.strip().splitlines()
+    for column in ("teacher", "revision", "tokenizer", "k", "template", "dataset", "samples", "bytes", "B/entry",
+                   "version", "team", "updated"):
+        assert column in header.split()
+    assert len(rows) == 3 and any(r.startswith("targets") for r in rows)
+    res = runner.invoke(app, ["store", "ls", store, "--teacher", "qwen"])
+    assert res.exit_code == 0 and len(res.output.strip().splitlines()) == 2 and "tiny-qwen" in res.output
+
+
+def test_broken_datasets_are_one_line_and_wrong_paths_exit_2(store, tmp_path):
+    # a truncated 0.1 manifest and a Delta log with a garbage commit, next to healthy datasets
+    legacy = os.path.join(store, "logits", "0123456789abcdef")
+    os.makedirs(legacy)
+    open(os.path.join(legacy, "manifest.json"), "w").write('{"format": "logitfuse.logits/1", "shar')
+    damaged = os.path.join(store, "logits", logits_id(meta(teacher_name="tiny-qwen", dataset_id="ds-2")))
+    log = os.path.join(damaged, "_delta_log")
+    newest = sorted(n for n in os.listdir(log) if n.endswith(".json"))[-1]
+    open(os.path.join(log, newest), "w").write("{not json")
+
+    res = runner.invoke(app, ["store", "ls", store])
+    assert res.exit_code == 0, res.output
+    broken = [ln for ln in res.output.splitlines() if ln.startswith("BROKEN")]
+    assert len(broken) == 2 and any("corrupt manifest.json" in ln for ln in broken), res.output
+    assert logits_id(meta()) in res.output  # the healthy ones are still listed
+
+    _one_line_exit_2(runner.invoke(app, ["store", "ls", str(tmp_path / "nope")]), "no store at")
+    _one_line_exit_2(runner.invoke(app, ["store", "ls", logits_uri(store, logits_id(meta()))]), "not a store")
+    _one_line_exit_2(runner.invoke(app, ["store", "verify", legacy]), "corrupt manifest.json")
+    _one_line_exit_2(runner.invoke(app, ["store", "show", damaged]), "Delta log")
+    res = runner.invoke(app, ["store", "verify", store])  # the store: every dataset, broken ones FAIL
+    assert res.exit_code == 1 and res.output.count("FAIL") == 2 and res.output.count("OK ") == 2, res.output
+
+
+def test_store_verify_checks_every_dataset_and_tokenizer_files(store):
+    res = runner.invoke(app, ["store", "verify", store])
+    assert res.exit_code == 0 and "3 dataset(s) verified" in res.output, res.output
+    uri = logits_uri(store, logits_id(meta()))
+    tok = os.path.join(uri, "tokenizer", "tokenizer.json")
+    open(tok, "ab").write(b" ")
+    res = runner.invoke(app, ["store", "verify", store])
+    assert res.exit_code == 1 and "tokenizer/tokenizer.json: sha256 mismatch" in res.output
+    with pytest.raises(Exception, match="sha256 mismatch"):
+        LogitsReader(uri).tokenizer()
+
+
+def test_interrupted_tokenizer_copy_is_written_again(tmp_path, spm_tokenizer, monkeypatch):
+    uri = logits_uri(str(tmp_path / "store"), logits_id(meta()))
+    with LogitsWriter(uri, meta()) as w:
+        w.write(sample(0))
+    import datastore.fs as dfs
+
+    real, calls = dfs.write_atomic, []
+
+    def disk_full(filesystem, path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(filesystem, path, data)
+
+    monkeypatch.setattr(dfs, "write_atomic", disk_full)
+    with pytest.raises(OSError):
+        save_tokenizer(uri, spm_tokenizer)
+    monkeypatch.undo()
+    res = runner.invoke(app, ["store", "verify", uri])
+    assert res.exit_code == 1 and "interrupted copy" in res.output
+    save_tokenizer(uri, spm_tokenizer)  # the rerun writes it again
+    assert LogitsReader(uri).tokenizer().encode("hello world") == spm_tokenizer.encode("hello world")
+    assert runner.invoke(app, ["store", "verify", uri]).exit_code == 0
+
+
+def _write_0_1_dataset(uri: str, samples) -> None:
+    """A dataset exactly as logitfuse 0.1 wrote it: shard-NNNNNN.parquet + manifest.json."""
+    os.makedirs(uri)
+    shards = []
+    for n, start in enumerate(range(0, len(samples), 3)):
+        part = samples[start : start + 3]
+        data = codec.encode_shard(part, meta().k)
+        name = f"shard-{n:06d}.parquet"
+        open(os.path.join(uri, name), "wb").write(data)
+        shards.append(ShardInfo(file=name, rows=len(part), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                                positions=sum(len(s.positions) for s in part),
+                                tokens=sum(len(s.input_ids) for s in part), topk_bytes=codec.topk_bytes(data),
+                                id_bloom=id_bloom([s.sample_id for s in part])))
+    m = Manifest(logits_id=logits_id(meta()), meta=meta(), encoding=codec.CodecConfig().describe(), shards=shards,
+                 complete=True)
+    open(os.path.join(uri, "manifest.json"), "wb").write(m.to_json())
+
+
+def test_0_1_datasets_stay_readable_and_migrate(tmp_path):
+    from datastore import UserError
+
+    store = str(tmp_path / "store")
+    uri = logits_uri(store, logits_id(meta()))
+    samples = [sample(i) for i in range(7)]
+    _write_0_1_dataset(uri, samples)
+    r = LogitsReader(uri)
+    assert r.manifest.table == "manifest-0.1" and len(r) == 7
+    check(samples[4], r.get(samples[4].sample_id))
+    with pytest.raises(UserError, match="store migrate"):
+        LogitsWriter(uri, meta())
+    res = runner.invoke(app, ["store", "migrate", store])
+    assert res.exit_code == 0 and "migrated 3 shards (7 samples)" in res.output, res.output
+    r = LogitsReader(uri)
+    assert r.manifest.table == "delta" and r.manifest.complete and len(r) == 7
+    for a, b in zip(samples, r.iter_samples(), strict=True):
+        check(a, b)
+    assert runner.invoke(app, ["store", "verify", uri]).exit_code == 0
+    with LogitsWriter(uri, meta()) as w:  # writable now
+        w.write(sample(9))
+    assert len(LogitsReader(uri)) == 8
+
+
+def test_rm_and_gc(store):
+    uri = logits_uri(store, logits_id(meta()))
+    orphan = os.path.join(uri, "shard-" + "0" * 64 + ".parquet")
+    shutil.copy(os.path.join(uri, LogitsReader(uri).manifest.shards[0].file), orphan)
+    res = runner.invoke(app, ["store", "gc", store, "--older-than", "0"])
+    assert res.exit_code == 0 and os.path.basename(orphan) in res.output, res.output
+    assert not os.path.exists(orphan) and len(LogitsReader(uri)) == 7
+    assert gc_dataset(uri, older_than_s=0) == []
+    _one_line_exit_2(runner.invoke(app, ["store", "rm", store]), "not a dataset")
+    res = runner.invoke(app, ["store", "rm", uri])
+    assert res.exit_code == 0 and not os.path.exists(uri)
+    assert len(catalog(store)) == 2
+
+
+def test_service_serves_the_catalog_and_samples(store, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from teacher_server.app import create_app
+    from teacher_server.config import ServiceConfig
+
+    token = "read-token-123"
+    cfg = ServiceConfig.model_validate({
+        "store": store, "state_dir": str(tmp_path / "state"),
+        "teachers": [{"name": "tiny", "model": str(tmp_path), "backend": "hf"}],
+        "tokens": [{"team": "viewers", "sha256": hashlib.sha256(token.encode()).hexdigest(), "scope": "read"}],
+    })
+    with TestClient(create_app(cfg, start_workers=False)) as client:
+        assert client.get("/v1/logits").status_code == 401
+        h = {"Authorization": f"Bearer {token}"}
+        listing = client.get("/v1/logits", headers=h).json()
+        assert {e["id"] for e in listing} == {e["id"] for e in catalog(store)}
+        assert [e["teacher"] for e in client.get("/v1/logits?teacher=qwen", headers=h).json()] == ["tiny-qwen"]
+        lid = logits_id(meta())
+        one = client.get(f"/v1/logits/{lid}", headers=h).json()
+        assert one["samples"] == 7 and len(one["shards_list"]) == 3
+        assert client.get("/v1/logits/ffffffffffffffff", headers=h).status_code == 404
+        lines = client.get(f"/v1/logits/{lid}/samples", headers=h).text.strip().splitlines()
+        got = [json.loads(line) for line in lines]
+        assert [g["id"] for g in got] == [f"sample-{i:03d}" for i in range(7)]
+        want = sample(3)
+        s3 = client.get(f"/v1/logits/{lid}/samples/sample-003", headers=h).json()
+        assert s3["topk_ids"] == want.topk_ids.tolist() and s3 == got[3]
+        assert max(abs(a - b) for ra, rb in zip(s3["topk_logprobs"], want.topk_logprobs.tolist(), strict=True)
+                   for a, b in zip(ra, rb, strict=True)) <= 5 / 256 + 1e-6
+        assert client.get(f"/v1/logits/{lid}/samples/nope", headers=h).status_code == 404
