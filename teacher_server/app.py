@@ -2,10 +2,15 @@
 and errors into one JSON shape, `{"error": "<one line naming the problem>"}`. Nothing here scores,
 stores or schedules; see `teacher_server.jobs` (state) and `teacher_server.worker` (teacher processes).
 
+Every `/v1/` request passes `_Gate` first, a pure ASGI middleware that authenticates from the headers
+and caps the body before the route (or FastAPI's body parsing) reads a byte of it.
+
 Status codes: 400 a request that names something wrong (unknown teacher or dataset, k above max_k,
-invalid samples), 401 no or unknown token, 403 a read token asking to write, 404 unknown job or route,
-413 an upload over `max_upload_bytes`, 422 a body that does not match the schema, 504 a `/v1/topk`
-that the teacher did not answer in time, 503 a teacher that cannot answer (its model failed to load).
+invalid samples), 401 no or unknown token, 403 a read token asking to write or a team touching another
+team's job, 404 unknown job or route, 413 a body over `max_json_bytes`/`max_upload_bytes` or a dataset
+decoding to more than `max_decoded_bytes`, 422 a body that does not match the schema, 429 a team past its
+queue limit, 504 a `/v1/topk` that the teacher did not answer in time, 503 a teacher that cannot answer
+(its model failed to load).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import traceback
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -23,13 +29,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from datastore.chat import DecodedTooLarge, InvalidDataset
 from datastore.errors import UserError
 from teacher_server import metrics
 from teacher_server.auth import Authenticator, AuthError, Principal
 from teacher_server.config import ServiceConfig
-from teacher_server.jobs import JobService, UploadTooLarge
+from teacher_server.jobs import JobService, QueueFull, UploadTooLarge
 
 # ------------------------------------------------------------------------------------------ schemas
 
@@ -113,7 +121,7 @@ class TopKOut(BaseModel):
     results: list[TopKSample]
 
 
-ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 422)}
+ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 422)}
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -137,8 +145,75 @@ class _CountErrors:
         return await self.app(scope, receive, counting_send)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+#: the key of the ASGI scope under which `_Gate` leaves the authenticated `Principal`
+PRINCIPAL = "logitfuse.principal"
+UPLOAD_ROUTE = "/v1/datasets"
+
+
+class _Gate:
+    """Pure ASGI middleware in front of every `/v1/` route: authentication from the `Authorization`
+    header and the body-size limits, decided before any of the body is read.
+
+    * no or unknown token: 401; a token without the scope the method needs (GET/HEAD: read, anything
+      else: write): 403. Either answer is sent without reading the body; uvicorn then closes the
+      connection, so a client streaming hundreds of megabytes costs the server nothing.
+    * `Content-Length` above the route's limit (`max_upload_bytes` for `POST /v1/datasets`, which
+      streams its body to disk itself, `max_json_bytes` for every other route): 413 at once.
+    * the JSON routes' bodies are read here, at most `max_json_bytes` of them (413 past it, also for
+      chunked bodies without a length), and handed on; the upload route's body is left to the route.
+    """
+
+    def __init__(self, app, auth: Authenticator, max_json_bytes: int, max_upload_bytes: int):
+        self.app, self.auth = app, auth
+        self.max_json_bytes, self.max_upload_bytes = max_json_bytes, max_upload_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        method = scope["method"]
+        try:
+            scope[PRINCIPAL] = self.auth.require(headers.get("authorization"),
+                                                 "read" if method in ("GET", "HEAD", "OPTIONS") else "write")
+        except AuthError as e:
+            extra = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+            return await _error(e.status, e.message, {**extra, "Connection": "close"})(scope, receive, send)
+        upload = method == "POST" and scope["path"].rstrip("/") == UPLOAD_ROUTE
+        limit, key = (self.max_upload_bytes, "max_upload_bytes") if upload else (self.max_json_bytes, "max_json_bytes")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._too_large(f"{declared} bytes", limit, key)(scope, receive, send)
+        if upload or method in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await self._too_large("more than that", limit, key)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    def _too_large(size: str, limit: int, key: str) -> JSONResponse:
+        return _error(413, f"request body of {size} exceeds the limit of {limit} bytes ({key})",
+                      {"Connection": "close"})
+
+
+def _error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -151,6 +226,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 # ------------------------------------------------------------------------------------------ app
 
+#: seconds a `/v1/topk` request may wait for its teacher's turn and answer (then 504)
+TOPK_TIMEOUT_S = 300.0
+
 
 def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     """The FastAPI app of one service; `start_workers=False` gives the API alone (no teacher processes)."""
@@ -162,14 +240,21 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     auth = Authenticator(config.tokens)
     http_errors = metrics.HttpErrors()
     bearer = HTTPBearer(auto_error=False, description="team token from teachers.yaml (sha256 stored)")
+    # Threads of their own, so that neither route can starve the other or the shared pool that the
+    # plain `def` routes run in: /healthz always finds a thread; /v1/topk requests, which wait for a
+    # teacher that answers one at a time, queue here (asynchronously) instead of holding pool threads.
+    health_threads = anyio.CapacityLimiter(2)
+    topk_threads = {t.name: anyio.CapacityLimiter(1) for t in config.teachers}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        service.datasets.start()
         if supervisor is not None:
             supervisor.start()
         yield
         if supervisor is not None:
             await run_in_threadpool(supervisor.stop)
+        service.datasets.close()
 
     app = FastAPI(
         title="logitfuse teacher service",
@@ -178,16 +263,24 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_CountErrors, counter=http_errors)
+    app.add_middleware(_Gate, auth=auth, max_json_bytes=config.max_json_bytes,
+                       max_upload_bytes=config.max_upload_bytes)
+    app.add_middleware(_CountErrors, counter=http_errors)  # outermost: counts the gate's answers too
 
-    def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
-        return f"Bearer {creds.credentials}" if creds is not None else None
+    def _principal(request: Request, creds: HTTPAuthorizationCredentials | None, scope: str) -> Principal:
+        # `_Gate` has authenticated every /v1/ request already; `bearer` documents the scheme in OpenAPI
+        found = request.scope.get(PRINCIPAL)
+        if found is None:
+            found = auth.principal(f"Bearer {creds.credentials}" if creds is not None else None)
+        if not found.can(scope):
+            raise AuthError(403, f"team {found.team!r} has a {found.scope} token; this request needs a {scope} token")
+        return found
 
-    def reader(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-        return auth.require(_header(creds), "read")
+    def reader(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        return _principal(request, creds, "read")
 
-    def writer(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-        return auth.require(_header(creds), "write")
+    def writer(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        return _principal(request, creds, "write")
 
     # -------------------------------------------------------------- errors
 
@@ -206,6 +299,18 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     @app.exception_handler(UploadTooLarge)
     async def _too_large(_req: Request, exc: UploadTooLarge):
         return _error(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(DecodedTooLarge)
+    async def _decoded_too_large(_req: Request, exc: DecodedTooLarge):
+        return _error(413, str(exc))
+
+    @app.exception_handler(InvalidDataset)
+    async def _invalid_dataset(_req: Request, exc: InvalidDataset):
+        return _error(400, str(exc), problems=[str(p) for p in exc.problems], invalid=exc.count)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_req: Request, exc: QueueFull):
+        return _error(429, str(exc), {"Retry-After": "30"})
 
     @app.exception_handler(TeacherUnavailable)
     async def _unavailable(_req: Request, exc: TeacherUnavailable):
@@ -231,8 +336,8 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     # -------------------------------------------------------------- routes
 
     @app.get("/healthz", tags=["service"])
-    def healthz() -> dict:
-        workers = service.db.workers()
+    async def healthz() -> dict:
+        workers = await anyio.to_thread.run_sync(service.db.workers, limiter=health_threads)
         return {"status": "ok", "teachers": {t.name: workers.get(t.name, {}).get("state", "stopped")
                                              for t in config.teachers}}
 
@@ -257,13 +362,8 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
                                  "store directory), copied by the server")),
                              _p: Principal = Depends(writer)):
         """Stream a JSONL or Parquet dataset to the server; it is validated as `logitfuse extract` does."""
-        if uri:
-            chunks = service.datasets.read_store_file(uri, config.store)
-        else:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > config.max_upload_bytes:
-                raise UploadTooLarge(f"upload of {declared} bytes exceeds the limit of {config.max_upload_bytes} bytes")
-            chunks = request.stream()
+        # the token and a declared Content-Length above max_upload_bytes were checked by `_Gate`
+        chunks = service.datasets.read_store_file(uri, config.store) if uri else request.stream()
         rec, problems = await service.datasets.ingest(chunks, config.max_upload_bytes, skip_invalid)
         return {**rec.public(), "problems": problems}
 
@@ -275,7 +375,8 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
         return rec.public()
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=JobOut,
-              responses={**ERRORS, 200: {"model": JobOut, "description": "the existing job for these settings"}})
+              responses={**ERRORS, 429: {"model": ErrorBody},
+                         200: {"model": JobOut, "description": "the team's existing job for these settings"}})
     def create_job(req: JobRequest, p: Principal = Depends(writer)):
         """Queue an extraction job; the same dataset, teacher and settings return the existing job."""
         job, created = service.submit(req.dataset, req.teacher, req.k, req.chat_template, req.max_length,
@@ -285,25 +386,27 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
 
     @app.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=ERRORS)
     def list_jobs(state: str | None = None, teacher: str | None = None, limit: int = 100,
-                  _p: Principal = Depends(reader)):
-        return [j.public() for j in service.db.jobs(state, teacher, max(1, min(limit, 1000)))]
+                  p: Principal = Depends(reader)):
+        """The team's recent jobs (every team's for an admin token)."""
+        return [j.public() for j in service.jobs(p, state, teacher, max(1, min(limit, 1000)))]
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
-    def get_job(job_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)):
-        return service.job(job_id).public()
+    def get_job(job_id: str = PathParam(max_length=64), p: Principal = Depends(reader)):
+        return service.job(job_id, p).public()
 
     @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
-    def cancel_job(job_id: str = PathParam(max_length=64), _p: Principal = Depends(writer)):
-        """Cancel a queued or running job (committed shards stay; resubmitting resumes them)."""
-        return service.cancel(job_id).public()
+    def cancel_job(job_id: str = PathParam(max_length=64), p: Principal = Depends(writer)):
+        """Cancel a queued or running job of the team (committed shards stay; resubmitting resumes them).
+        A running job stops within a few seconds: its worker watches for the cancellation while scoring."""
+        return service.cancel(job_id, p).public()
 
     @app.get("/v1/jobs/{job_id}/manifest", tags=["jobs"], responses=ERRORS)
-    def job_manifest(job_id: str = PathParam(max_length=64), _p: Principal = Depends(reader)) -> dict:
+    def job_manifest(job_id: str = PathParam(max_length=64), p: Principal = Depends(reader)) -> dict:
         """The manifest of the job's logits dataset (as committed so far, from its Delta log)."""
         from datastore.catalog import dataset_kind
         from datastore.reader import load_logits_manifest
 
-        job = service.job(job_id)
+        job = service.job(job_id, p)
         if not job.uri:
             raise LookupError(f"job {job_id} has no logits dataset yet (state {job.state})")
         if dataset_kind(job.uri) is None:
@@ -323,8 +426,12 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
                 parse_record(rec)
             except ValueError as e:
                 raise UserError(f"samples[{i}]: {e}") from None
-        results = await run_in_threadpool(service.topk, req.teacher, req.samples, req.k, req.chat_template,
-                                          req.max_length, req.all_positions)
+        def score():
+            return service.topk(req.teacher, req.samples, req.k, req.chat_template, req.max_length,
+                                req.all_positions, timeout=TOPK_TIMEOUT_S)
+
+        with anyio.fail_after(TOPK_TIMEOUT_S):  # waiting for the teacher's turn counts too
+            results = await anyio.to_thread.run_sync(score, limiter=topk_threads[req.teacher])
         return {"teacher": req.teacher, "k": req.k, "results": results}
 
     from teacher_server.dashboard import mount_dashboard

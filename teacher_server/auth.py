@@ -1,5 +1,9 @@
-"""Bearer tokens per team: the config holds sha256(token) and a scope; `read` lists and reads, `write`
-also uploads and submits. No `tokens` key in the config means no auth (local use)."""
+"""Bearer tokens per team: the config holds sha256(token) and a scope; `read` lists and reads the team's
+own jobs, `write` also uploads, submits and cancels them, `admin` also sees and cancels every team's jobs.
+No `tokens` key in the config means no auth (local use: one `local` team with admin rights).
+
+The service checks the token from the request headers alone, in an ASGI middleware that runs before any
+request body is read (`teacher_server.app`)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dataclasses import dataclass
 
 from teacher_server.config import TokenConfig
 
-SCOPES = {"read": 0, "write": 1}
+SCOPES = {"read": 0, "write": 1, "admin": 2}
 
 
 def hash_token(token: str) -> str:
@@ -23,6 +27,14 @@ class Principal:
 
     def can(self, scope: str) -> bool:
         return SCOPES[self.scope] >= SCOPES[scope]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
+
+    def owns(self, team: str) -> bool:
+        """Whether this principal may see and act on a job of `team` (its own, or any with admin)."""
+        return self.is_admin or self.team == team
 
 
 class AuthError(Exception):
@@ -40,7 +52,7 @@ class Authenticator:
     def principal(self, authorization: str | None) -> Principal:
         """Who sent a request, from its `Authorization` header; raises AuthError(401) when unknown."""
         if not self.enabled:
-            return Principal(team="local", scope="write")
+            return Principal(team="local", scope="admin")
         if not authorization or not authorization.lower().startswith("bearer "):
             raise AuthError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
         digest = hash_token(authorization[7:].strip())

@@ -1,7 +1,8 @@
 """`teachers.yaml`: the service's typed configuration, validated once at the edge (`load_config`).
 
 The keys of docs/contract.md (`store`, `teachers[].name/model/backend/max_k/max_length/chat_template`, `tokens`)
-plus the service's own: where job state lives, upload and `/v1/topk` limits, how many teachers may be
+plus the service's own: where job state lives, request, upload and decoded-size limits, `/v1/topk` and
+per-team queue limits, how many teachers may be
 resident at once (`max_resident`), and per teacher its devices, dtype, tensor-parallel size and the
 extraction knobs (`batch_tokens`, `shard_rows`).
 """
@@ -67,7 +68,9 @@ class TokenConfig(BaseModel):
 
     team: str
     sha256: str
-    scope: Literal["read", "write"] = "read"
+    #: read: list and read the team's own jobs; write: also upload, submit, cancel the team's jobs, topk;
+    #: admin: also see and cancel every team's jobs
+    scope: Literal["read", "write", "admin"] = "read"
 
     @field_validator("sha256")
     @classmethod
@@ -90,7 +93,16 @@ class ServiceConfig(BaseModel):
     #: releases its model when another teacher has queued work. None: all teachers stay resident.
     max_resident: int | None = Field(None, ge=1)
     max_upload_bytes: int = Field(1 << 30, ge=1)
+    #: request bodies of the JSON routes (/v1/jobs, /v1/topk); larger ones get 413 before they are read
+    max_json_bytes: int = Field(8 << 20, ge=1024)
+    #: one dataset sample (a JSONL line, a Parquet row) decoded; larger samples are invalid samples
+    max_sample_bytes: int = Field(16 << 20, ge=1024)
+    #: a whole dataset decoded (what a Parquet file's compression and dictionaries expand to); past it 413
+    max_decoded_bytes: int = Field(1 << 30, ge=1024)
     max_topk_samples: int = Field(8, ge=1)
+    #: jobs a team may have waiting in the queues at once (429 past it); `team_queue_limits` overrides it
+    max_queued_jobs_per_team: int = Field(32, ge=1)
+    team_queue_limits: dict[str, int] = Field(default_factory=dict)
     #: training-run directories the dashboard shows (`logitfuse train --out` directories or their parents)
     runs: list[str] = Field(default_factory=list)
 
@@ -101,6 +113,18 @@ class ServiceConfig(BaseModel):
         if dupes:
             raise ValueError(f"teacher names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @field_validator("team_queue_limits")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(team for team, n in v.items() if n < 1)
+        if bad:
+            raise ValueError(f"limits must be at least 1; not for: {', '.join(bad)}")
+        return v
+
+    def queue_limit(self, team: str) -> int:
+        """How many queued jobs `team` may have at once."""
+        return self.team_queue_limits.get(team, self.max_queued_jobs_per_team)
 
     def teacher(self, name: str) -> TeacherConfig | None:
         return next((t for t in self.teachers if t.name == name), None)

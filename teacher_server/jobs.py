@@ -2,10 +2,12 @@
 
 `JobDB` is the persistent state shared by the API process and the teacher worker processes (SQLite in
 WAL mode; each call opens its own short connection, so threads and processes never share one).
-`DatasetStore` streams an upload to disk, validates it exactly as `logitfuse extract` does and files it
-under its content hash. `JobService` is what the routes call: it checks a request against the config,
-returns the existing job for a repeated (dataset, teacher, settings), and enqueues the rest for the
-teacher's worker (`teacher_server.worker`).
+`DatasetStore` streams an upload to disk, validates it exactly as `logitfuse extract` does (in a separate
+process, streaming, under the config's decoded-size limits, so neither the API's memory nor its event loop
+feel a large or hostile file) and files it under its content hash. `JobService` is what the routes call:
+it checks a request against the config, returns the team's existing job for a repeated (dataset,
+teacher, settings), enforces the per-team queue limit, keeps teams out of each other's jobs, and enqueues
+the rest for the teacher's worker (`teacher_server.worker`).
 
 Job states: queued -> running -> done | failed; queued/running -> cancelled. A server that dies leaves
 `running` jobs behind; the next start puts them back in the queue, and extraction's resume scores only
@@ -25,8 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from datastore.chat import load_dataset
+from datastore.chat import InvalidDataset, Limits, ScanResult, scan_dataset
 from datastore.errors import UserError
+from teacher_server.auth import AuthError, Principal
 from teacher_server.config import ServiceConfig
 from teacher_server.render import shared_templates
 
@@ -198,15 +201,24 @@ class JobDB:
         return Job(**d)
 
     def create_job(self, key: str, teacher: str, dataset_id: str, k: int, chat_template: str, max_length: int,
-                   all_positions: bool, team: str, samples_total: int) -> tuple[Job, bool]:
-        """A new queued job, or the live/done job with the same key (second value: created?)."""
+                   all_positions: bool, team: str, samples_total: int,
+                   max_queued: int | None = None) -> tuple[Job, bool]:
+        """A new queued job, or the team's live/done job with the same key (second value: created?).
+        Raises `QueueFull` when the team already has `max_queued` queued jobs (checked in the same
+        transaction, so concurrent submissions cannot overshoot)."""
         with self._tx(immediate=True) as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE key=? AND state IN ('queued','running','done') ORDER BY created DESC LIMIT 1",
-                (key,),
+                "SELECT * FROM jobs WHERE key=? AND team=? AND state IN ('queued','running','done') "
+                "ORDER BY created DESC LIMIT 1",
+                (key, team),
             ).fetchone()
             if row is not None:
                 return self._job(row), False
+            if max_queued is not None:
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE team=? AND state='queued'", (team,)).fetchone()[0]
+                if queued >= max_queued:
+                    raise QueueFull(f"team {team!r} already has {queued} queued job(s), the limit is {max_queued}; "
+                                    f"wait for some to start or cancel them")
             jid = secrets.token_hex(8)
             db.execute(
                 "INSERT INTO jobs (id,key,teacher,dataset_id,k,chat_template,max_length,all_positions,state,team,"
@@ -220,8 +232,13 @@ class JobDB:
         with self._tx() as db:
             return self._job(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
 
-    def jobs(self, state: str | None = None, teacher: str | None = None, limit: int = 100) -> list[Job]:
+    def jobs(self, state: str | None = None, teacher: str | None = None, limit: int = 100,
+             team: str | None = None) -> list[Job]:
+        """Recent jobs, newest first, optionally of one state, teacher and team."""
         q, args = "SELECT * FROM jobs WHERE 1=1", []
+        if team is not None:
+            q += " AND team=?"
+            args.append(team)
         if state:
             q += " AND state=?"
             args.append(state)
@@ -330,22 +347,75 @@ class JobDB:
 
 
 class UploadTooLarge(Exception):
-    pass
+    """An upload over `max_upload_bytes` (HTTP 413)."""
+
+
+class QueueFull(Exception):
+    """A team has as many queued jobs as its limit allows (HTTP 429)."""
+
+
+def _warm_up() -> None:
+    """Runs in a fresh validation process: import what validating a Parquet upload needs."""
+    import pyarrow.parquet  # noqa: F401
+
+
+def _validate_upload(path: str, skip_invalid: bool, limits: Limits) -> ScanResult:
+    """Runs in the validation process: `scan_dataset`, its one-line errors naming the upload, not the
+    server's temporary file."""
+    try:
+        return scan_dataset(path, skip_invalid, limits)
+    except InvalidDataset as e:
+        raise InvalidDataset(str(e).replace(path, "upload"), e.problems, e.count) from None
+    except UserError as e:
+        raise type(e)(str(e).replace(path, "upload")) from None
 
 
 class DatasetStore:
     """Uploaded datasets under `STATE/datasets/<id>.<jsonl|parquet>`, id = sha256[:16] of the bytes (the
     same id `load_dataset` gives the file, so the CLI and the service name a dataset alike)."""
 
-    def __init__(self, root: str | Path, db: JobDB):
+    def __init__(self, root: str | Path, db: JobDB, limits: Limits | None = None, validators: int = 1):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = db
+        self.limits = limits or Limits()
+        self.validators = validators
+        self._pool = None
+
+    def _executor(self):
+        """The validation process pool (spawned on first use; `start` spawns it ahead)."""
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.validators, mp_context=mp.get_context("spawn"))
+        return self._pool
+
+    def start(self) -> None:
+        """Start the validation processes now, so that the first upload does not wait for them."""
+        self._executor().submit(_warm_up)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def validate(self, path: Path, skip_invalid: bool) -> ScanResult:
+        """`scan_dataset` in a validation process: a hostile file costs that process memory and CPU, never
+        the API's (whose event loop only awaits the result)."""
+        import asyncio
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor(), _validate_upload, str(path), skip_invalid, self.limits)
+        except BrokenProcessPool:
+            self._pool = None
+            raise UserError("the upload could not be validated: the validation process died (out of memory?); "
+                            "split the dataset or lower its decoded size") from None
 
     async def ingest(self, chunks: AsyncIterator[bytes], max_bytes: int, skip_invalid: bool) -> tuple[DatasetRecord, list[str]]:
         """Stream an upload to a temporary file, then validate and file it; nothing is kept on failure."""
-        from starlette.concurrency import run_in_threadpool
-
         h = hashlib.sha256()
         size = 0
         fd, tmp_name = _mkstemp(self.root)
@@ -367,21 +437,17 @@ class DatasetStore:
             named = tmp.with_name(tmp.name + "." + fmt)
             tmp.rename(named)
             tmp = named
-            try:
-                data = await run_in_threadpool(load_dataset, tmp, skip_invalid)
-            except UserError as e:
-                raise UserError(str(e).replace(str(tmp), "upload")) from None
+            scan = await self.validate(tmp, skip_invalid)
             did = h.hexdigest()[:16]
-            assert data.dataset_id == did
             final = self.root / f"{did}.{fmt}"
             if final.exists():
                 tmp.unlink()
             else:
                 os.replace(tmp, final)
-            rec = DatasetRecord(id=did, path=str(final), format=fmt, samples=len(data.samples),
-                                skipped=len(data.skipped), skip_invalid=skip_invalid, bytes=size, created=time.time())
+            rec = DatasetRecord(id=did, path=str(final), format=fmt, samples=scan.samples,
+                                skipped=scan.invalid, skip_invalid=skip_invalid, bytes=size, created=time.time())
             self.db.add_dataset(rec)
-            return self.db.dataset(did) or rec, [str(p) for p in data.skipped[:10]]
+            return self.db.dataset(did) or rec, [str(p) for p in scan.problems]
         finally:
             if tmp.exists() and tmp.parent == self.root and tmp.name.startswith(".upload-"):
                 tmp.unlink()
@@ -438,7 +504,8 @@ class JobService:
         self.config = config
         state = Path(config.state_dir or ".logitfuse-service")
         self.db = JobDB(state / "jobs.sqlite")
-        self.datasets = DatasetStore(state / "datasets", self.db)
+        limits = Limits(max_sample_bytes=config.max_sample_bytes, max_decoded_bytes=config.max_decoded_bytes)
+        self.datasets = DatasetStore(state / "datasets", self.db, limits)
         self.supervisor = supervisor
 
     def teachers(self) -> list[dict]:
@@ -475,24 +542,39 @@ class JobService:
 
     def submit(self, dataset_id: str, teacher: str, k: int, chat_template: str | None, max_length: int | None,
                all_positions: bool, team: str) -> tuple[Job, bool]:
+        """Queue a job for `team` (or return the team's existing one for the same settings). Raises
+        UserError for bad settings or an unknown dataset, `QueueFull` past the team's queue limit."""
         t, template, length = self.check_settings(teacher, k, chat_template, max_length)
         ds = self.db.dataset(dataset_id)
         if ds is None:
             raise UserError(f"unknown dataset {dataset_id!r}: upload it first with POST /v1/datasets")
         key = job_key(dataset_id, t.name, k, template, length, all_positions)
-        job, created = self.db.create_job(key, t.name, dataset_id, k, template, length, all_positions, team, ds.samples)
+        job, created = self.db.create_job(key, t.name, dataset_id, k, template, length, all_positions, team,
+                                          ds.samples, max_queued=self.config.queue_limit(team))
         if created and self.supervisor is not None:
             self.supervisor.job_queued(t.name)
         return job, created
 
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str, principal: Principal | None = None) -> Job:
+        """A job by id; raises LookupError when unknown, AuthError(403) when `principal` is given and the
+        job belongs to another team (and the principal is no admin)."""
         job = self.db.job(job_id)
         if job is None:
             raise LookupError(f"unknown job id {job_id!r}")
+        if principal is not None and not principal.owns(job.team):
+            raise AuthError(403, f"job {job_id} belongs to team {job.team!r}; team {principal.team!r} "
+                                 f"may only see and cancel its own jobs")
         return job
 
-    def cancel(self, job_id: str) -> Job:
-        self.job(job_id)
+    def jobs(self, principal: Principal, state: str | None = None, teacher: str | None = None,
+             limit: int = 100) -> list[Job]:
+        """The principal's team's jobs (every team's with an admin token), newest first."""
+        team = None if principal.scope == "admin" else principal.team
+        return self.db.jobs(state, teacher, limit, team=team)
+
+    def cancel(self, job_id: str, principal: Principal | None = None) -> Job:
+        """Cancel a queued or running job of the principal's team (AuthError(403) for another team's)."""
+        self.job(job_id, principal)
         return self.db.cancel(job_id)
 
     def topk(self, teacher: str, samples: list[dict], k: int, chat_template: str | None,

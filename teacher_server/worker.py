@@ -4,8 +4,11 @@ Each teacher runs in its own process (multiprocessing *spawn*: no CUDA or thread
 pinned to the devices its config assigns. A worker loads its model once, then takes its teacher's
 queued jobs from the job database one at a time and runs `teacher_server.extract.extract` on them,
 writing progress back after each batch; between batches (and when idle) it answers `/v1/topk` requests
-that arrive on its request queue. Cancellation is seen at the next batch boundary: the buffered,
-uncommitted samples are dropped and the committed shards stay for a later resubmission to resume.
+that arrive on its request queue. Cancellation is seen within `CANCEL_POLL_S` while a job runs: a watcher
+thread polls the job's state, and the worker stops at the next batch boundary or, with a torch backend, at
+the next module of the batch's forward pass (a forward pre-hook raises), so a `DELETE` frees the teacher
+within seconds however large the batch. The buffered, uncommitted samples are dropped and the committed
+shards stay for a later resubmission to resume.
 
 The supervisor (a thread of the API process) starts workers and, when `max_resident` limits how many
 teachers may hold a model at once, asks an idle worker to release its model (the process exits) so that
@@ -30,6 +33,8 @@ from teacher_server.config import ServiceConfig, TeacherConfig
 from teacher_server.jobs import JobDB
 
 POLL_S = 0.1
+#: how often a running job's worker checks whether the job was cancelled (seconds)
+CANCEL_POLL_S = 0.5
 
 
 class TeacherUnavailable(Exception):
@@ -124,6 +129,48 @@ def score_records(backend, records: list[dict], k: int, template_spec: str, max_
     return out
 
 
+class _CancelWatch:
+    """While a job runs: a thread that polls the job's state every `CANCEL_POLL_S` and, once the job is no
+    longer `running` (cancelled), sets `cancelled`; forward pre-hooks on the backend's torch modules (when
+    it has any) raise `_Cancelled` from inside the forward pass once it is set. A context manager."""
+
+    def __init__(self, db: JobDB, job_id: str, backend):
+        self.db, self.job_id, self.backend = db, job_id, backend
+        self.cancelled = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"cancel-watch-{job_id}", daemon=True)
+        self._hooks: list = []
+        #: set while the worker answers /v1/topk requests between batches: those forwards are not the job's
+        self.paused = False
+
+    def _watch(self) -> None:
+        while not self._done.wait(CANCEL_POLL_S):
+            try:
+                job = self.db.job(self.job_id)
+            except Exception:  # noqa: BLE001 - a busy or briefly unreadable database: look again later
+                continue
+            if job is None or job.state != "running":
+                self.cancelled.set()
+                return
+
+    def _check(self, _module, _args) -> None:
+        if self.cancelled.is_set() and not self.paused:
+            raise _Cancelled
+
+    def __enter__(self) -> _CancelWatch:
+        model = getattr(self.backend, "model", None)
+        if model is not None and hasattr(model, "modules"):  # a torch.nn.Module (HF backend)
+            self._hooks = [m.register_forward_pre_hook(self._check) for m in model.modules()]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for h in self._hooks:
+            h.remove()
+        self._thread.join()
+
+
 class _Worker:
     def __init__(self, t: TeacherConfig, store: str, db_path: str, requests, responses):
         self.t, self.store, self.requests, self.responses = t, store, requests, responses
@@ -177,16 +224,24 @@ class _Worker:
             )
 
             def on_batch(res) -> None:
+                if watch.cancelled.is_set():
+                    raise _Cancelled
                 state = self.db.progress(
                     job.id, samples_done=res.samples_already_stored + res.samples_scored,
                     samples_scored=res.samples_scored, tokens=res.tokens, tokens_per_s=res.tokens_per_s,
                     run_seconds=res.seconds, truncated=res.truncated, logits_id=res.logits_id, uri=res.uri,
                 )
-                self.drain(busy=True)
+                watch.paused = True
+                try:
+                    self.drain(busy=True)
+                finally:
+                    watch.paused = False
                 if state != "running":
                     raise _Cancelled
 
-            res = extract(self.backend, dataset, self.store, self.t.name, settings, progress=False, on_batch=on_batch)
+            with _CancelWatch(self.db, job.id, self.backend) as watch:
+                res = extract(self.backend, dataset, self.store, self.t.name, settings, progress=False,
+                              on_batch=on_batch)
         except _Cancelled:
             return
         except _Stop:

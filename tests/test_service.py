@@ -215,7 +215,7 @@ def test_job_end_to_end_and_resubmission(server, good_dataset):
                                        str(good_dataset), "--store", str(root / "store"), "--k", "5",
                                        "--max-length", "256"])
     assert cli.exit_code == 0, cli.output
-    assert f"{done['uri']}: 0 sample(s) scored, 24 already stored" in cli.output
+    assert f"{done['uri']}: 0 samples scored, 24 already stored" in cli.output
     metrics = httpx.get(f"{url}/metrics").text
     assert 'logitfuse_samples_done_total{teacher="tiny"} 24' in metrics
     assert 'logitfuse_queue_depth{teacher="tiny"} 0' in metrics
@@ -258,8 +258,10 @@ def test_submit_command_and_cancel(server, tmp_path):
     ("teachers:\n  - {name: 'a b', model: m}", ["teachers.0.name"]),
     ("teachers:\n  - {name: a, model: m, colour: red}", ["colour"]),
     ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: abc, scope: write}", ["sha256"]),
-    ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: " + "0" * 64 + ", scope: admin}",
+    ("teachers:\n  - {name: a, model: m}\ntokens:\n  - {team: t, sha256: " + "0" * 64 + ", scope: root}",
      ["scope"]),
+    ("teachers:\n  - {name: a, model: m}\nteam_queue_limits: {research: 0}", ["team_queue_limits", "research"]),
+    ("teachers:\n  - {name: a, model: m}\nmax_json_bytes: 10", ["max_json_bytes", "1024"]),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, content, words):
     path = tmp_path / "teachers.yaml"
