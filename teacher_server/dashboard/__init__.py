@@ -158,7 +158,7 @@ def mount_dashboard(app: FastAPI, service, auth: Authenticator) -> None:
     @guarded("")
     async def home(request: Request, who: Principal, as_json: bool):
         rows = await run_in_threadpool(data.catalog, config.store)
-        jobs = [j.public() for j in service.db.jobs(None, None, 1000)]
+        jobs = [j.public() for j in service.jobs(who, None, None, 1000)]
         summary = {
             "logits_datasets": sum(r["kind"] == "logits" for r in rows),
             "targets_datasets": sum(r["kind"] == "targets" for r in rows),
@@ -241,10 +241,11 @@ def mount_dashboard(app: FastAPI, service, auth: Authenticator) -> None:
 
     # ------------------------------------------------------------------ jobs
 
-    def job_rows() -> dict[str, list[dict]]:
+    def job_rows(who: Principal) -> dict[str, list[dict]]:
+        """The viewer's team's jobs (every team's for an admin token), as the API lists them."""
         now = time.time()
         groups: dict[str, list[dict]] = {"running": [], "queued": [], "finished": []}
-        for j in service.db.jobs(None, None, 500):
+        for j in service.jobs(who, None, None, 500):
             rec = j.public()
             rec["progress"] = rec["samples_done"] / rec["samples_total"] if rec["samples_total"] else 0.0
             rec["age_s"] = now - rec["created"]
@@ -253,7 +254,7 @@ def mount_dashboard(app: FastAPI, service, auth: Authenticator) -> None:
 
     @guarded("jobs")
     async def jobs_page(request: Request, who: Principal, as_json: bool):
-        groups = job_rows()
+        groups = job_rows(who)
         if as_json:
             return JSONResponse(groups)
         template = "_jobs_tables.html" if request.query_params.get("partial") == "1" else "jobs.html"
@@ -270,11 +271,9 @@ def mount_dashboard(app: FastAPI, service, auth: Authenticator) -> None:
         except AuthError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         try:
-            job = service.job(job_id)
-            if auth.enabled and job.team != who.team and not getattr(who, "is_admin", False):
-                return JSONResponse({"error": f"job {job_id} belongs to team {job.team!r}; "
-                                              f"team {who.team!r} cannot cancel it"}, status_code=403)
-            service.cancel(job_id)
+            service.cancel(job_id, who)  # AuthError(403) for another team's job
+        except AuthError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
         except LookupError as e:
             return JSONResponse({"error": str(e.args[0]) if e.args else "not found"}, status_code=404)
         return RedirectResponse("/jobs?" + urlencode({"message": f"job {job_id} cancelled"}), status_code=303)
