@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import typer
 
-from datastore import codec, fs
 from datastore.errors import UserError
-from datastore.reader import LogitsReader
 from datastore.words import plural
 from datastore.words import size as _size
+
+if TYPE_CHECKING:  # numpy, pyarrow and the readers load inside the commands: `--help` stays instant
+    from datastore.reader import LogitsReader
 
 store_app = typer.Typer(help="Inspect and check logits and targets datasets in a store (local directory or s3://).")
 
@@ -40,7 +39,7 @@ LS_COLUMNS = ("kind", "id", "teacher", "revision", "tokenizer", "k", "template",
 
 @store_app.command("ls")
 def ls(
-    uri: str = typer.Argument(..., help="store root: local directory or s3://bucket/prefix"),
+    uri: str = typer.Argument(..., metavar="STORE", help="store root: local directory or s3://bucket/prefix"),
     teacher: str = typer.Option("", help="Only datasets whose teacher (pivot, for targets) contains this."),
     dataset: str = typer.Option("", help="Only logits datasets of this input dataset id (or its prefix)."),
     kind: str = typer.Option("", help="Only this kind: logits or targets."),
@@ -85,9 +84,10 @@ def _show_targets(reader) -> None:
     typer.echo("\n".join([
         f"targets id    {m.targets_id}  ({'complete' if m.complete else 'INCOMPLETE'})",
         f"pivot         {meta.pivot}   sources {', '.join(meta.sources) or '-'}",
+        f"tokenizer     {meta.pivot_tokenizer or 'not recorded'}   {plural(meta.pivot_vocab_size, 'token')}",
         f"fusion        {meta.fusion}   align {meta.align}   vocab map {meta.vocab_map}   k {meta.k}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards",
+        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}",
         f"encoding      probs {m.encoding.get('topk_probs')}",
         _version_line(m),
     ]))
@@ -117,16 +117,18 @@ def _verify_targets(reader) -> tuple[list[str], str]:
             problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
         seen.update(arrays.sample_ids)
         rows += len(arrays)
-    return problems, f"targets, {len(m.shards)} shards, {rows} samples, {m.num_positions} positions"
+    return problems, f"targets, {plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, {plural(m.num_positions, 'position')}"
 
 
 @store_app.command("show")
-def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+def show(uri: str = typer.Argument(..., metavar="DATASET", help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
     """Print one logits (or targets) dataset's summary: identity, sizes, encoding, version, team."""
     targets = _targets_reader(uri)
     if targets is not None:
         _show_targets(targets)
         return
+    from datastore.reader import LogitsReader
+
     m = LogitsReader(uri).manifest
     meta = m.meta
     topk = sum(s.topk_bytes for s in m.shards)
@@ -138,7 +140,7 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> 
         f"k             {meta.k}   template {meta.chat_template}   max_length {meta.max_length}   "
         f"all_positions {meta.all_positions}",
         f"samples       {m.num_samples}   positions {m.num_positions}   tokens {m.num_tokens}",
-        f"bytes         {_size(m.num_bytes)} in {len(m.shards)} shards"
+        f"bytes         {_size(m.num_bytes)} in {plural(len(m.shards), 'shard')}"
         + (f"   {m.num_bytes / entries:.3f} B/entry ({topk / entries:.3f} top-k only)" if entries else ""),
         f"encoding      {m.encoding.get('codec')}  step {m.encoding.get('logprob_step')} nat  "
         f"max |error| {m.encoding.get('logprob_max_abs_error')} nat  ids {m.encoding.get('ids')}",
@@ -150,6 +152,7 @@ def show(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> 
 def _verify_tokenizer(reader: LogitsReader) -> list[str]:
     """Stored tokenizer files against the sha256 the log recorded; files that no commit recorded (an
     interrupted copy) are a problem too."""
+    from datastore import fs
     from datastore.table import DeltaDataset
 
     table = DeltaDataset(reader.uri)
@@ -164,6 +167,11 @@ def _verify_tokenizer(reader: LogitsReader) -> list[str]:
 
 
 def _verify_logits(reader: LogitsReader) -> tuple[list[str], str]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datastore import codec, fs
     m = reader.manifest
     problems: list[str] = []
     seen: set[str] = set()
@@ -203,7 +211,8 @@ def _verify_logits(reader: LogitsReader) -> tuple[list[str], str]:
                 problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
         rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
     problems += _verify_tokenizer(reader)
-    return problems, f"{len(m.shards)} shards, {rows} samples, {positions} positions, {tokens} tokens"
+    return problems, (f"{plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, {plural(positions, 'position')}, "
+                      f"{plural(tokens, 'token')}")
 
 
 def verify_dataset(uri: str) -> tuple[list[str], str, bool]:
@@ -214,13 +223,15 @@ def verify_dataset(uri: str) -> tuple[list[str], str, bool]:
     if targets is not None:
         problems, summary = _verify_targets(targets)
         return problems, summary, targets.manifest.complete
+    from datastore.reader import LogitsReader
+
     reader = LogitsReader(uri)
     problems, summary = _verify_logits(reader)
     return problems, summary, reader.manifest.complete
 
 
 @store_app.command("verify")
-def verify(uri: str = typer.Argument(..., help="a dataset (STORE/logits/<id>, STORE/targets/<id>) or a store root")) -> None:
+def verify(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a dataset (STORE/logits/<id>, STORE/targets/<id>) or a store root")) -> None:
     """Re-read every shard (sha256, size, rows, full decode) and the tokenizer files, of one dataset or
     of every dataset under a store root. Exit 1 on any problem."""
     from datastore.catalog import dataset_kind, iter_datasets
@@ -249,7 +260,7 @@ def verify(uri: str = typer.Argument(..., help="a dataset (STORE/logits/<id>, ST
 
 
 @store_app.command("migrate")
-def migrate(uri: str = typer.Argument(..., help="a 0.1 dataset (with manifest.json) or a store root")) -> None:
+def migrate(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a 0.1 dataset (with manifest.json) or a store root")) -> None:
     """Convert datasets written by logitfuse 0.1 (manifest.json) into Delta tables, in place: the shard
     files stay, one commit adds them with their recorded facts; manifest.json is then renamed
     manifest.json.migrated. Datasets already on Delta are left alone."""
@@ -272,7 +283,7 @@ def _duration(text: str) -> float:
 
 @store_app.command("gc")
 def gc(
-    uri: str = typer.Argument(..., help="a dataset or a store root"),
+    uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a dataset or a store root"),
     older_than: str = typer.Option("1h", help="Only files older than this (seconds, or 30m, 2h, 7d): a concurrent "
                                    "writer's shard is unreferenced for a moment before its commit."),
     dry_run: bool = typer.Option(False, help="List what would be deleted, delete nothing."),
@@ -293,7 +304,7 @@ def gc(
 
 
 @store_app.command("rm")
-def rm(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
+def rm(uri: str = typer.Argument(..., metavar="DATASET", help="dataset: STORE/logits/<logits_id> or STORE/targets/<id>")) -> None:
     """Delete one dataset (its log, shards, tokenizer and leases)."""
     from datastore.retention import rm_dataset
 
@@ -304,7 +315,7 @@ def rm(uri: str = typer.Argument(..., help="dataset: STORE/logits/<logits_id> or
 
 
 def export_command(
-    uri: str = typer.Argument(..., help="logits dataset: STORE/logits/<logits_id>"),
+    uri: str = typer.Argument(..., metavar="DATASET", help="logits dataset: STORE/logits/<logits_id>"),
     format: str = typer.Option(..., "--format", help="axolotl | parquet | hf"),
     out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the export is complete."),
@@ -317,7 +328,7 @@ def export_command(
 
 
 def import_command(
-    file: Path = typer.Argument(..., help="vLLM prompt_logprobs responses (.jsonl) or a parquet export file."),
+    file: Path = typer.Argument(..., metavar="FILE", help="vLLM prompt_logprobs responses (.jsonl) or a parquet export file."),
     format: str = typer.Option(..., "--format", help="vllm | parquet"),
     store: str = typer.Option(..., "--store", help="Store URI: a local directory or s3://bucket/prefix."),
     tokenizer: str | None = typer.Option(

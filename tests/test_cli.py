@@ -114,7 +114,7 @@ def test_train_passes_on_only_the_options_given(monkeypatch):
          "error: --loss 'mse': expected one of ce, kl, rkl, jsd (see logitfuse train --help)"),
         (["train", "--targets", "t", "--out", "o"], "error: Missing option '--model' (see logitfuse train --help)"),
         (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see logitfuse --help)"),
-        (["store", "verify"], "error: Missing argument 'DATASET' (see logitfuse store verify --help)"),
+        (["store", "verify"], "error: Missing argument 'DATASET|STORE' (see logitfuse store verify --help)"),
         (["fuse", "--pivot", "p", "--source", "s", "--out", "o", "--k", "x"], "error: Invalid value for '--k'"),
     ],
 )
