@@ -220,7 +220,11 @@ def test_v1_shards_written_before_v2_still_decode(tmp_path):
     for a, b in zip(expected, got, strict=True):
         assert_same(a, b)
     assert_same(expected[5], reader.get("s5"))
-    # resuming a v1 dataset keeps writing v1 shards, so one dataset has one encoding
+    # a 0.1 dataset is migrated to a Delta table before anyone writes to it; resuming it then keeps
+    # writing v1 shards, so one dataset has one encoding
+    from datastore.migrate import migrate_dataset
+
+    migrate_dataset(str(tmp_path / "ds"))
     meta = reader.manifest.meta
     extra = make_sample(np.random.default_rng(9), "late", k=6)
     with LogitsWriter(str(tmp_path / "ds"), meta, shard_rows=4) as w:
