@@ -86,7 +86,7 @@ def test_a_claim_commits_only_its_own_samples_and_may_leave_some_out(tmp_path):
 # ------------------------------------------------------------------------ real processes
 
 K = 4
-SCORED = re.compile(r"(\d+) sample\(s\) scored, (\d+) already stored")
+SCORED = re.compile(r"(\d+) samples? scored, (\d+) already stored")
 
 
 def _extract_args(teacher, data, store, shard_rows: int) -> list[str]:

@@ -168,7 +168,7 @@ def test_cli_reports_refused_samples_by_line_and_skip_invalid_skips_them(tmp_pat
 
     ok = _extract("--teacher", str(teacher), "--dataset", str(data), "--store", store, "--skip-invalid")
     assert ok.exit_code == 0, ok.output
-    assert "49 sample(s) scored" in ok.output and "skipped" in ok.output
+    assert "49 samples scored" in ok.output and "skipped" in ok.output
     (m,) = list_logits(store)
     assert m.num_samples == 49 and m.complete
     assert sorted(s.sample_id for s in LogitsReader(f"{store}/logits/{m.logits_id}").iter_samples()) == sorted(r["id"] for r in valid)
@@ -264,7 +264,7 @@ def test_resaved_weights_get_a_new_revision_and_new_logits(tmp_path, spm_tokeniz
 
     again = _extract("--teacher", str(copy_dir), "--dataset", str(data), "--store", store)
     assert again.exit_code == 0, again.output
-    assert "4 sample(s) scored, 0 already stored" in again.output
+    assert "4 samples scored, 0 already stored" in again.output
     assert len(list_logits(store)) == 2
 
 
@@ -316,11 +316,11 @@ def test_fp16_overflow_names_the_sample_and_the_others_are_stored(tmp_path, teac
 
     skipped = _extract("--teacher", str(teacher), "--dataset", str(data), "--store", str(tmp_path / "s2"),
                        "--dtype", "float16", "--skip-invalid")
-    assert skipped.exit_code == 0 and "skipped 1 sample(s) scored non-finite" in skipped.output, skipped.output
+    assert skipped.exit_code == 0 and "skipped 1 sample scored non-finite" in skipped.output, skipped.output
 
     fixed = _extract("--teacher", str(teacher), "--dataset", str(data), "--store", store, "--dtype", "bfloat16")
     assert fixed.exit_code == 0, fixed.output
-    assert "1 sample(s) scored, 5 already stored" in fixed.output  # only the overflowed sample is re-scored
+    assert "1 sample scored, 5 already stored" in fixed.output  # only the overflowed sample is re-scored
     (m,) = list_logits(store)
     assert m.num_samples == 6 and m.complete
 
