@@ -23,7 +23,6 @@ _EXPORTS = {
     "FUSION_METHODS": "fusion.fuse",
     "FusionResult": "fusion.fuse",
     "cross_entropy": "fusion.fuse",
-    "fuse": "fusion.fuse",
     "fuse_sample": "fusion.fuse",
     "gold_ids": "fusion.fuse",
     "response_mask": "fusion.fuse",

@@ -21,10 +21,10 @@ from fusion import (
     align_spans,
     build_vocab_map,
     cross_entropy,
-    fuse,
     fuse_sample,
     gold_ids,
 )
+from fusion.fuse import fuse  # the function; `fusion.fuse` is also its module's name
 
 
 def table(pieces):
