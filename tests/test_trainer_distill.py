@@ -94,7 +94,14 @@ def test_distillation_beats_sft_alone(tmp_path, spm_tokenizer):
     student_dir = tmp_path / "student"
     torch.manual_seed(2)
     AutoModelForCausalLM.from_config(config).save_pretrained(student_dir)
-    tok.save_pretrained(student_dir)  # the checkpoint carries a tokenizer; its ids are not used here
+    # The checkpoint carries a tokenizer of the compact vocabulary (one token per remapped id): train checks
+    # that the tokenizer fits the embedding, and the 32k one would not.
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    compact_tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(len(used))}, unk_token="t0")))
+    compact_tok.save_pretrained(student_dir)
     t_setup = time.perf_counter() - t0
 
     def run(name, lam):
