@@ -133,7 +133,9 @@ def run_demo(workdir: Path, steps: int | None = None, n_samples: int = 96, k: in
 
     pivot, sources = TEACHERS[0], TEACHERS[1:]
     t0 = time.perf_counter()
-    targets_root = f"{store}/targets/demo-pairwise"
+    # pairwise with two sources: one targets dataset per source, STORE/targets/<source logits id>, where the
+    # catalog (`store ls`, `store verify STORE`, the dashboard) finds them
+    targets_root = f"{store}/targets"
     report = fuse_logits(logits[pivot.name], [logits[s.name] for s in sources], targets_root,
                          align="offsets", vocab_map="ms", fusion="mince", mode="pairwise", progress=False)
     for line in report.lines():
