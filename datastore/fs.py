@@ -137,17 +137,28 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def _synced_temp_copy(directory: str, data: bytes) -> str:
+    """`data` written and fsynced to a new temporary file in `directory` (created if needed); its path.
+    The caller renames or links it into place and removes it on failure."""
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = local_temp_file(directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a whole file so that a reader sees either the old one or the new one, never a part."""
     if is_local(fs):
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = local_temp_file(directory)
+        tmp = _synced_temp_copy(directory, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -169,14 +180,8 @@ def create_exclusive(fs: pafs.FileSystem, path: str, data: bytes) -> bool:
     under a temporary name and hard-linked to `path` (``link`` fails when `path` exists); on S3 one PUT
     with ``If-None-Match: *`` (the store refuses it with 412 when the key exists)."""
     if is_local(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = local_temp_file(directory)
+        tmp = _synced_temp_copy(os.path.dirname(path), data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError:

@@ -96,6 +96,23 @@ class ShardInfo(BaseModel):
     sample_keys: list[str] = Field(default_factory=list)  # content key of each row (`datastore.reuse`)
 
 
+def snapshot_fields(snap, kind: str) -> dict:
+    """The `ShardedManifest` fields of a Delta table snapshot (`datastore.table.Snapshot`) holding a dataset
+    of `kind` ("logits" or "targets"), plus `info` (the table's dataset metadata) for the caller's own
+    fields. Raises UserError when the table holds another kind."""
+    from datastore.errors import UserError
+
+    info = snap.info
+    if info.get("kind") != kind:
+        raise UserError(f"not a {kind} dataset (its table holds {info.get('kind')!r})")
+    return dict(
+        table="delta", version=snap.version, code_version=info.get("code_version", "unknown"),
+        created=snap.created, updated=snap.updated, complete=snap.complete, shards=snap.shards,
+        range_rows=int(info.get("range_rows", 0)), team=info.get("team", ""), teams=snap.teams,
+        encoding=info["encoding"],
+    )
+
+
 class ShardedManifest(BaseModel):
     """The part of a dataset's manifest about shards (which exist, in commit order) and versions; its
     totals are sums over the shards.

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datastore import fs
 from datastore.errors import UserError
-from datastore.manifest import ShardedManifest, ShardInfo
+from datastore.manifest import ShardedManifest, ShardInfo, snapshot_fields
 from datastore.shards import ShardedWriter, ShardLocator, load_manifest, read_verified
 from datastore.table import Snapshot
 
@@ -175,15 +175,9 @@ def parse_legacy_manifest(data: bytes) -> TargetsManifest:
 
 def manifest_from_snapshot(snap: Snapshot) -> TargetsManifest:
     """The `TargetsManifest` view of a targets table snapshot (`datastore.table`)."""
+    common = snapshot_fields(snap, KIND)
     info = snap.info
-    if info.get("kind") != KIND:
-        raise UserError(f"not a targets dataset (its table holds {info.get('kind')!r})")
-    return TargetsManifest(
-        table="delta", version=snap.version, code_version=info.get("code_version", "unknown"),
-        created=snap.created, updated=snap.updated, complete=snap.complete, shards=snap.shards,
-        range_rows=int(info.get("range_rows", 0)), team=info.get("team", ""), teams=snap.teams,
-        targets_id=info["id"], meta=TargetsMeta.model_validate(info["meta"]), encoding=info["encoding"],
-    )
+    return TargetsManifest(**common, targets_id=info["id"], meta=TargetsMeta.model_validate(info["meta"]))
 
 
 def load_targets_manifest(uri: str) -> TargetsManifest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datastore import codec
 from datastore.errors import UserError
 from datastore.leases import LEASE_SECONDS
-from datastore.manifest import LogitsMeta, Manifest, logits_id
+from datastore.manifest import LogitsMeta, Manifest, logits_id, snapshot_fields
 from datastore.sample import ScoredSample
 from datastore.schema import SHARD_SCHEMA
 from datastore.shards import ShardedWriter
@@ -83,15 +83,9 @@ class LogitsWriter(ShardedWriter):
 
 def manifest_from_snapshot(snap: Snapshot) -> Manifest:
     """The `Manifest` view of a logits table snapshot (`datastore.table`)."""
+    common = snapshot_fields(snap, KIND)
     info = snap.info
-    if info.get("kind") != KIND:
-        raise UserError(f"not a logits dataset (its table holds {info.get('kind')!r})")
-    return Manifest(
-        table="delta", version=snap.version, code_version=info.get("code_version", "unknown"),
-        created=snap.created, updated=snap.updated, complete=snap.complete, shards=snap.shards,
-        range_rows=int(info.get("range_rows", 0)), team=info.get("team", ""), teams=snap.teams,
-        logits_id=info["id"], meta=LogitsMeta.model_validate(info["meta"]), encoding=info["encoding"],
-    )
+    return Manifest(**common, logits_id=info["id"], meta=LogitsMeta.model_validate(info["meta"]))
 
 
 def config_from(encoding: dict) -> codec.CodecConfig:
