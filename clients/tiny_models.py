@@ -181,16 +181,20 @@ def make_teacher(
     lr: float = 3e-3,
     log: Callable[[str], None] | None = None,
     tokenizer_cache: str | Path | None = None,
+    texts: list[str] | None = None,
     **config_overrides,
 ) -> Path:
     """Build, train and save a tiny teacher (model + tokenizer) loadable by `from_pretrained`.
 
     A directory already holding a teacher made with the same settings is reused as it is.
     `tokenizer_cache`: where the converted tokenizer is kept (`tokenizer_cache_dir`).
+    `texts`: what it trains on (default: 400 of `clients.corpus.training_texts`, the project's prose).
     """
     from clients.corpus import training_texts
 
     out = Path(out_dir)
+    if texts is None:
+        texts = training_texts(400, seed=seed + 1)
     settings = {
         "arch": arch,
         "tokenizer": tokenizer_kind,
@@ -202,6 +206,8 @@ def make_teacher(
         "overrides": config_overrides,
         "version": 1,
     }
+    if texts != training_texts(400, seed=seed + 1):  # the default keeps the keys of existing caches
+        settings["texts"] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "logitfuse_teacher.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
@@ -209,9 +215,7 @@ def make_teacher(
     tok = load_tokenizer(tokenizer_kind, chat_template, cache_dir=tokenizer_cache)
     model = build_model(arch, tok, seed=seed, **config_overrides)
     t0 = time.perf_counter()
-    losses = train_lm(
-        model, tok, training_texts(400, seed=seed + 1), steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log
-    )
+    losses = train_lm(model, tok, texts, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log=log)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
