@@ -24,6 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _train_seed(prep, seed: int, lam: float, steps: int, lr: float, threads: int) -> dict:
+    """`clients.demo.train_models` for one seed (in a worker process with `--jobs`)."""
+    import torch
+
+    from clients import demo
+
+    torch.set_num_threads(threads)
+    return demo.train_models(prep, seed=seed, lam=lam, max_steps=steps, lr=lr,
+                             log=lambda m: print(f"  seed {seed}: {m}", flush=True))
+
+
 def main() -> None:
     from clients import demo
 
@@ -34,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=demo.TRAIN["max_steps"])
     ap.add_argument("--lr", type=float, default=demo.TRAIN["lr"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process each")
     args = ap.parse_args()
     import torch
 
@@ -41,10 +53,18 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     prep = demo.prepare(args.workdir)
-    dirs = {}
-    for seed in seeds:
-        dirs[seed] = demo.train_models(prep, seed=seed, lam=args.lam, max_steps=args.steps, lr=args.lr,
-                                       log=lambda m, seed=seed: print(f"  seed {seed}: {m}", flush=True))
+    t1 = time.perf_counter()
+    job_args = [(prep, seed, args.lam, args.steps, args.lr, args.threads) for seed in seeds]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            dirs = dict(zip(seeds, pool.map(_train_seed, *zip(*job_args, strict=True)), strict=True))
+    else:
+        dirs = {a[1]: _train_seed(*a) for a in job_args}
+    print(f"stages 1-4 {t1 - t0:.0f}s, training and merges of {len(seeds)} seeds {time.perf_counter() - t1:.0f}s",
+          flush=True)
     # one pass over the held-out chats: SmolLM2 runs once for every model of every seed
     students = {"pivot": prep.teacher_dirs[demo.PIVOT]}
     students.update({f"{seed}|{name}": d for seed, ds in dirs.items() for name, d in ds.items()})

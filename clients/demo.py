@@ -46,7 +46,7 @@ TINY_SOURCE = "source-mixtral-spm"
 # nats) and MinCE drops it.
 SOURCE_STEPS = 60
 # Training of the SFT-only baseline and of each target (tuned on the train split only: bench_distill.py).
-TRAIN = dict(max_steps=30, batch_size=4, max_length=MAX_LENGTH, lr=2e-3, warmup_ratio=0.1)
+TRAIN = dict(max_steps=20, batch_size=4, max_length=MAX_LENGTH, lr=1e-2, warmup_ratio=0.1)
 LAMBDA = 0.5  # λ of λ·SFT + (1-λ)·fusion for the fused targets
 
 
@@ -206,11 +206,16 @@ def prepare(workdir: str | Path, log: Callable[[str], None] = _say, n_train: int
     seconds["teachers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # A fresh job state each run: the service answers a job with the same dataset, teacher name and
+    # settings from its state even when the teacher's weights changed since (a retrained tiny source);
+    # the store's logits ids include the weights' revision, so unchanged teachers still cost nothing.
+    shutil.rmtree(workdir / "service", ignore_errors=True)
     config = {"store": store, "state_dir": str(workdir / "service"), "teachers": [
         {"name": name, "model": str(d), "backend": "hf", "max_k": K, "max_length": MAX_LENGTH,
          "chat_template": "model", "shard_rows": 256} for name, d in teacher_dirs.items()]}
     logits: dict[str, str] = {}
-    with run_local_service(config, log_path=workdir / "serve.log") as url, TeacherClient(url) as client:
+    # a generous start-up timeout: three workers load their models at once, slow on a busy machine
+    with run_local_service(config, log_path=workdir / "serve.log", timeout=900) as url, TeacherClient(url) as client:
         log(f"[3/6] teacher service up at {url} in {time.perf_counter() - t0:.1f}s (log: {workdir / 'serve.log'})")
         upload = client.upload(data_path)
         jobs = {name: client.submit(upload["id"], name, K) for name in teacher_dirs}  # queued at once
