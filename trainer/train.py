@@ -8,11 +8,16 @@ Output directory::
 
     OUT/train_config.json                 the run's config (a resume must match it)
     OUT/checkpoints/step-NNNNNN/          model.safetensors + config + the pivot's tokenizer (from_pretrained),
-                                          trainer_state.pt (optimizer, scheduler, RNG, data stream states)
+                                          optimizer/ (AdamW state: torch.distributed.checkpoint, each rank
+                                          writes its shard under FSDP), trainer_state.pt (step, scheduler,
+                                          RNG, the data stream's `StreamState`)
     OUT/logs/train.jsonl, OUT/logs/tensorboard/, OUT/loss.png
 
-Resume is exact: weights, AdamW moments, schedule position, RNG and every rank's `StreamState` are in the
-checkpoint, so N steps straight and N/2 + resume + N/2 give the same weights (tests/test_trainer.py).
+Resume is exact: weights, AdamW moments, schedule position, RNG and the stream position are in the
+checkpoint, so N steps straight and N/2 + resume + N/2 give the same weights (tests/test_trainer.py). The
+global batches do not depend on the number of processes (`trainer.data`), and the optimizer state is saved
+by parameter name and resharded on load (torch.distributed.checkpoint), so a run may resume on another
+number of processes, or move between one process, DDP and FSDP (tests/test_trainer_ddp.py).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ PRESETS: dict[str, dict] = {
     "fusechat": dict(lr=5e-6, warmup_ratio=0.03, epochs=3.0, batch_size=128, max_length=2048, lambda_=0.9),
 }
 STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"
+#: trainer_state.pt layout; 1 (before this) held a plain optimizer state_dict and one stream state per rank
+STATE_FORMAT = 2
 # fields that may change between a run and its resume without changing the trajectory
 _RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot",
                 "report_to"}
@@ -140,6 +148,8 @@ class FusionLM(torch.nn.Module):
     def __init__(self, model, loss_cfg: LossConfig, chunk_rows: int):
         super().__init__()
         self.model, self.loss_cfg, self.chunk_rows = model, loss_cfg, chunk_rows
+        # what accelerate's FSDP TRANSFORMER_BASED_WRAP wraps (the decoder layers), read from this module
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
     def forward(self, input_ids, position_ids, row_index, gold, topk_ids, topk_probs, w_sft, w_fusion):
         base = getattr(self.model, self.model.base_model_prefix)
@@ -304,7 +314,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     state = None
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        stream_state = StreamState.from_dict(state["data"][rank])
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(f"{resume_dir}: a checkpoint of an older logitfuse (its data order and optimizer "
+                            "state are stored otherwise): use another --out or --no-resume")
+        stream_state = StreamState.from_dict(state["data"])
     data_cfg = DataConfig(seq_len=cfg.max_length, batch_size=cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                           seed=cfg.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_token_id or 0)
     stream = TargetStream(cfg.targets, data_cfg, stream_state)
@@ -320,12 +333,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     start_step = 0
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(wrapped, optimizer, resume_dir / OPTIMIZER_DIR)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = int(state["step"])
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
     log_dir = out / "logs"
     log_path = log_dir / "train.jsonl"
@@ -433,30 +446,58 @@ class _nullcontext:
         return False
 
 
-def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out: Path, keep: int):
-    """Model (safetensors, from_pretrained-loadable) + tokenizer + trainer state, written to a temporary
-    directory and renamed, so a checkpoint directory with trainer_state.pt in it is always whole."""
-    states = [None] * accelerator.num_processes
-    mine = stream.state.to_dict()
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
+def _optimizer_state(wrapped, optimizer) -> dict:
+    """AdamW's state keyed by parameter name (torch.distributed.checkpoint.state_dict): the same keys with one
+    process, DDP or FSDP; under FSDP each rank holds DTensor shards of it. An optimizer that has not stepped
+    yet gets zero moments first (torch does it), so the result is also the template a load fills."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dist.all_gather_object(states, mine)
-    else:
-        states = [mine]
-    state_dict = accelerator.get_state_dict(wrapped)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the AdamW
+    return get_optimizer_state_dict(wrapped, inner)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _load_optimizer(wrapped, optimizer, path: Path) -> None:
+    """Load the optimizer state `_save_checkpoint` wrote to `path` with torch.distributed.checkpoint, which
+    reshards it: the checkpoint may come from another number of processes, or from DDP when this is FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = {"optimizer": _optimizer_state(wrapped, optimizer)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    set_optimizer_state_dict(wrapped, inner, optim_state_dict=state["optimizer"])
+
+
+def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out: Path, keep: int):
+    """Model (safetensors, from_pretrained-loadable) + tokenizer + optimizer (torch.distributed.checkpoint,
+    every rank writes its part) + trainer state, written to a temporary directory and renamed, so a
+    checkpoint directory with trainer_state.pt in it is always whole. The data position is the stream's
+    state after this step: the same on every rank (`trainer.data`)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    dcp.save({"optimizer": _optimizer_state(wrapped, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR),
+             no_dist=not _distributed())
+    state_dict = accelerator.get_state_dict(wrapped)  # gathered to full tensors under FSDP
     prefix = "model."
     state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
     if accelerator.is_main_process:
-        root = out / "checkpoints"
-        final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         model = accelerator.unwrap_model(wrapped).model
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "data": states}, tmp / STATE_FILE)
+        torch.save({"format": STATE_FORMAT, "step": step, "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "data": stream.state.to_dict()}, tmp / STATE_FILE)
         honour_umask(tmp)  # safetensors writes through a private 0600 temp file; checkpoints are shared
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
