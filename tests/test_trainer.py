@@ -18,22 +18,14 @@ from trainer.train import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pivot_dir(tmp_path_factory, spm_tokenizer):
-    from clients.tiny_models import build_model
-
-    out = tmp_path_factory.mktemp("pivot")
-    model = build_model("llama", spm_tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
-    model.save_pretrained(out)
-    spm_tokenizer.save_pretrained(out)
-    return str(out)
+@pytest.fixture
+def pivot_dir(trainer_pivot):
+    return trainer_pivot
 
 
-@pytest.fixture(scope="module")
-def targets_uri(tmp_path_factory, spm_tokenizer):
-    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer),
-                           pivot_tokenizer=spm_tokenizer)
-    return uri
+@pytest.fixture
+def targets_uri(trainer_targets):
+    return trainer_targets
 
 
 def config(pivot_dir, targets_uri, out, **kw) -> TrainConfig:

@@ -37,7 +37,6 @@ group, the same on every rank.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 

@@ -51,7 +51,7 @@ OPTIMIZER_DIR = "optimizer"
 STATE_FORMAT = 2
 # fields that may change between a run and its resume without changing the trajectory
 _RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot",
-                "report_to"}
+                "report_to", "cpu"}  # cpu: like the number of processes, where the run goes on is free
 REPORTERS = ("tensorboard", "wandb")
 # fields naming a file or directory: a resume compares them as resolved paths (./t and /abs/t are one run)
 _PATH_FIELDS = ("targets", "model")
@@ -426,16 +426,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _accelerator(accelerator_cls, cfg: TrainConfig):
+    """The run's `accelerate.Accelerator`. Launched as several processes on a machine without a GPU, it
+    is told ``cpu=True`` (gloo): accelerate would otherwise make every process a separate one-process run,
+    all writing the same --out."""
     precision = "bf16" if cfg.bf16 else "no"
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = cfg.cpu or (launched > 1 and not torch.cuda.is_available())
     try:
-        return accelerator_cls(mixed_precision=precision, cpu=cfg.cpu)
+        accelerator = accelerator_cls(mixed_precision=precision, cpu=cpu)
     except ValueError:
         # accelerate keeps one state per process; a second in-process run (tests, the demo) with another
         # precision resets it. Never reached under `accelerate launch`, where one run owns the process.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-        return accelerator_cls(mixed_precision=precision, cpu=cfg.cpu)
+        accelerator = accelerator_cls(mixed_precision=precision, cpu=cpu)
+    if accelerator.num_processes != launched:
+        raise UserError(f"launched as {plural(launched, 'process', 'processes')} (WORLD_SIZE) but accelerate "
+                        f"formed a group of {accelerator.num_processes}: check the accelerate config")
+    return accelerator
 
 
 class _nullcontext:
@@ -490,10 +499,14 @@ def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stre
     dcp.save({"optimizer": _optimizer_state(wrapped, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR),
              no_dist=not _distributed())
     state_dict = accelerator.get_state_dict(wrapped)  # gathered to full tensors under FSDP
+    model = accelerator.unwrap_model(wrapped).model
+    # tied weights (lm_head = embed_tokens) come back as two copies from FSDP's gather: keep one name
+    aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+               - {n for n, _ in model.named_parameters()})
     prefix = "model."
     state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    state_dict = {k: v for k, v in state_dict.items() if k not in aliases}
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(wrapped).model
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save({"format": STATE_FORMAT, "step": step, "scheduler": scheduler.state_dict(),
