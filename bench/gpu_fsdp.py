@@ -140,6 +140,11 @@ def train_run(work: Path, run: str, stop_after: int, cpu: bool) -> None:
     from trainer.train import TrainConfig, train
 
     without_deltalake()
+    import torch
+
+    # deterministic kernels where torch has them (warn, not fail, where it has none): a resumed run then
+    # repeats the straight run's sums, so the comparison's tolerance can stay tight
+    torch.use_deterministic_algorithms(True, warn_only=True)
     bf16 = RUNS[run]
     cfg = TrainConfig.parse(targets=str(work / "targets"), model=str(work / "pivot"), out=str(work / "runs" / run),
                             max_steps=STEPS, stop_after=stop_after, save_every=STOP, keep_checkpoints=4,
@@ -179,12 +184,14 @@ def _optimizer_pieces(out: Path, step: int) -> int:
 def compare(work: Path) -> int:
     """Each resumed run against its uninterrupted twin. Tolerance: fp32 runs 1e-4 absolute on weights and
     1e-5 relative on losses (GPU kernels such as attention's backward may sum in another order between two
-    runs: differences of ~1e-7 relative, magnified where AdamW divides by a tiny sqrt(v)); bf16 runs 2e-3 /
-    1e-3. Resuming without the optimizer state (fresh AdamW moments) moves weights by ~lr = 1e-3 at once."""
+    runs: differences of ~1e-7 relative, magnified where AdamW divides by a tiny sqrt(v)); bf16 runs 5e-3 /
+    5e-3 (one bf16 rounding is 4e-3 relative). Resuming without the optimizer state (fresh AdamW moments)
+    moves weights by ~lr = 1e-3 at once: the fp32 checks would see it, the bf16 one only says bf16 runs and
+    resumes. On CPU (--cpu, deterministic) a resumed run repeats the straight one exactly."""
     runs = work / "runs"
     pivot = {k: v for k, v in _weights_from_dir(work / "pivot").items()}
     checks = [("fp32-resumed", "fp32", 1e-4, 1e-5), ("fp32-one-process", "fp32", 1e-4, 1e-5),
-              ("bf16-resumed", "bf16", 2e-3, 1e-3)]
+              ("bf16-resumed", "bf16", 5e-3, 5e-3)]
     rows, ok_all = [], True
     for run, ref, w_tol, l_tol in checks:
         a, b = _losses(runs / run), _losses(runs / ref)

@@ -22,7 +22,7 @@ if [[ -n "${OUT:-}" ]]; then LOGS="$OUT/gpu_fsdp"; else LOGS="$(mktemp -d)/gpu_f
 WORK="$(mktemp -d)"
 mkdir -p "$LOGS"
 PY="${PYTHON:-python3}"
-LIMIT=120  # seconds per step
+LIMIT=150  # seconds per step on a GPU (a step takes ~10-20 s there); CPU rehearsal: 900
 
 fail() {  # name of the failed step, its log
   echo "FAILED: $1 (log $2); its last lines:"
@@ -31,9 +31,16 @@ fail() {  # name of the failed step, its log
   exit 1
 }
 
-step() {  # name, command...
+step() {  # name, command... ("launch RUN ARGS...": the FSDP launch of bench/gpu_fsdp.py train)
   local name="$1"; shift
   local log="$LOGS/$name.log"
+  if [[ "$1" == launch ]]; then
+    shift
+    local port
+    port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    set -- "$PY" -m accelerate.commands.launch --config_file trainer/configs/fsdp.yaml --num_processes "$NPROC" \
+      --main_process_port "$port" "${SHIM[@]}" train "$WORK" "$@" "${EXTRA[@]}"
+  fi
   local t0=$SECONDS
   timeout -k 10 "$LIMIT" "$@" >"$log" 2>&1 || fail "$name (exit $?)" "$log"
   echo "  $name: $((SECONDS - t0)) s"
@@ -51,7 +58,7 @@ for name in ("accelerate", "transformers", "pydantic", "pyarrow", "safetensors",
 EOF
 
 if [[ $CPU == 1 ]]; then
-  NPROC=2; EXTRA=(--cpu); SHIM=(-m bench._cpu_fsdp bench.gpu_fsdp)
+  NPROC=2; EXTRA=(--cpu); SHIM=(-m bench._cpu_fsdp bench.gpu_fsdp); LIMIT=900
 else
   NPROC="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
   if [[ "$NPROC" -lt 1 ]]; then echo "no GPU visible (use --cpu to rehearse on CPU)"; echo "GPU FSDP CHECK: FAIL"; exit 1; fi
@@ -59,15 +66,9 @@ else
 fi
 echo "logs: $LOGS; work: $WORK; $NPROC FSDP process(es)"
 
-launch() {  # run name, extra args...
-  "$PY" -m accelerate.commands.launch --config_file trainer/configs/fsdp.yaml --num_processes "$NPROC" \
-    --main_process_port "$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    "${SHIM[@]}" train "$WORK" "$@" "${EXTRA[@]}"
-}
-
 T0=$SECONDS
 step prepare "$PY" -m bench.gpu_fsdp prepare "$WORK"
-head -n 1 "$LOGS/prepare.log"
+tr '\r' '\n' <"$LOGS/prepare.log" | grep -h "^prepared:"
 step fp32 launch fp32
 step fp32-stop launch fp32-resumed --stop-after 4
 cp -r "$WORK/runs/fp32-resumed" "$WORK/runs/fp32-one-process"
