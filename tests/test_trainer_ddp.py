@@ -63,8 +63,12 @@ def launch(config: str, processes: int, pivot: str, targets: str, out: Path, *ex
     return result
 
 
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records(out)]
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -74,6 +78,9 @@ def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 def assert_same_run(out: Path, reference: Path, step: int = STEPS) -> None:
     """Loss curve up to `step` and the weights at `step` equal the reference's, within fp32 reassociation."""
     assert losses(out)[:step] == pytest.approx(losses(reference)[:step], rel=1e-6)
+    # the same global batches: tokens and fusion targets of every step, summed over the processes
+    assert [(r["tokens"], r["targets"]) for r in records(out)[:step]] == [
+        (r["tokens"], r["targets"]) for r in records(reference)[:step]]
     mine, ref = weights(out, step), weights(reference, step)
     assert mine.keys() == ref.keys()
     for name in ref:

@@ -362,15 +362,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     while step < total_steps and not (cfg.stop_after and ran >= cfg.stop_after):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        counts = torch.tensor([sum(len(b.gold) for b in micro), sum(b.num_targets for b in micro)],
-                              dtype=torch.float64, device=accelerator.device)
+        counts = torch.tensor([sum(len(b.gold) for b in micro), sum(b.num_targets for b in micro),
+                               sum(b.num_tokens for b in micro)], dtype=torch.float64, device=accelerator.device)
         counts = accelerator.reduce(counts, reduction="sum")  # means over the whole global batch
-        n_sft, n_fus = float(counts[0]), float(counts[1])
+        n_sft, n_fus, tokens = float(counts[0]), float(counts[1]), int(counts[2])
         # DDP averages gradients over ranks, hence the factor `world`
         w_sft = lam * world / n_sft if n_sft else 0.0
         w_fus = (1 - lam) * world / n_fus if n_fus else 0.0
         sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        tokens = 0
         for i, batch in enumerate(micro):
             batch.to(accelerator.device)
             sync = accelerator.no_sync(wrapped) if i < accum - 1 else _nullcontext()
@@ -379,7 +378,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                   batch.topk_ids, batch.topk_probs, w_sft, w_fus)
                 accelerator.backward(total)
             sums += torch.stack([sft_sum.double(), fus_sum.double()])
-            tokens += batch.num_tokens
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -393,8 +391,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         fus = float(sums[1]) / n_fus if n_fus else 0.0
         seconds = time.perf_counter() - t0
         record = {"step": step, "loss": lam * sft + (1 - lam) * fus, "sft": sft, "fusion": fus,
-                  "lr": scheduler.get_last_lr()[0], "tokens": tokens * world, "targets": int(n_fus),
-                  "seconds": round(seconds, 4), "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
+                  "lr": scheduler.get_last_lr()[0], "tokens": tokens, "targets": int(n_fus),
+                  "seconds": round(seconds, 4), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                   "epoch": micro[-1].state.epoch}
         if step % cfg.log_every == 0 or step == total_steps:
             history.append(record)
@@ -471,6 +469,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _dcp_call(fn, state: dict, path: Path) -> None:
+    """`torch.distributed.checkpoint.save` / `load` of `state` at `path`; with no process group (one
+    process) it runs without one, and its warning that it assumes so is not printed."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        fn(state, checkpoint_id=str(path), no_dist=not _distributed())
+
+
 def _load_optimizer(wrapped, optimizer, path: Path) -> None:
     """Load the optimizer state `_save_checkpoint` wrote to `path` with torch.distributed.checkpoint, which
     reshards it: the checkpoint may come from another number of processes, or from DDP when this is FSDP."""
@@ -479,7 +487,7 @@ def _load_optimizer(wrapped, optimizer, path: Path) -> None:
 
     inner = getattr(optimizer, "optimizer", optimizer)
     state = {"optimizer": _optimizer_state(wrapped, optimizer)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    _dcp_call(dcp.load, state, path)
     set_optimizer_state_dict(wrapped, inner, optim_state_dict=state["optimizer"])
 
 
@@ -496,8 +504,7 @@ def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stre
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    dcp.save({"optimizer": _optimizer_state(wrapped, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR),
-             no_dist=not _distributed())
+    _dcp_call(dcp.save, {"optimizer": _optimizer_state(wrapped, optimizer)}, tmp / OPTIMIZER_DIR)
     state_dict = accelerator.get_state_dict(wrapped)  # gathered to full tensors under FSDP
     model = accelerator.unwrap_model(wrapped).model
     # tied weights (lm_head = embed_tokens) come back as two copies from FSDP's gather: keep one name
