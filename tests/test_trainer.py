@@ -215,3 +215,16 @@ def test_report_to_tensorboard_and_wandb_offline(pivot_dir, targets_uri, tmp_pat
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
     bad = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "p"), "--report-to", "mlflow"])
     assert bad.exit_code == 2 and "--report-to: Value error, mlflow is not one of tensorboard, wandb, none" in bad.output
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_refused(pivot_dir, targets_uri, tmp_path):
+    """trainer_state.pt once held a plain optimizer state_dict and one stream state per rank; such a
+    checkpoint cannot be resumed exactly (data order and optimizer layout changed): one line, not a KeyError."""
+    import shutil
+
+    ckpt = tmp_path / "o" / "checkpoints" / "step-000001"
+    shutil.copytree(pivot_dir, ckpt)
+    torch.save({"step": 1, "optimizer": {}, "scheduler": {}, "rng": torch.get_rng_state(),
+                "data": [{"epoch": 0, "index": 3}]}, ckpt / "trainer_state.pt")
+    with pytest.raises(UserError, match=r"step-000001: a checkpoint of an older logitfuse .* --no-resume"):
+        train(config(pivot_dir, targets_uri, tmp_path / "o", max_steps=2))
