@@ -16,7 +16,6 @@ from datastore.codec import CodecConfig
 from datastore.reader import LogitsReader
 from teacher_server.backends.hf import HFBackend
 from teacher_server.extract import ExtractSettings, extract
-from tests.test_extract import teacher_dir  # noqa: F401  (module fixture: a tiny saved teacher)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,7 +27,7 @@ from datastore.reader import LogitsReader
 from teacher_server import render
 from teacher_server.render import render_chat, sample_problem, tokenize_sample
 from teacher_server.weights import weights_revision
-from tests.test_datastore_s3 import _free_port, s3_store  # noqa: F401 - moto_server fixture, shared
+from tests.conftest import free_port as _free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
