@@ -267,25 +267,30 @@ def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
             f"(first at token {first})")
 
 
+CHECK_CHUNK = 1024  # samples rendered and tokenised together by the input check
+
+
 def usable_samples(
     dataset: Dataset, tokenizer, template: str | None, settings: ExtractSettings, result: ExtractResult,
     scoring: str,
 ) -> tuple[list[Sample], dict[str, str]]:
     """The samples of `dataset` this teacher can take, and each one's content key under `scoring`
     (`datastore.reuse.sample_key`, by sample id): each is rendered with `template` and tokenised as
-    scoring will (`teacher_server.render.checked_sample`). Raises `UserError` naming the line of every
+    scoring will (`teacher_server.render.checked_samples`). Raises `UserError` naming the line of every
     sample refused (at most 3 shown) unless `settings.skip_invalid`, which records them in
     `result.skipped` and leaves them out."""
     usable: list[Sample] = []
     keys: dict[str, str] = {}
     problems: list[Problem] = []
-    checked = checked_samples(dataset.samples, tokenizer, template, settings.max_length, settings.all_positions)
-    for sample, (ts, reason) in zip(dataset.samples, checked, strict=True):
-        if ts is not None:
-            usable.append(sample)
-            keys[sample.id] = sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions)
-        else:
-            problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
+    for start in range(0, len(dataset.samples), CHECK_CHUNK):  # only a chunk's tokens are held at once
+        chunk = dataset.samples[start : start + CHECK_CHUNK]
+        checked = checked_samples(chunk, tokenizer, template, settings.max_length, settings.all_positions)
+        for sample, (ts, reason) in zip(chunk, checked, strict=True):
+            if ts is not None:
+                usable.append(sample)
+                keys[sample.id] = sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions)
+            else:
+                problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
     if not problems:
         return usable, keys
     problems = _located(dataset, problems)

@@ -14,13 +14,14 @@ from clients.corpus import chat_samples, write_jsonl
 from datastore.catalog import catalog
 from datastore.codec import CodecConfig
 from datastore.reader import LogitsReader
+from teacher_server import render
 from teacher_server.backends.hf import HFBackend
 from teacher_server.extract import ExtractSettings, extract
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_extending_a_dataset_scores_only_the_new_samples(tmp_path, teacher_dir):  # noqa: F811
+def test_extending_a_dataset_scores_only_the_new_samples(tmp_path, teacher_dir, monkeypatch):
     from datastore.chat import load_dataset
 
     base = chat_samples(20, seed=8, max_turns=2)
@@ -36,7 +37,12 @@ def test_extending_a_dataset_scores_only_the_new_samples(tmp_path, teacher_dir):
 
     first = extract(backend, a, store, "t", settings, progress=False)
     assert first.samples_scored == 20 and first.samples_reused == 0
+    tokenised: list[int] = []
+    real = render._tokenize_batch
+    monkeypatch.setattr(render, "_tokenize_batch", lambda texts, tok: (tokenised.append(len(texts)), real(texts, tok))[1])
     second = extract(backend, b, store, "t", settings, progress=False)
+    monkeypatch.undo()
+    assert sum(tokenised) == 22 + 2  # the input check tokenises every sample once; only the 2 scored ones again
     assert second.logits_id != first.logits_id
     assert second.samples_scored == 2 and second.samples_reused == 20  # only the new samples are scored
     other_k = extract(backend, a, store, "t", ExtractSettings(k=5, shard_rows=8), progress=False)
@@ -94,7 +100,7 @@ def test_extending_a_dataset_scores_only_the_new_samples(tmp_path, teacher_dir):
     assert len(LogitsReader(second.uri)) == 22
 
 
-def test_a_dataset_stored_on_another_logprob_grid_is_not_reused(tmp_path, teacher_dir):  # noqa: F811
+def test_a_dataset_stored_on_another_logprob_grid_is_not_reused(tmp_path, teacher_dir):
     """A sample stored at another quantisation step would be quantised twice: it is scored again."""
     from datastore.chat import load_dataset
     from datastore.manifest import LogitsMeta, logits_id

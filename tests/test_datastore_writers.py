@@ -194,17 +194,17 @@ def _four_writers_two_killed(tmp_path, teacher, store: str, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_four_extracts_two_killed_local(tmp_path, teacher_dir):  # noqa: F811
+def test_four_extracts_two_killed_local(tmp_path, teacher_dir):
     _four_writers_two_killed(tmp_path, teacher_dir, str(tmp_path / "store"), seed=11)
 
 
 @pytest.mark.slow
-def test_four_extracts_two_killed_s3(tmp_path, teacher_dir, s3_store):  # noqa: F811
+def test_four_extracts_two_killed_s3(tmp_path, teacher_dir, s3_store):
     _four_writers_two_killed(tmp_path, teacher_dir, s3_store + "/four-writers", seed=12)
 
 
 @pytest.mark.slow
-def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):  # noqa: F811
+def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):
     """The issue's failure: `--shard-rows 8` and, two seconds later, `--shard-rows 5` on one dataset used
     to corrupt it (29 of 59 shards failing their checksum, 145 of 300 samples missing)."""
     from clients.corpus import chat_samples, write_jsonl

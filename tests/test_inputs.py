@@ -374,7 +374,7 @@ def test_disk_full_is_one_line_and_leaves_no_temporary_files(tmp_path, teacher, 
     assert not [p for p in store.rglob("*") if p.name.startswith(".tmp")]
 
 
-def test_missing_bucket_and_unreachable_endpoint_are_one_line(tmp_path, teacher, s3_store, monkeypatch):  # noqa: F811
+def test_missing_bucket_and_unreachable_endpoint_are_one_line(tmp_path, teacher, s3_store, monkeypatch):
     s3 = s3_store
     data = write_jsonl(_valid(2, seed=1), tmp_path / "d.jsonl")
     bucket = s3.split("/")[2]
