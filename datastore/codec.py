@@ -524,9 +524,13 @@ def _sample_columns(samples: list[ScoredSample], schema: pa.Schema) -> dict[str,
     return columns
 
 
-def _write_parquet(columns: dict[str, list], schema: pa.Schema, streams, level: int, kv: dict) -> bytes:
-    """One row group of `columns`, zstd at `level`, with `kv` as the file's key-value metadata."""
-    tbl = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
+def _write_parquet(columns: dict[str, list] | pa.Table, schema: pa.Schema, streams, level: int, kv: dict) -> bytes:
+    """One row group of `columns` (lists by column name, or a table of `schema`), zstd at `level`, with
+    `kv` as the file's key-value metadata."""
+    if isinstance(columns, pa.Table):
+        tbl = columns
+    else:
+        tbl = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
     buf = io.BytesIO()
     # store_schema=False: the Arrow schema copy would repeat the key-value metadata in base64
     with pq.ParquetWriter(
@@ -543,6 +547,40 @@ def _write_parquet(columns: dict[str, list], schema: pa.Schema, streams, level: 
         writer.write_table(tbl, row_group_size=max(1, tbl.num_rows))
         writer.add_key_value_metadata(kv)
     return buf.getvalue()
+def rename_samples(data: bytes, sample_ids: list[str], config: CodecConfig) -> bytes:
+    """A shard's bytes with row ``i``'s sample id replaced by ``sample_ids[i]`` and nothing else changed:
+    the top-k stream, its tables and every other column are carried over as stored (no decode, no
+    re-encode), so each row decodes to exactly the values it held. What `datastore.reuse` commits when
+    a new dataset reuses a whole shard of an earlier one. The Parquet columns are rewritten at
+    `config.zstd_level` (the target dataset's).
+
+    Raises:
+        ValueError: `sample_ids` has not one id per row, repeats an id, or `data` is not a shard of
+            `config`'s encoding (codec version and logprob step).
+    """
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    kv = dict(pf.metadata.metadata or {})
+    try:
+        codec = json.loads(kv[CODEC_KEY])
+    except (KeyError, ValueError):
+        raise ValueError("not a logitfuse shard (no codec metadata)") from None
+    want = config.describe()
+    if (codec.get("codec"), codec.get("step_units"), codec.get("step_log2")) != \
+            (want["codec"], want["step_units"], want["step_log2"]):
+        raise ValueError(f"shard encoding {codec.get('codec')} step {codec.get('step_units')}/2^"
+                         f"{codec.get('step_log2')} differs from the dataset's {want['codec']} step "
+                         f"{want['step_units']}/2^{want['step_log2']}")
+    if pf.metadata.num_rows != len(sample_ids) or len(set(sample_ids)) != len(sample_ids):
+        raise ValueError(f"{len(sample_ids)} sample ids for a shard of {pf.metadata.num_rows} rows "
+                         f"(one distinct id per row)")
+    v1 = codec["codec"] == CODEC_V1
+    schema = SHARD_SCHEMA_V1 if v1 else SHARD_SCHEMA
+    table = pf.read().cast(schema)
+    table = table.set_column(schema.get_field_index("sample_id"), schema.field("sample_id"),
+                             pa.array(sample_ids, type=pa.string()))
+    return _write_parquet(table, schema, STREAM_COLUMNS if v1 else V2_STREAM_COLUMNS, config.zstd_level, kv)
+
+
 def _encode_shard_v1(samples: list[ScoredSample], k: int, config: CodecConfig) -> bytes:
     """Encoding v1 (`CodecConfig(version=1)`): per-row byte streams, zstd. No truncated rows."""
     sl = (config.step_units, config.step_log2)

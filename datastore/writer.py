@@ -74,6 +74,9 @@ class LogitsWriter(ShardedWriter):
     def _topk_bytes(self, data: bytes) -> int:
         return codec.topk_bytes(data)
 
+    def _renamed(self, data: bytes, sample_ids: list[str]) -> bytes:
+        return codec.rename_samples(data, sample_ids, self.codec)
+
     def _sample_keys(self, samples: list[ScoredSample]) -> list[str]:
         from datastore.reuse import sample_key, scoring_key
 
