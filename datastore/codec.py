@@ -50,8 +50,10 @@ from datastore.schema import (
     V2_STREAM_COLUMNS,
 )
 
-CODEC_NAME = "logitfuse-topk-v2"
+CODEC_NAME = "logitfuse-topk-v3"
+CODEC_V2 = "logitfuse-topk-v2"
 CODEC_V1 = "logitfuse-topk-v1"
+CODECS = {CODEC_V1: 1, CODEC_V2: 2, CODEC_NAME: 3}  # codec name -> CodecConfig.version
 ESCAPE = 255
 MAX_ABS_LOGPROB = float(2**16)  # keeps step_units * q < 2**24: the decoded value is exact in fp32
 # Log-probabilities below this (-inf included: vLLM returns it for masked tokens) are stored as it.
@@ -67,11 +69,11 @@ class CodecConfig:
     step_log2: int = 7
     zstd_level: int = 17  # zstd level of the Parquet columns (text, input ids) and of the tables
     min_pair_count: int = 2  # a (context, id) pair enters the context table when seen this often
-    version: int = 2  # 1: the former per-row zstd streams (faster to write, larger; no truncated rows)
+    version: int = 3  # 2: the former rANS layout; 1: per-row zstd streams (no truncated rows)
 
     def __post_init__(self):
-        if self.version not in (1, 2):
-            raise ValueError("version must be 1 or 2")
+        if self.version not in (1, 2, 3):
+            raise ValueError("version must be 1, 2 or 3")
         if not (1 <= self.step_units <= 7 and 0 <= self.step_log2 <= 8):
             raise ValueError("step_units must be in [1, 7] and step_log2 in [0, 8]")
         if self.min_pair_count < 1:
@@ -87,7 +89,7 @@ class CodecConfig:
 
     def describe(self) -> dict:
         return {
-            "codec": CODEC_NAME if self.version == 2 else CODEC_V1,
+            "codec": {v: name for name, v in CODECS.items()}[self.version],
             "step_units": self.step_units,
             "step_log2": self.step_log2,
             "logprob_step": self.step,
@@ -302,7 +304,56 @@ _TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
 
 CTX_MAX = 32  # context lists keep their 32 most frequent ids
 CTX_FIRST = 32  # a listed id at index <= this is coded by its index even when recency could code it
-ID_ALPHABET = CTX_MAX + 33  # 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
+ID_ALPHABET = CTX_MAX + 33  # v2: 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
+AHEAD = 3  # v3: an id may be input_ids[t + 1 + a], a = 1..AHEAD (the tokens after the gold)
+PREV_AFTER = 0  # v3: a copy of the previous row beats the context list past this list index
+
+
+class _IdLayout:
+    """The id alphabet: 0 escape, 1..CTX_MAX context-list index, (v3) k symbols "the previous row's rank
+    r'" and AHEAD symbols "input_ids[t + 1 + a]", then one symbol per recency bit length (1..33)."""
+
+    def __init__(self, k: int, version: int):
+        self.prev = CTX_MAX + 1
+        self.ahead = self.prev + (k if version >= 3 else 0) - 1  # ahead + a, a >= 1
+        self.recent = self.ahead + (AHEAD if version >= 3 else 0) + 1  # recent + bit length - 1
+        self.size = self.recent + 32  # v2's alphabet (bit length 33 escapes in `_ans.IntClass`)
+
+
+def _prev_row(tok_start_of_pos: np.ndarray) -> np.ndarray:
+    """Per row (scored position, shard order): the index of the previous row of its sample, or -1."""
+    n = len(tok_start_of_pos)
+    prev = np.arange(n) - 1
+    if n:
+        prev[0] = -1
+        prev[1:][tok_start_of_pos[1:] != tok_start_of_pos[:-1]] = -1
+    return prev
+
+
+def _prev_rank(ids: np.ndarray, valid: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """int64 ``[N, k]``: the first rank of the previous row (`_prev_row`) holding the same id, else -1."""
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    rows = np.flatnonzero(prev >= 0)
+    if not len(rows):
+        return out
+    p = prev[rows]
+    eq = (ids[rows][:, :, None] == ids[p][:, None, :]) & valid[p][:, None, :] & valid[rows][:, :, None]
+    found = eq.any(axis=2)
+    out[rows] = np.where(found, eq.argmax(axis=2), -1)
+    return out
+
+
+def _ahead(input_ids, pos_abs, tok_start_of_pos, n_tok_of_pos, ids) -> np.ndarray:
+    """int64 ``[N, k]``: the smallest a in 1..AHEAD with ``ids[i, r] == input_ids[t + 1 + a]`` inside the
+    sample, else -1."""
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    end = tok_start_of_pos + n_tok_of_pos
+    for a in range(AHEAD, 0, -1):
+        at = pos_abs + 1 + a
+        ok = at < end
+        tok = np.where(ok, input_ids[np.minimum(at, max(len(input_ids) - 1, 0))] if len(input_ids) else -2, -2)
+        out[(ids == tok[:, None]) & ok[:, None]] = a
+    return out
 
 
 def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: np.ndarray, mask: np.ndarray):
@@ -351,10 +402,10 @@ def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="right") - 1
 
 
-def _limit(name: str, k: int) -> int:
+def _limit(name: str, k: int, version: int) -> int:
     """The `_ans.IntClass` limit of a class, by the family before its first '.'."""
     base = name.split(".")[0]
-    return {"kt": k, "gold": k + 1, "id": ID_ALPHABET}.get(base) or _LIMITS[base]
+    return {"kt": k, "gold": k + 1, "id": _IdLayout(k, version).size}.get(base) or _LIMITS[base]
 
 
 class _Shard:
@@ -370,6 +421,7 @@ class _Shard:
         pos = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)])
         self.pos_abs = pos + np.repeat(tok_start, self.n_pos)
         self.tok_start_of_pos = np.repeat(tok_start, self.n_pos)
+        self.n_tok_of_pos = np.repeat(self.n_tok, self.n_pos)
         self.topk_ids = np.concatenate(
             [np.asarray(s.topk_ids, dtype=np.int64).reshape(-1, k) for s in samples] + [np.zeros((0, k), np.int64)]
         )
@@ -393,8 +445,9 @@ def encode_shard(
     models), for `bench/bench_codec.py`'s breakdown."""
     if config.version == 1:
         if any((np.asarray(s.topk_ids) == PAD_ID).any() for s in samples):
-            raise ValueError("encoding v1 cannot store truncated rows: use version 2")
+            raise ValueError("encoding v1 cannot store truncated rows: use version 2 or 3")
         return _encode_shard_v1(samples, k, config)
+    version = config.version
     sl = (config.step_units, config.step_log2)
     sh = _Shard(samples, k)
     n = len(sh.pos_abs)
@@ -464,18 +517,32 @@ def encode_shard(
     # token's position included) is coded by how far back: symbol CTX_MAX + bit length of d + 1, then
     # the low bits; else 0 and its vocabulary rank
     inp_rank = _vocab_rank(vocab_ids, rank_of, sh.input_ids)
+    lay = _IdLayout(k, version)
     near = keep & (codes > 0) & (codes <= CTX_FIRST)  # high in its list: the list index, whatever else
+    sym = np.where(near, codes, 0)
+    if version >= 3:
+        # v3: an id held by the previous row of the sample (rank r') is a copy of that entry; an id
+        # that is one of the next tokens after the gold (input_ids[t + 2], ...) is that offset
+        prev_r = _prev_rank(sh.topk_ids, valid, _prev_row(sh.tok_start_of_pos))
+        ahead = _ahead(sh.input_ids, sh.pos_abs, sh.tok_start_of_pos, sh.n_tok_of_pos, sh.topk_ids)
+        use_prev = keep & (prev_r >= 0) & ~(near & (codes <= PREV_AFTER))
+        sym[use_prev] = lay.prev + prev_r[use_prev]
+        near |= use_prev
+        use_ahead = keep & ~near & (ahead >= 0)
+        sym[use_ahead] = lay.ahead + ahead[use_ahead]
+        near |= use_ahead
     dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, keep & ~near)
     recent = keep & ~near & (dist >= 0)
-    far = keep & ~recent & (codes == 0)  # neither listed nor seen: the vocabulary rank
+    far = keep & ~recent & ~near & (codes == 0)  # neither listed nor seen: the vocabulary rank
+    listed = keep & ~recent & ~near & (codes > 0)
+    sym[listed] = codes[listed]
     bl = _ans._bitlen(dist[recent] + 1)
-    sym = np.where(far, 0, codes)
-    sym[recent] = CTX_MAX + bl
+    sym[recent] = lay.recent + bl - 1
     list_bucket = _list_bucket(inp_rank[sh.pos_abs] if n else np.zeros(0, np.int64), ctx_keys, ctx_sizes)
     entries, counts = _id_classes(keep, list_bucket, k)
     sym_sorted = sym.ravel()[entries]
     for c, part in enumerate(np.split(sym_sorted, np.cumsum(counts)[:-1])):
-        enc.write(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", part, ID_ALPHABET)
+        enc.write(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", part, lay.size)
     recent_order = entries[recent.ravel()[entries]]
     escaped = [id_rank.ravel()[entries[far.ravel()[entries]]]]
     d1 = dist.ravel()[recent_order] + 1
@@ -504,7 +571,7 @@ def encode_shard(
     columns["input_ids"] = [small[tok_bounds[i] : tok_bounds[i + 1]].tobytes() for i in range(len(samples))]
     columns["input_ids_u16"] = [wide[b1[i] : b1[i + 1]].tobytes() for i in range(len(samples))]
     columns["input_ids_u32"] = [huge[b2[i] : b2[i + 1]].tobytes() for i in range(len(samples))]
-    meta = {"codec": CODEC_NAME, "k": k, "step_units": sl[0], "step_log2": sl[1]}
+    meta = {"codec": config.describe()["codec"], "k": k, "step_units": sl[0], "step_log2": sl[1]}
     kv = {CODEC_KEY: json.dumps(meta).encode(), TABLE_KEY: table, TOPK_KEY: words.astype("<u4").tobytes()}
     return _write_parquet(columns, SHARD_SCHEMA, V2_STREAM_COLUMNS, config.zstd_level, kv)
 
@@ -690,12 +757,12 @@ class ContextTable:
             raise ValueError("not a logitfuse logits shard: codec metadata missing")
         codec = json.loads(metadata[CODEC_KEY])
         name = codec.get("codec")
-        if name not in (CODEC_NAME, CODEC_V1):
-            raise ValueError(f"unknown shard codec {name!r}, this reader knows {CODEC_NAME!r} and {CODEC_V1!r}")
+        if name not in CODECS:
+            raise ValueError(f"unknown shard codec {name!r}, this reader knows {', '.join(map(repr, CODECS))}")
         t = _unpack_arrays(metadata[TABLE_KEY])
         sizes = t["ctx_sizes"]
         words = None
-        if name == CODEC_NAME:
+        if name != CODEC_V1:
             if TOPK_KEY not in metadata:
                 raise ValueError("corrupt shard: the top-k stream is missing")
             words = np.frombuffer(metadata[TOPK_KEY], dtype="<u4")
@@ -719,7 +786,7 @@ def read_shard_bytes(data: bytes) -> tuple[pa.Table, ContextTable]:
     pf = pq.ParquetFile(pa.BufferReader(data))
     table = pf.read()
     ctx = ContextTable.from_metadata(pf.metadata.metadata)
-    if ctx.codec == CODEC_NAME:
+    if ctx.codec != CODEC_V1:
         ctx.shard = table
     return table, ctx
 
@@ -811,7 +878,7 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     if ctx._samples is None:
         if ctx.shard is None:
             raise ValueError("decode_rows needs the ContextTable of read_shard_bytes (it holds the whole shard)")
-        ctx._samples = _decode_v2(ctx.shard, ctx)
+        ctx._samples = _decode_ans(ctx.shard, ctx)
         ctx._decoded = {s.sample_id: i for i, s in enumerate(ctx._samples)}
     if table.num_rows == len(ctx._samples):
         ids = table.column("sample_id").to_pylist()
@@ -820,11 +887,13 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     return [ctx._samples[ctx._decoded[sid]] for sid in table.column("sample_id").to_pylist()]
 
 
-def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
-    k, sl = ctx.k, (ctx.step_units, ctx.step_log2)
+def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
+    """Encodings v2 and v3: one rANS stream for the whole shard."""
+    k, sl, version = ctx.k, (ctx.step_units, ctx.step_log2), CODECS[ctx.codec]
+    lay = _IdLayout(k, version)
     r = _rows(table, ctx.vocab)
     n = len(r.pos_abs)
-    dec = _ans.Decoder(ctx.words, ctx.hists, {name: _limit(name, k) for name in ctx.hists})
+    dec = _ans.Decoder(ctx.words, ctx.hists, {name: _limit(name, k, version) for name in ctx.hists})
     kt = dec.read("kt", n) + 1
     rank = dec.read("gold", n)
     if n and (kt.max() > k or rank.max() > k):
@@ -861,19 +930,27 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         [dec.read(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", int(m)) for c, m in enumerate(counts)]
     )
     codes.ravel()[entries] = sym_sorted
-    recent, escaped = entries[sym_sorted > CTX_MAX], entries[sym_sorted == 0]
+    recent, escaped = entries[sym_sorted >= lay.recent], entries[sym_sorted == 0]
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
-    nb = codes.ravel()[recent] - CTX_MAX - 1
+    nb = codes.ravel()[recent] - lay.recent
+    tok_start = np.repeat(np.cumsum(r.n_tok) - r.n_tok, r.n_pos)
     if len(recent):
         if nb.max() > 32:
             raise ValueError("corrupt shard: an id code outside the alphabet")
         d = (np.int64(1) << nb) + dec.read_bits(nb) - 1
         row = recent // k
         src = r.pos_abs[row] + 1 - d
-        tok_start = np.repeat(np.cumsum(r.n_tok) - r.n_tok, r.n_pos)
         if (src < tok_start[row]).any():
             raise ValueError("corrupt shard: an id coded as a token before its sample")
         topk_ids.flat[recent] = r.input_ids[src]
+    copied = entries[(sym_sorted >= lay.prev) & (sym_sorted <= lay.ahead)]
+    ahead = entries[(sym_sorted > lay.ahead) & (sym_sorted < lay.recent)]
+    if len(ahead):
+        row = ahead // k
+        src = r.pos_abs[row] + 1 + codes.ravel()[ahead] - lay.ahead
+        if (src >= (tok_start + np.repeat(r.n_tok, r.n_pos))[row]).any():
+            raise ValueError("corrupt shard: an id coded as a token after its sample")
+        topk_ids.flat[ahead] = r.input_ids[src]
     esc_ranks = dec.read("escape", len(escaped))
     if len(esc_ranks) and esc_ranks.max() >= len(ctx.vocab):
         raise ValueError("corrupt shard: an escaped id outside the shard vocabulary")
@@ -887,9 +964,32 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
             raise ValueError("corrupt shard: an id code outside its context list")
         topk_ids[listed] = ctx.pair_ids[ctx.ctx_starts[ci] + c - 1]
     topk_ids[present, rank[present]] = r.input_ids[r.pos_abs[present] + 1]
+    if len(copied):
+        _resolve_copies(topk_ids, copied, codes.ravel()[copied] - lay.prev, _prev_row(tok_start), kt)
     logprobs = dequantise(q, *sl)
     logprobs[~valid] = -np.inf
     return _assemble(table, r, topk_ids, logprobs, dequantise(gold_q, *sl))
+
+
+
+def _resolve_copies(topk_ids: np.ndarray, copied: np.ndarray, src_rank: np.ndarray, prev: np.ndarray,
+                    kt: np.ndarray) -> None:
+    """Fill the entries (flat indices `copied`) that copy the previous row's rank `src_rank`, in place.
+    Chains of copies (an id kept for many positions) resolve by pointer doubling: log2(chain) passes."""
+    k = topk_ids.shape[1]
+    row = copied // k
+    p = prev[row]
+    if (p < 0).any() or (src_rank >= kt[np.maximum(p, 0)]).any():
+        raise ValueError("corrupt shard: an id copied from a row or entry that does not exist")
+    ptr = np.arange(topk_ids.size, dtype=np.int64)
+    ptr[copied] = p * k + src_rank
+    while True:
+        nxt = ptr[ptr]
+        if np.array_equal(nxt, ptr):
+            break
+        ptr = nxt
+    flat = topk_ids.ravel()
+    flat[copied] = flat[ptr[copied]]
 
 
 def _decode_rows_v1(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:

@@ -235,14 +235,14 @@ def test_v1_shards_written_before_v2_still_decode(tmp_path):
     assert codec.read_shard_bytes(data)[1].codec == codec.CODEC_V1
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_both_versions_roundtrip(version):
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_every_version_roundtrips(version):
     rng = np.random.default_rng(10 + version)
     samples = [make_sample(rng, f"s{i}", n_tokens=int(rng.integers(2, 120))) for i in range(12)]
     cfg = codec.CodecConfig(version=version)
     data = codec.encode_shard(samples, 10, cfg)
     table, ctx = codec.read_shard_bytes(data)
-    assert ctx.codec == (codec.CODEC_NAME if version == 2 else codec.CODEC_V1)
+    assert ctx.codec == {1: codec.CODEC_V1, 2: codec.CODEC_V2, 3: codec.CODEC_NAME}[version]
     for a, b in zip(samples, codec.decode_rows(table, ctx), strict=True):
         assert_same(a, b)
     # any slice of rows, as LogitsReader.get asks for (the v2 stream is the whole shard's)
