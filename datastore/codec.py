@@ -305,55 +305,38 @@ _TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
 CTX_MAX = 32  # context lists keep their 32 most frequent ids
 CTX_FIRST = 32  # a listed id at index <= this is coded by its index even when recency could code it
 ID_ALPHABET = CTX_MAX + 33  # v2: 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
-AHEAD = 3  # v3: an id may be input_ids[t + 1 + a], a = 1..AHEAD (the tokens after the gold)
-PREV_AFTER = 0  # v3: a copy of the previous row beats the context list past this list index
+COPY_ROWS = 16  # v3: an id may copy an entry of one of the sample's previous COPY_ROWS rows
+COPY_AFTER = 32  # v3: a copy beats the context list past this list index
 
 
 class _IdLayout:
-    """The id alphabet: 0 escape, 1..CTX_MAX context-list index, (v3) k symbols "the previous row's rank
-    r'" and AHEAD symbols "input_ids[t + 1 + a]", then one symbol per recency bit length (1..33)."""
+    """The id alphabet: 0 escape, 1..CTX_MAX context-list index, (v3) COPY_ROWS symbols "a copy of an entry
+    of the row d = 1..COPY_ROWS rows back" (its rank there in class ``copy``), then one symbol per recency
+    bit length (1..32; 33 escapes)."""
 
     def __init__(self, k: int, version: int):
-        self.prev = CTX_MAX + 1
-        self.ahead = self.prev + (k if version >= 3 else 0) - 1  # ahead + a, a >= 1
-        self.recent = self.ahead + (AHEAD if version >= 3 else 0) + 1  # recent + bit length - 1
+        self.copy = CTX_MAX + 1  # copy + d - 1
+        self.recent = self.copy + (COPY_ROWS if version >= 3 else 0)  # recent + bit length - 1
         self.size = self.recent + 32  # v2's alphabet (bit length 33 escapes in `_ans.IntClass`)
 
 
-def _prev_row(tok_start_of_pos: np.ndarray) -> np.ndarray:
-    """Per row (scored position, shard order): the index of the previous row of its sample, or -1."""
-    n = len(tok_start_of_pos)
-    prev = np.arange(n) - 1
-    if n:
-        prev[0] = -1
-        prev[1:][tok_start_of_pos[1:] != tok_start_of_pos[:-1]] = -1
-    return prev
-
-
-def _prev_rank(ids: np.ndarray, valid: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """int64 ``[N, k]``: the first rank of the previous row (`_prev_row`) holding the same id, else -1."""
-    out = np.full(ids.shape, -1, dtype=np.int64)
-    rows = np.flatnonzero(prev >= 0)
-    if not len(rows):
-        return out
-    p = prev[rows]
-    eq = (ids[rows][:, :, None] == ids[p][:, None, :]) & valid[p][:, None, :] & valid[rows][:, :, None]
-    found = eq.any(axis=2)
-    out[rows] = np.where(found, eq.argmax(axis=2), -1)
-    return out
-
-
-def _ahead(input_ids, pos_abs, tok_start_of_pos, n_tok_of_pos, ids) -> np.ndarray:
-    """int64 ``[N, k]``: the smallest a in 1..AHEAD with ``ids[i, r] == input_ids[t + 1 + a]`` inside the
-    sample, else -1."""
-    out = np.full(ids.shape, -1, dtype=np.int64)
-    end = tok_start_of_pos + n_tok_of_pos
-    for a in range(AHEAD, 0, -1):
-        at = pos_abs + 1 + a
-        ok = at < end
-        tok = np.where(ok, input_ids[np.minimum(at, max(len(input_ids) - 1, 0))] if len(input_ids) else -2, -2)
-        out[(ids == tok[:, None]) & ok[:, None]] = a
-    return out
+def _copy_source(ids: np.ndarray, valid: np.ndarray, tok_start_of_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``[N, k]`` twice: for each entry, the nearest earlier row d = 1..COPY_ROWS back in its sample
+    holding the same id, and the first rank there; (0, -1) when none does."""
+    n = len(ids)
+    dist = np.zeros(ids.shape, dtype=np.int64)
+    src = np.full(ids.shape, -1, dtype=np.int64)
+    for d in range(COPY_ROWS, 0, -1):
+        rows = np.flatnonzero(tok_start_of_pos[d:] == tok_start_of_pos[: max(n - d, 0)]) + d
+        if not len(rows):
+            continue
+        p = rows - d
+        eq = (ids[rows][:, :, None] == ids[p][:, None, :]) & valid[p][:, None, :] & valid[rows][:, :, None]
+        found = eq.any(axis=2)
+        r, c = np.nonzero(found)
+        dist[rows[r], c] = d
+        src[rows[r], c] = eq.argmax(axis=2)[r, c]
+    return dist, src
 
 
 def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: np.ndarray, mask: np.ndarray):
@@ -378,6 +361,26 @@ def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: n
 
 # the length of the current token's context list (0: no list) conditions its ids' codes
 _LIST_EDGES = np.array([0, 1, 3, 6, 12, 24])
+
+
+_LEVEL_NATS = np.array([0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0])  # v3: the previous entry's -logprob
+
+
+def _gap_classes(j: int, top1: np.ndarray, prev_gap: np.ndarray | None, prev_q: np.ndarray, config: CodecConfig):
+    """The classes of the gaps before rank j (rows given by their top-1 ``q``, the gap before rank j - 1
+    and the previous entry's ``q``): (class names, class index per row). v2: rank bucket x previous gap
+    (the top-1 for j = 1); v3: previous gap x the previous entry's level in nats (the top-1 for j = 1)."""
+    if j == 1:
+        b = _bucket(top1, _TOP1_EDGES)
+        names = [f"gap.{_bucket(1, _RANK_EDGES)}.{i}" for i in range(len(_TOP1_EDGES))]
+        return names, b
+    pg = _bucket(prev_gap, _GAP_EDGES)
+    if config.version < 3:
+        rb = _bucket(j, _RANK_EDGES)
+        return [f"gap.{rb}.{i}" for i in range(len(_GAP_EDGES))], pg
+    lv = _bucket(prev_q * config.step, _LEVEL_NATS)
+    names = [f"gap.l{a}.{b}" for a in range(len(_LEVEL_NATS)) for b in range(len(_GAP_EDGES))]
+    return names, lv * len(_GAP_EDGES) + pg
 
 
 def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarray) -> np.ndarray:
@@ -405,7 +408,7 @@ def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def _limit(name: str, k: int, version: int) -> int:
     """The `_ans.IntClass` limit of a class, by the family before its first '.'."""
     base = name.split(".")[0]
-    return {"kt": k, "gold": k + 1, "id": _IdLayout(k, version).size}.get(base) or _LIMITS[base]
+    return {"kt": k, "gold": k + 1, "copy": k, "id": _IdLayout(k, version).size}.get(base) or _LIMITS[base]
 
 
 class _Shard:
@@ -421,7 +424,6 @@ class _Shard:
         pos = np.concatenate([np.asarray(s.positions, dtype=np.int64) for s in samples] + [np.zeros(0, np.int64)])
         self.pos_abs = pos + np.repeat(tok_start, self.n_pos)
         self.tok_start_of_pos = np.repeat(tok_start, self.n_pos)
-        self.n_tok_of_pos = np.repeat(self.n_tok, self.n_pos)
         self.topk_ids = np.concatenate(
             [np.asarray(s.topk_ids, dtype=np.int64).reshape(-1, k) for s in samples] + [np.zeros((0, k), np.int64)]
         )
@@ -503,13 +505,11 @@ def encode_shard(
     gaps = np.diff(q, axis=1)
     for j in range(1, k):
         rows = np.flatnonzero(kt > j)
-        prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(gaps[rows, j - 2], _GAP_EDGES)
-        rb = _bucket(j, _RANK_EDGES)
-        order = np.argsort(prev, kind="stable")
-        vals = gaps[rows[order], j - 1]
-        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
-        for b, part in enumerate(np.split(vals, np.cumsum(counts)[:-1])):
-            enc.write(f"gap.{rb}.{b}", part, _LIMITS["gap"])
+        names, cls = _gap_classes(j, q[rows, 0], gaps[rows, j - 2] if j > 1 else None, q[rows, j - 1], config)
+        order = np.argsort(cls, kind="stable")
+        counts = np.bincount(cls, minlength=len(names))
+        for name, part in zip(names, np.split(gaps[rows[order], j - 1], np.cumsum(counts)[:-1]), strict=True):
+            enc.write(name, part, _LIMITS["gap"])
     absent = np.flatnonzero(~in_topk)
     below = gold_q[absent] - q[absent, kt[absent] - 1]
     enc.write("below", np.where(below >= 0, 2 * below, -2 * below - 1), _LIMITS["below"])
@@ -523,14 +523,10 @@ def encode_shard(
     if version >= 3:
         # v3: an id held by the previous row of the sample (rank r') is a copy of that entry; an id
         # that is one of the next tokens after the gold (input_ids[t + 2], ...) is that offset
-        prev_r = _prev_rank(sh.topk_ids, valid, _prev_row(sh.tok_start_of_pos))
-        ahead = _ahead(sh.input_ids, sh.pos_abs, sh.tok_start_of_pos, sh.n_tok_of_pos, sh.topk_ids)
-        use_prev = keep & (prev_r >= 0) & ~(near & (codes <= PREV_AFTER))
-        sym[use_prev] = lay.prev + prev_r[use_prev]
-        near |= use_prev
-        use_ahead = keep & ~near & (ahead >= 0)
-        sym[use_ahead] = lay.ahead + ahead[use_ahead]
-        near |= use_ahead
+        cdist, csrc = _copy_source(sh.topk_ids, valid, sh.tok_start_of_pos)
+        use_copy = keep & (cdist > 0) & ~(near & (codes <= COPY_AFTER))
+        sym[use_copy] = lay.copy + cdist[use_copy] - 1
+        near |= use_copy
     dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, keep & ~near)
     recent = keep & ~near & (dist >= 0)
     far = keep & ~recent & ~near & (codes == 0)  # neither listed nor seen: the vocabulary rank
@@ -549,6 +545,9 @@ def encode_shard(
     nb = _ans._bitlen(d1) - 1
     enc.write_bits("recent", d1 - (np.int64(1) << nb), nb)
     enc.write("escape", np.concatenate(escaped), _LIMITS["escape"])
+    if version >= 3:
+        copy_order = entries[use_copy.ravel()[entries]]
+        _write_by_rank(enc, "copy", copy_order % k, csrc.ravel()[copy_order], k)
     words, hists = enc.finish()
 
     table_arrays = {
@@ -903,14 +902,14 @@ def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     for g in range(3):
         sel = np.flatnonzero(gold_class == g)
         q[sel, 0] = dec.read(f"top1.{g}", len(sel))
-    for j in range(1, k):
+    config = CodecConfig(step_units=ctx.step_units, step_log2=ctx.step_log2, version=version)
+    for j in range(1, k):  # q[:, j] holds the value at rank j once its gap is read
         rows = np.flatnonzero(kt > j)
-        prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(q[rows, j - 1], _GAP_EDGES)
-        rb = _bucket(j, _RANK_EDGES)
-        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
-        vals = [dec.read(f"gap.{rb}.{b}", int(m)) for b, m in enumerate(counts)]
-        q[rows[np.argsort(prev, kind="stable")], j] = np.concatenate(vals)
-    np.cumsum(q, axis=1, out=q)  # q[:, j] held the gap before rank j: now the values themselves
+        names, cls = _gap_classes(j, q[rows, 0], q[rows, j - 1] - q[rows, j - 2] if j > 1 else None,
+                                  q[rows, j - 1], config)
+        counts = np.bincount(cls, minlength=len(names))
+        vals = [dec.read(name, int(m)) for name, m in zip(names, counts, strict=True)]
+        q[rows[np.argsort(cls, kind="stable")], j] = np.concatenate(vals) + q[rows[np.argsort(cls, kind="stable")], j - 1]
     valid = np.arange(k)[None, :] < kt[:, None]
     present = np.flatnonzero(rank < k)
     if (rank[present] >= kt[present]).any():
@@ -943,14 +942,7 @@ def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         if (src < tok_start[row]).any():
             raise ValueError("corrupt shard: an id coded as a token before its sample")
         topk_ids.flat[recent] = r.input_ids[src]
-    copied = entries[(sym_sorted >= lay.prev) & (sym_sorted <= lay.ahead)]
-    ahead = entries[(sym_sorted > lay.ahead) & (sym_sorted < lay.recent)]
-    if len(ahead):
-        row = ahead // k
-        src = r.pos_abs[row] + 1 + codes.ravel()[ahead] - lay.ahead
-        if (src >= (tok_start + np.repeat(r.n_tok, r.n_pos))[row]).any():
-            raise ValueError("corrupt shard: an id coded as a token after its sample")
-        topk_ids.flat[ahead] = r.input_ids[src]
+    copied = entries[(sym_sorted >= lay.copy) & (sym_sorted < lay.recent)]
     esc_ranks = dec.read("escape", len(escaped))
     if len(esc_ranks) and esc_ranks.max() >= len(ctx.vocab):
         raise ValueError("corrupt shard: an escaped id outside the shard vocabulary")
@@ -965,21 +957,43 @@ def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
         topk_ids[listed] = ctx.pair_ids[ctx.ctx_starts[ci] + c - 1]
     topk_ids[present, rank[present]] = r.input_ids[r.pos_abs[present] + 1]
     if len(copied):
-        _resolve_copies(topk_ids, copied, codes.ravel()[copied] - lay.prev, _prev_row(tok_start), kt)
+        src_rank = _read_by_rank(dec, "copy", copied % k)
+        _resolve_copies(topk_ids, copied, codes.ravel()[copied] - lay.copy + 1, src_rank, tok_start, kt)
     logprobs = dequantise(q, *sl)
     logprobs[~valid] = -np.inf
     return _assemble(table, r, topk_ids, logprobs, dequantise(gold_q, *sl))
 
 
 
-def _resolve_copies(topk_ids: np.ndarray, copied: np.ndarray, src_rank: np.ndarray, prev: np.ndarray,
-                    kt: np.ndarray) -> None:
-    """Fill the entries (flat indices `copied`) that copy the previous row's rank `src_rank`, in place.
-    Chains of copies (an id kept for many positions) resolve by pointer doubling: log2(chain) passes."""
+def _write_by_rank(enc: _ans.Encoder, family: str, ranks: np.ndarray, values: np.ndarray, limit: int) -> None:
+    """Queue `values` in classes ``family.<rank bucket>`` (the rank of the entry each belongs to)."""
+    b = _bucket(ranks, _RANK_EDGES)
+    order = np.argsort(b, kind="stable")
+    counts = np.bincount(b, minlength=len(_RANK_EDGES))
+    for c, part in enumerate(np.split(values[order], np.cumsum(counts)[:-1])):
+        enc.write(f"{family}.{c}", part, limit)
+
+
+def _read_by_rank(dec: _ans.Decoder, family: str, ranks: np.ndarray) -> np.ndarray:
+    """The values `_write_by_rank` queued, back in the order of `ranks`."""
+    b = _bucket(ranks, _RANK_EDGES)
+    order = np.argsort(b, kind="stable")
+    counts = np.bincount(b, minlength=len(_RANK_EDGES))
+    out = np.empty(len(ranks), dtype=np.int64)
+    out[order] = np.concatenate([dec.read(f"{family}.{c}", int(m)) for c, m in enumerate(counts)])
+    return out
+
+
+def _resolve_copies(topk_ids: np.ndarray, copied: np.ndarray, dist: np.ndarray, src_rank: np.ndarray,
+                    tok_start_of_pos: np.ndarray, kt: np.ndarray) -> None:
+    """Fill the entries (flat indices `copied`) that copy rank `src_rank` of the row `dist` rows back, in
+    place. Chains of copies (an id kept for many positions) resolve by pointer doubling: log2(chain) passes."""
     k = topk_ids.shape[1]
     row = copied // k
-    p = prev[row]
-    if (p < 0).any() or (src_rank >= kt[np.maximum(p, 0)]).any():
+    p = row - dist
+    if (p < 0).any() or (tok_start_of_pos[np.maximum(p, 0)] != tok_start_of_pos[row]).any() or (
+        src_rank >= kt[np.maximum(p, 0)]
+    ).any():
         raise ValueError("corrupt shard: an id copied from a row or entry that does not exist")
     ptr = np.arange(topk_ids.size, dtype=np.int64)
     ptr[copied] = p * k + src_rank
