@@ -322,20 +322,30 @@ class _IdLayout:
 
 def _copy_source(ids: np.ndarray, valid: np.ndarray, tok_start_of_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int64 ``[N, k]`` twice: for each entry, the nearest earlier row d = 1..COPY_ROWS back in its sample
-    holding the same id, and the first rank there; (0, -1) when none does."""
-    n = len(ids)
+    holding the same id, and the first rank there; (0, -1) when none does. One sort of the entries by
+    (sample, id, row, rank)."""
+    n, k = ids.shape
     dist = np.zeros(ids.shape, dtype=np.int64)
     src = np.full(ids.shape, -1, dtype=np.int64)
-    for d in range(COPY_ROWS, 0, -1):
-        rows = np.flatnonzero(tok_start_of_pos[d:] == tok_start_of_pos[: max(n - d, 0)]) + d
-        if not len(rows):
-            continue
-        p = rows - d
-        eq = (ids[rows][:, :, None] == ids[p][:, None, :]) & valid[p][:, None, :] & valid[rows][:, :, None]
-        found = eq.any(axis=2)
-        r, c = np.nonzero(found)
-        dist[rows[r], c] = d
-        src[rows[r], c] = eq.argmax(axis=2)[r, c]
+    flat = np.flatnonzero(valid.ravel())
+    if not len(flat):
+        return dist, src
+    row, rank = flat // k, flat % k
+    order = np.lexsort((rank, row, ids.ravel()[flat], tok_start_of_pos[row]))
+    row, rank, flat = row[order], rank[order], flat[order]
+    same = np.zeros(len(flat), dtype=bool)  # the previous entry in this order has the same id and sample
+    same[1:] = (ids.ravel()[flat[1:]] == ids.ravel()[flat[:-1]]) & (tok_start_of_pos[row[1:]] == tok_start_of_pos[row[:-1]])
+    # the first entry of each (sample, id, row) group; earlier rows of the same id sit just before it
+    first = ~same.copy()
+    first[1:] |= row[1:] != row[:-1]
+    head = np.maximum.accumulate(np.where(first, np.arange(len(flat)), 0))  # each entry's group head
+    prev = head - 1  # the last entry of the previous group: its row is the nearest earlier one
+    ok = (prev >= 0) & same[head]
+    prev_head = head[np.maximum(prev, 0)]  # that row's first (lowest) rank
+    d = row - row[prev_head]
+    ok &= (d >= 1) & (d <= COPY_ROWS)
+    dist.ravel()[flat[ok]] = d[ok]
+    src.ravel()[flat[ok]] = rank[prev_head[ok]]
     return dist, src
 
 
