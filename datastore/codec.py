@@ -8,18 +8,25 @@ tail: -80 is as exact as -0.1. Below the floor (``-inf`` included, which vLLM re
 a logprob is stored as the floor: its probability is exactly 0 in float64 either way. NaN is rejected.
 `CodecConfig(step_units=1, step_log2=5)` gives 1/32 nat (bound 1/64).
 
-Encoding v2 (`logitfuse-topk-v2`, written now). Per position: the number of entries ``kt`` (k unless
-the extraction truncated the row, `truncate_topk`), the gold next token's rank among them (its id and
-logprob are then not stored again) or "absent" plus its distance below the last entry, the top-1's
-``q`` and the ``kt - 1`` gaps between consecutive ranks, and the ids. An id is 1 + its index in the
-shard's context list of the current token ``input_ids[t]`` (ids seen after that token at least twice in
-the shard's top-k, most frequent first), or 0 and its rank in the shard vocabulary (ids by frequency).
-Every one of these integers is coded by `datastore._ans` (constriction's rANS) under a static model per
-*class*, counted over the shard: a gap's class is its rank and the previous gap (or the top-1's ``q``),
-an id's its rank, so peaked and flat rows, early and late ranks, each get their own statistics. One ANS
-stream per shard sits in the Parquet key-value metadata (`TOPK_KEY`) beside the vocabulary, context
-table and class histograms (`TABLE_KEY`); the rows hold the sample itself (input ids as a zstd byte
-stream, text, spans). Decoding is vectorised numpy plus one constriction call per class.
+Encoding v3 (`logitfuse-topk-v3`, written since 2026-11-30). Per position: the number of entries ``kt``
+(k unless the extraction truncated the row, `truncate_topk`), the gold next token's rank among them (its
+id and logprob are then not stored again) or "absent" plus its distance below the last entry, the
+top-1's ``q`` and the ``kt - 1`` gaps between consecutive ranks, and the ids. An id is, in this order of
+preference: 1 + its index in the shard's context list of the current token ``input_ids[t]`` (ids seen
+after that token at least twice in the shard's top-k, most frequent first); a copy of an entry of one of
+the sample's previous `COPY_ROWS` rows (the symbol says how many rows back, the rank there is a symbol of
+its own class); how far back it last occurred in the sample's tokens (bit length, then the low bits); or
+0 and its rank in the shard vocabulary (ids by frequency). Every one of these integers is coded by
+`datastore._ans` (constriction's rANS) under a static model per *class*, counted over the shard: a gap's
+class is the previous gap and the previous entry's level in nats (for the first gap the top-1's ``q``),
+an id's its rank and the length of its context list. One ANS stream per shard sits in the Parquet
+key-value metadata (`TOPK_KEY`) beside the vocabulary, context table and class histograms
+(`TABLE_KEY`); the rows hold the sample itself (input ids as a zstd byte stream, text, spans). Decoding
+is vectorised numpy plus one constriction call per class; copies (chains of them: an id kept for many
+positions) resolve by pointer doubling.
+
+Encoding v2 (`logitfuse-topk-v2`, shards written 2026-11-29 on; still read, and written on when a v2
+dataset is resumed): the same without copies, gaps classed by rank and previous gap.
 
 Encoding v1 (`logitfuse-topk-v1`, shards written before 2026-11-29) is still read: the same numbers as
 per-row byte streams with escapes, entropy-coded by Parquet's zstd (`datastore.schema.SHARD_SCHEMA_V1`).
@@ -320,23 +327,25 @@ class _IdLayout:
         self.size = self.recent + 32  # v2's alphabet (bit length 33 escapes in `_ans.IntClass`)
 
 
-def _copy_source(ids: np.ndarray, valid: np.ndarray, tok_start_of_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _copy_source(ids: np.ndarray, valid: np.ndarray, tok_start_of_pos: np.ndarray):
     """int64 ``[N, k]`` twice: for each entry, the nearest earlier row d = 1..COPY_ROWS back in its sample
     holding the same id, and the first rank there; (0, -1) when none does. One sort of the entries by
     (sample, id, row, rank)."""
-    n, k = ids.shape
+    k = ids.shape[1]
     dist = np.zeros(ids.shape, dtype=np.int64)
     src = np.full(ids.shape, -1, dtype=np.int64)
     flat = np.flatnonzero(valid.ravel())
     if not len(flat):
         return dist, src
     row, rank = flat // k, flat % k
-    order = np.lexsort((rank, row, ids.ravel()[flat], tok_start_of_pos[row]))
+    # flat is ascending (row, rank): a stable sort by (sample, id) keeps that order inside each group
+    order = np.argsort(tok_start_of_pos[row].astype(np.int64) * 2**31 + ids.ravel()[flat], kind="stable")
     row, rank, flat = row[order], rank[order], flat[order]
     same = np.zeros(len(flat), dtype=bool)  # the previous entry in this order has the same id and sample
-    same[1:] = (ids.ravel()[flat[1:]] == ids.ravel()[flat[:-1]]) & (tok_start_of_pos[row[1:]] == tok_start_of_pos[row[:-1]])
+    key_id, key_sample = ids.ravel()[flat], tok_start_of_pos[row]
+    same[1:] = (key_id[1:] == key_id[:-1]) & (key_sample[1:] == key_sample[:-1])
     # the first entry of each (sample, id, row) group; earlier rows of the same id sit just before it
-    first = ~same.copy()
+    first = ~same
     first[1:] |= row[1:] != row[:-1]
     head = np.maximum.accumulate(np.where(first, np.arange(len(flat)), 0))  # each entry's group head
     prev = head - 1  # the last entry of the previous group: its row is the nearest earlier one
@@ -450,11 +459,17 @@ def _vocab_rank(vocab_ids: np.ndarray, rank_of: np.ndarray, ids: np.ndarray) -> 
 def encode_shard(
     samples: list[ScoredSample], k: int, config: CodecConfig = CodecConfig(), stats: dict | None = None
 ) -> bytes:
-    """Encode samples (already validated) into one Parquet file's bytes (encoding v2).
+    """Encode samples (already validated) into one Parquet file's bytes (encoding ``config.version``: v3
+    by default, v2 or v1 for a dataset written in them).
 
-    `stats`, when given, receives the bytes each part of the top-k costs (ANS estimate per class group:
-    ``kt``, ``gold``, ``top1``, ``gaps``, ``below``, ``ids``, ``escapes``; ``table``: context table and
-    models), for `bench/bench_codec.py`'s breakdown."""
+    Args:
+        samples: the shard's samples (`validate`d); k: entries per row.
+        config: step and version; stats: when given, receives the bytes each part of the top-k costs
+            (ANS estimate per class family: ``kt``, ``gold``, ``top1``, ``gap``, ``below``, ``id``,
+            ``recent``, ``escape``, v3 ``copy``; ``table``: context table and models), for
+            `bench/bench_codec.py`'s breakdown.
+
+    Raises ValueError for truncated rows in v1 or a value too large for the coder."""
     if config.version == 1:
         if any((np.asarray(s.topk_ids) == PAD_ID).any() for s in samples):
             raise ValueError("encoding v1 cannot store truncated rows: use version 2 or 3")
@@ -919,7 +934,8 @@ def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
                                   q[rows, j - 1], config)
         counts = np.bincount(cls, minlength=len(names))
         vals = [dec.read(name, int(m)) for name, m in zip(names, counts, strict=True)]
-        q[rows[np.argsort(cls, kind="stable")], j] = np.concatenate(vals) + q[rows[np.argsort(cls, kind="stable")], j - 1]
+        at = rows[np.argsort(cls, kind="stable")]
+        q[at, j] = np.concatenate(vals) + q[at, j - 1]
     valid = np.arange(k)[None, :] < kt[:, None]
     present = np.flatnonzero(rank < k)
     if (rank[present] >= kt[present]).any():
