@@ -232,7 +232,7 @@ def describe(samples: list[ScoredSample], k: int) -> str:
 
 def breakdown(samples: list[ScoredSample], k: int, config: CodecConfig) -> dict[str, int | float]:
     """Bytes of each part of one shard holding every sample: Parquet columns (text, input ids, spans,
-    ...), and for encoding v2 the ANS stream's parts (estimated per class family) and its table."""
+    ...), and for encodings v2 and v3 the ANS stream's parts (estimated per class family) and its table."""
     stats: dict = {}
     data = codec.encode_shard(samples, k, config, stats=stats)
     pf = pq.ParquetFile(pa.BufferReader(data))
@@ -306,6 +306,8 @@ def run_model(name: str, samples: list[ScoredSample], entropy: float, k: int, sh
         ("logitfuse v3 step 1/32", CodecConfig(step_units=1, step_log2=5)),
     ]
     speeds = {}
+    for _label, cfg in runs:  # warm-up (imports, allocator, constriction), untimed: no row pays it alone
+        logitfuse_roundtrip(samples[:8], k, cfg, shard_rows)
     for label, cfg in runs:
         out, nbytes, topk, t_w, t_r = logitfuse_roundtrip(samples, k, cfg, shard_rows)
         speeds[label] = (t_w, t_r)
