@@ -452,6 +452,26 @@ class _Shard:
         self.gold_lp = np.concatenate([np.asarray(s.gold_logprob).ravel() for s in samples] + [np.zeros(0)])
 
 
+def _pack_vocab(vocab: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """v3: the shard vocabulary (ids by descending count, ascending inside a count) as the lengths of its
+    runs of equal count and, inside a run, the differences between consecutive ids (the first: the id):
+    the long tail of ids seen once or twice costs about a byte each instead of two."""
+    if not len(vocab):
+        return {"vocab_runs": np.zeros(0, np.int64), "vocab_deltas": np.zeros(0, np.int64)}
+    starts = np.concatenate([[True], counts[1:] != counts[:-1]])
+    deltas = np.where(starts, vocab, np.diff(vocab, prepend=0))
+    return {"vocab_runs": np.diff(np.flatnonzero(np.concatenate([starts, [True]]))), "vocab_deltas": deltas}
+
+
+def _unpack_vocab(t: dict[str, np.ndarray]) -> np.ndarray:
+    runs, deltas = t["vocab_runs"], t["vocab_deltas"]
+    if int(runs.sum()) != len(deltas):
+        raise ValueError("corrupt shard: vocabulary runs disagree with its length")
+    total = np.cumsum(deltas)
+    starts = np.cumsum(runs) - runs
+    return total - np.repeat(total[starts] - deltas[starts], runs)
+
+
 def _vocab_rank(vocab_ids: np.ndarray, rank_of: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return rank_of[np.searchsorted(vocab_ids, ids)]
 
@@ -576,7 +596,7 @@ def encode_shard(
     words, hists = enc.finish()
 
     table_arrays = {
-        "vocab": vocab,
+        **(_pack_vocab(vocab, vocab_counts[by_freq]) if version >= 3 else {"vocab": vocab}),
         "ctx_key_deltas": np.diff(ctx_keys, prepend=0),
         "ctx_sizes": ctx_sizes,
         "pair_ids": pair_id,
@@ -784,6 +804,8 @@ class ContextTable:
         if name not in CODECS:
             raise ValueError(f"unknown shard codec {name!r}, this reader knows {', '.join(map(repr, CODECS))}")
         t = _unpack_arrays(metadata[TABLE_KEY])
+        if "vocab" not in t:
+            t["vocab"] = _unpack_vocab(t)
         sizes = t["ctx_sizes"]
         words = None
         if name != CODEC_V1:
