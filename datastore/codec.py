@@ -311,17 +311,15 @@ _TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
 
 CTX_MAX = 32  # context lists keep their 32 most frequent ids
 CTX_FIRST = 32  # a listed id at index <= this is coded by its index even when recency could code it
-ID_ALPHABET = CTX_MAX + 33  # v2: 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
 COPY_ROWS = 16  # v3: an id may copy an entry of one of the sample's previous COPY_ROWS rows
-COPY_AFTER = 32  # v3: a copy beats the context list past this list index
 
 
 class _IdLayout:
     """The id alphabet: 0 escape, 1..CTX_MAX context-list index, (v3) COPY_ROWS symbols "a copy of an entry
     of the row d = 1..COPY_ROWS rows back" (its rank there in class ``copy``), then one symbol per recency
-    bit length (1..32; 33 escapes)."""
+    bit length (1..32; 33 escapes). v2's is the same without the copy symbols."""
 
-    def __init__(self, k: int, version: int):
+    def __init__(self, version: int):
         self.copy = CTX_MAX + 1  # copy + d - 1
         self.recent = self.copy + (COPY_ROWS if version >= 3 else 0)  # recent + bit length - 1
         self.size = self.recent + 32  # v2's alphabet (bit length 33 escapes in `_ans.IntClass`)
@@ -385,7 +383,9 @@ _LIST_EDGES = np.array([0, 1, 3, 6, 12, 24])
 _LEVEL_NATS = np.array([0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0])  # v3: the previous entry's -logprob
 
 
-def _gap_classes(j: int, top1: np.ndarray, prev_gap: np.ndarray | None, prev_q: np.ndarray, config: CodecConfig):
+def _gap_classes(
+    j: int, top1: np.ndarray, prev_gap: np.ndarray | None, prev_q: np.ndarray, config: CodecConfig
+) -> tuple[list[str], np.ndarray]:
     """The classes of the gaps before rank j (rows given by their top-1 ``q``, the gap before rank j - 1
     and the previous entry's ``q``): (class names, class index per row). v2: rank bucket x previous gap
     (the top-1 for j = 1); v3: previous gap x the previous entry's level in nats (the top-1 for j = 1)."""
@@ -427,7 +427,7 @@ def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def _limit(name: str, k: int, version: int) -> int:
     """The `_ans.IntClass` limit of a class, by the family before its first '.'."""
     base = name.split(".")[0]
-    return {"kt": k, "gold": k + 1, "copy": k, "id": _IdLayout(k, version).size}.get(base) or _LIMITS[base]
+    return {"kt": k, "gold": k + 1, "copy": k, "id": _IdLayout(version).size}.get(base) or _LIMITS[base]
 
 
 class _Shard:
@@ -562,14 +562,14 @@ def encode_shard(
     # token's position included) is coded by how far back: symbol CTX_MAX + bit length of d + 1, then
     # the low bits; else 0 and its vocabulary rank
     inp_rank = _vocab_rank(vocab_ids, rank_of, sh.input_ids)
-    lay = _IdLayout(k, version)
+    lay = _IdLayout(version)
     near = keep & (codes > 0) & (codes <= CTX_FIRST)  # high in its list: the list index, whatever else
     sym = np.where(near, codes, 0)
     if version >= 3:
-        # v3: an id held by the previous row of the sample (rank r') is a copy of that entry; an id
-        # that is one of the next tokens after the gold (input_ids[t + 2], ...) is that offset
+        # v3: an id that is not listed but one of the sample's last COPY_ROWS rows holds is a copy of
+        # that entry (a listed id keeps its list index: copies before the list measured larger)
         cdist, csrc = _copy_source(sh.topk_ids, valid, sh.tok_start_of_pos)
-        use_copy = keep & (cdist > 0) & ~(near & (codes <= COPY_AFTER))
+        use_copy = keep & (cdist > 0) & ~near
         sym[use_copy] = lay.copy + cdist[use_copy] - 1
         near |= use_copy
     dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, keep & ~near)
@@ -936,7 +936,7 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
 def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     """Encodings v2 and v3: one rANS stream for the whole shard."""
     k, sl, version = ctx.k, (ctx.step_units, ctx.step_log2), CODECS[ctx.codec]
-    lay = _IdLayout(k, version)
+    lay = _IdLayout(version)
     r = _rows(table, ctx.vocab)
     n = len(r.pos_abs)
     dec = _ans.Decoder(ctx.words, ctx.hists, {name: _limit(name, k, version) for name in ctx.hists})
