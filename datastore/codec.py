@@ -402,6 +402,75 @@ def _gap_classes(
     return names, lv * len(_GAP_EDGES) + pg
 
 
+def _gold_list_index(ctx_keys: np.ndarray, ctx_sizes: np.ndarray, pair_ranks: np.ndarray, cur_rank: np.ndarray,
+                     gold_rank: np.ndarray, nv: int) -> np.ndarray:
+    """v3: per row, 1 + the index of the gold token (vocab rank) in the context list of the current
+    token, 0 when it is not listed."""
+    out = np.zeros(len(cur_rank), dtype=np.int64)
+    if not len(pair_ranks) or not len(cur_rank):
+        return out
+    key = np.repeat(ctx_keys, ctx_sizes) * nv + pair_ranks
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    want = cur_rank * nv + gold_rank
+    i = np.minimum(np.searchsorted(sk, want), len(sk) - 1)
+    found = sk[i] == want
+    out[found] = (_segment_index(ctx_sizes) + 1)[order[i[found]]]
+    return out
+
+
+def _exclude(lidx: np.ndarray, gold_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """v3 exclusion: a row's ids are distinct, so a listed id's index is coded among the list entries
+    that the gold token (known before the ids) and the row's earlier list-coded entries do not hold.
+    `lidx`: int64 ``[N, k]`` list index (1-based, 0: not list-coded); `gold_index`: `_gold_list_index`.
+    Returns (the symbols, which entries stay list-coded): an entry whose index is already excluded (a
+    repeated id in a row) is coded otherwise."""
+    n, k = lidx.shape
+    taken = np.zeros((n, k + 1), dtype=np.int64)
+    taken[:, 0] = gold_index
+    out = np.zeros((n, k), dtype=np.int64)
+    ok = lidx > 0
+    for j in range(k):
+        c, e = lidx[:, j], taken[:, : j + 1]
+        ok[:, j] &= ~(e == c[:, None]).any(axis=1)
+        out[:, j] = np.where(ok[:, j], c - ((e > 0) & (e < c[:, None])).sum(axis=1), 0)
+        taken[:, j + 1] = np.where(ok[:, j], c, 0)
+    return out, ok
+
+
+def _unexclude(sym: np.ndarray, taken: np.ndarray) -> np.ndarray:
+    """The list indices `_exclude` turned into `sym` (1-based), given each row's excluded indices
+    ``taken`` (0: none): the sym-th index that is not taken."""
+    c = sym.copy()
+    for _ in range(taken.shape[1] + 1):
+        nxt = sym + ((taken > 0) & (taken <= c[:, None])).sum(axis=1)
+        if np.array_equal(nxt, c):
+            break
+        c = nxt
+    return c
+
+
+def _id_groups(keep: np.ndarray, list_bucket: np.ndarray, version: int) -> tuple[np.ndarray, list, np.ndarray]:
+    """The flat indices of the ``[N, k]`` entries whose id symbols are coded, in stream order, with
+    the (class name, count) of each run and (v3) the rank of each run. v2: by class (rank bucket, then
+    list-length bucket), row-major inside; v3: by rank, then list-length bucket (a rank's symbols are
+    read before the next rank's, for `_exclude`)."""
+    k = keep.shape[1]
+    flat = np.flatnonzero(keep.ravel())
+    lb = list_bucket[flat // k]
+    nl = len(_LIST_EDGES)
+    if version < 3:
+        cls = _bucket(flat % k, _RANK_EDGES) * nl + lb
+        groups = [(f"id.{c // nl}.{c % nl}", -1) for c in range(len(_RANK_EDGES) * nl)]
+    else:
+        cls = (flat % k) * nl + lb
+        groups = [(f"id.{_bucket(c // nl, _RANK_EDGES)}.{c % nl}", c // nl) for c in range(k * nl)]
+    order = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls, minlength=len(groups))
+    return flat[order], [(name, int(m)) for (name, _j), m in zip(groups, counts, strict=True)], np.array(
+        [j for _name, j in groups], dtype=np.int64)
+
+
 def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarray) -> np.ndarray:
     """Per position: the bucket of the length of the context list of its current token (vocab rank)."""
     if not len(ctx_keys):
@@ -409,15 +478,6 @@ def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarr
     i = np.minimum(np.searchsorted(ctx_keys, cur_rank), len(ctx_keys) - 1)
     size = np.where(ctx_keys[i] == cur_rank, ctx_sizes[i], 0)
     return _bucket(size, _LIST_EDGES)
-
-
-def _id_classes(keep: np.ndarray, list_bucket: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The flat indices of the ``[N, k]`` entries to code, grouped by class (rank bucket, then list-length
-    bucket; row-major inside a class), and the number in each class."""
-    flat = np.flatnonzero(keep.ravel())
-    cls = _bucket(flat % k, _RANK_EDGES) * len(_LIST_EDGES) + list_bucket[flat // k]
-    order = np.argsort(cls, kind="stable")
-    return flat[order], np.bincount(cls, minlength=len(_RANK_EDGES) * len(_LIST_EDGES))
 
 
 def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -566,6 +626,11 @@ def encode_shard(
     near = keep & (codes > 0) & (codes <= CTX_FIRST)  # high in its list: the list index, whatever else
     sym = np.where(near, codes, 0)
     if version >= 3:
+        gold_index = np.zeros(n, dtype=np.int64)
+        pres = np.flatnonzero(in_topk)
+        gold_index[pres] = _gold_list_index(ctx_keys, ctx_sizes, pair_id, inp_rank[sh.pos_abs[pres]],
+                                            inp_rank[sh.pos_abs[pres] + 1], nv)
+        sym, near = _exclude(np.where(near, codes, 0), gold_index)
         # v3: an id that is not listed but one of the sample's last COPY_ROWS rows holds is a copy of
         # that entry (a listed id keeps its list index: copies before the list measured larger)
         cdist, csrc = _copy_source(sh.topk_ids, valid, sh.tok_start_of_pos)
@@ -580,10 +645,10 @@ def encode_shard(
     bl = _ans._bitlen(dist[recent] + 1)
     sym[recent] = lay.recent + bl - 1
     list_bucket = _list_bucket(inp_rank[sh.pos_abs] if n else np.zeros(0, np.int64), ctx_keys, ctx_sizes)
-    entries, counts = _id_classes(keep, list_bucket, k)
+    entries, groups, _ranks = _id_groups(keep, list_bucket, version)
     sym_sorted = sym.ravel()[entries]
-    for c, part in enumerate(np.split(sym_sorted, np.cumsum(counts)[:-1])):
-        enc.write(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", part, lay.size)
+    for (name, _m), part in zip(groups, np.split(sym_sorted, np.cumsum([m for _n, m in groups])[:-1]), strict=True):
+        enc.write(name, part, lay.size)
     recent_order = entries[recent.ravel()[entries]]
     escaped = [id_rank.ravel()[entries[far.ravel()[entries]]]]
     d1 = dist.ravel()[recent_order] + 1
@@ -789,6 +854,7 @@ class ContextTable:
     ctx_sizes: np.ndarray  # length of each context's list
     ctx_starts: np.ndarray  # start of each context's list in pair_ids
     pair_ids: np.ndarray  # token ids
+    pair_ranks: np.ndarray  # the same as vocab ranks
     hists: dict[str, np.ndarray] = field(default_factory=dict)  # v2: quantised class histograms
     words: np.ndarray | None = None  # v2: the shard's ANS stream (uint32)
     shard: pa.Table | None = None  # v2: every row of the shard
@@ -822,6 +888,7 @@ class ContextTable:
             ctx_sizes=sizes,
             ctx_starts=np.cumsum(sizes) - sizes,
             pair_ids=t["vocab"][t["pair_ids"]] if len(t["pair_ids"]) else np.zeros(0, np.int64),
+            pair_ranks=t["pair_ids"],
             hists={key[2:]: h for key, h in t.items() if key.startswith("h:")},
             words=words,
         )
@@ -972,10 +1039,21 @@ def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     keep[present, rank[present]] = False
     codes = np.zeros((n, k), dtype=np.int64)
     list_bucket = _list_bucket(r.input_ranks[r.pos_abs] if n else np.zeros(0, np.int64), ctx.ctx_keys, ctx.ctx_sizes)
-    entries, counts = _id_classes(keep, list_bucket, k)
-    sym_sorted = np.concatenate(
-        [dec.read(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", int(m)) for c, m in enumerate(counts)]
-    )
+    entries, groups, group_rank = _id_groups(keep, list_bucket, version)
+    parts = [dec.read(name, m) for name, m in groups]
+    if version >= 3:  # undo `_exclude`, rank by rank
+        taken = np.zeros((n, k + 1), dtype=np.int64)
+        pres = present
+        taken[pres, 0] = _gold_list_index(ctx.ctx_keys, ctx.ctx_sizes, ctx.pair_ranks, r.input_ranks[r.pos_abs[pres]],
+                                          r.input_ranks[r.pos_abs[pres] + 1], len(ctx.vocab))
+        at = 0
+        for (_name, m), j, part in zip(groups, group_rank, parts, strict=True):
+            rows = entries[at : at + m] // k
+            at += m
+            lst = (part > 0) & (part <= CTX_MAX)
+            part[lst] = _unexclude(part[lst], taken[rows[lst], : j + 1])
+            taken[rows[lst], j + 1] = part[lst]
+    sym_sorted = np.concatenate(parts + [np.zeros(0, np.int64)])
     codes.ravel()[entries] = sym_sorted
     recent, escaped = entries[sym_sorted >= lay.recent], entries[sym_sorted == 0]
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)

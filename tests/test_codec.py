@@ -546,3 +546,21 @@ def test_writer_writes_v3_and_a_v2_dataset_keeps_v2(tmp_path):
                               for s in reader.manifest.shards}
         assert [s.sample_id for s in reader.iter_samples()] == ["a", "b"]
     assert shard_codecs == {"new": {codec.CODEC_NAME}, "old": {codec.CODEC_V2}}
+
+
+def test_v3_repeated_ids_in_a_row_and_listed_gold():
+    """v3 codes a listed id's index among those the row's gold and earlier entries do not hold: a row
+    that repeats an id (nothing forbids it) or repeats the gold id must still come back exactly."""
+    n = 60
+    inp = np.tile(np.array([5, 7, 9], np.int32), n // 3 + 1)[: n + 1]  # contexts repeat: lists form
+    ids = np.tile(np.array([7, 9, 5, 11], np.int32), (n, 1))
+    ids[::4, 1] = ids[::4, 0]  # rank 1 repeats rank 0
+    ids[1::4, 3] = inp[2::4][: len(ids[1::4])]  # the gold id again at rank 3
+    lp = np.tile(np.array([-0.5, -1.0, -2.0, -3.0], np.float32), (n, 1))
+    gold = np.full(n, -0.5, np.float32)
+    s = _sample("rep", inp, np.arange(n), ids, lp, gold)
+    codec.validate(s, 4)
+    stats: dict = {}
+    codec.encode_shard([s], 4, stats=stats)
+    assert stats["id"] > 0
+    assert_exact(s, roundtrip([s], 4)[0])
