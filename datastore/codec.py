@@ -442,8 +442,9 @@ def _unexclude(sym: np.ndarray, taken: np.ndarray) -> np.ndarray:
     """The list indices `_exclude` turned into `sym` (1-based), given each row's excluded indices
     ``taken`` (0: none): the sym-th index that is not taken."""
     c = sym.copy()
+    taken = np.where(taken > 0, taken, np.iinfo(np.int64).max)
     for _ in range(taken.shape[1] + 1):
-        nxt = sym + ((taken > 0) & (taken <= c[:, None])).sum(axis=1)
+        nxt = sym + (taken <= c[:, None]).sum(axis=1)
         if np.array_equal(nxt, c):
             break
         c = nxt
@@ -1040,20 +1041,19 @@ def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     codes = np.zeros((n, k), dtype=np.int64)
     list_bucket = _list_bucket(r.input_ranks[r.pos_abs] if n else np.zeros(0, np.int64), ctx.ctx_keys, ctx.ctx_sizes)
     entries, groups, group_rank = _id_groups(keep, list_bucket, version)
-    parts = [dec.read(name, m) for name, m in groups]
-    if version >= 3:  # undo `_exclude`, rank by rank
+    sym_sorted = np.concatenate([dec.read(name, m) for name, m in groups] + [np.zeros(0, np.int64)])
+    if version >= 3:  # undo `_exclude`, rank by rank (a rank's entries are contiguous in the stream)
         taken = np.zeros((n, k + 1), dtype=np.int64)
-        pres = present
-        taken[pres, 0] = _gold_list_index(ctx.ctx_keys, ctx.ctx_sizes, ctx.pair_ranks, r.input_ranks[r.pos_abs[pres]],
-                                          r.input_ranks[r.pos_abs[pres] + 1], len(ctx.vocab))
-        at = 0
-        for (_name, m), j, part in zip(groups, group_rank, parts, strict=True):
-            rows = entries[at : at + m] // k
-            at += m
-            lst = (part > 0) & (part <= CTX_MAX)
-            part[lst] = _unexclude(part[lst], taken[rows[lst], : j + 1])
-            taken[rows[lst], j + 1] = part[lst]
-    sym_sorted = np.concatenate(parts + [np.zeros(0, np.int64)])
+        taken[present, 0] = _gold_list_index(ctx.ctx_keys, ctx.ctx_sizes, ctx.pair_ranks,
+                                             r.input_ranks[r.pos_abs[present]],
+                                             r.input_ranks[r.pos_abs[present] + 1], len(ctx.vocab))
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(group_rank, [m for _n, m in groups], k))]).astype(np.int64)
+        for j in range(k):
+            at = np.arange(bounds[j], bounds[j + 1])
+            at = at[(sym_sorted[at] > 0) & (sym_sorted[at] <= CTX_MAX)]
+            rows = entries[at] // k
+            sym_sorted[at] = _unexclude(sym_sorted[at], taken[rows, : j + 1])
+            taken[rows, j + 1] = sym_sorted[at]
     codes.ravel()[entries] = sym_sorted
     recent, escaped = entries[sym_sorted >= lay.recent], entries[sym_sorted == 0]
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
