@@ -13,7 +13,8 @@ Encoding v3 (`logitfuse-topk-v3`, written since 2026-11-30). Per position: the n
 id and logprob are then not stored again) or "absent" plus its distance below the last entry, the
 top-1's ``q`` and the ``kt - 1`` gaps between consecutive ranks, and the ids. An id is, in this order of
 preference: 1 + its index in the shard's context list of the current token ``input_ids[t]`` (ids seen
-after that token at least twice in the shard's top-k, most frequent first); a copy of an entry of one of
+after that token at least twice in the shard's top-k, most frequent first), counted among the entries that
+the row's gold token and earlier list-coded ids do not hold (exclusion, `_exclude`); a copy of an entry of one of
 the sample's previous `COPY_ROWS` rows (the symbol says how many rows back, the rank there is a symbol of
 its own class); how far back it last occurred in the sample's tokens (bit length, then the low bits); or
 0 and its rank in the shard vocabulary (ids by frequency). Every one of these integers is coded by
@@ -440,14 +441,11 @@ def _exclude(lidx: np.ndarray, gold_index: np.ndarray) -> tuple[np.ndarray, np.n
 
 def _unexclude(sym: np.ndarray, taken: np.ndarray) -> np.ndarray:
     """The list indices `_exclude` turned into `sym` (1-based), given each row's excluded indices
-    ``taken`` (0: none): the sym-th index that is not taken."""
+    ``taken`` (0: none): the sym-th index that is not taken. One pass over each row's taken indices in
+    ascending order (each one at or below the running answer moves it up by one)."""
     c = sym.copy()
-    taken = np.where(taken > 0, taken, np.iinfo(np.int64).max)
-    for _ in range(taken.shape[1] + 1):
-        nxt = sym + (taken <= c[:, None]).sum(axis=1)
-        if np.array_equal(nxt, c):
-            break
-        c = nxt
+    for t in np.sort(np.where(taken > 0, taken, np.iinfo(np.int64).max), axis=1).T:
+        c += t <= c
     return c
 
 
