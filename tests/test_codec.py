@@ -509,7 +509,7 @@ def test_v3_random_shards_roundtrip_exactly():
     out of the top-k, truncated rows, -inf entries, prompt-only samples) decode to the quantised input
     exactly, under both logprob steps; v2 and v3 on the same input."""
     rng = np.random.default_rng(31)
-    for case in range(40):
+    for case in range(24):
         k = int(rng.integers(1, 13))
         vocab = int(rng.choice([5, 60, 3000, 50000, 2**31 - 1]))
         samples = []
