@@ -55,6 +55,29 @@ def inst_template() -> str:
     return resolve_template("inst", None)
 
 
+@pytest.fixture(scope="session")
+def trainer_pivot(tmp_path_factory, spm_tokenizer) -> str:
+    """A tiny Llama pivot (1 layer, hidden 64) on the 32k SentencePiece tokenizer, saved with it: the
+    trainer tests' model (tests/test_trainer.py, tests/test_trainer_ddp.py)."""
+    from clients.tiny_models import build_model
+
+    out = tmp_path_factory.mktemp("pivot")
+    model = build_model("llama", spm_tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    model.save_pretrained(out)
+    spm_tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trainer_targets(tmp_path_factory, spm_tokenizer) -> str:
+    """40 random targets samples in shards of 8, fused (as recorded) in `trainer_pivot`'s tokenizer."""
+    from test_trainer_data import write_targets
+
+    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer),
+                           pivot_tokenizer=spm_tokenizer)
+    return uri
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared CPU: one torch thread is several times faster than contended ones.
