@@ -96,5 +96,5 @@ def config_from(encoding: dict) -> codec.CodecConfig:
         step_units=int(encoding.get("step_units", 5)),
         step_log2=int(encoding.get("step_log2", 7)),
         zstd_level=int(encoding.get("zstd_level", 17)),
-        version=1 if encoding.get("codec") == codec.CODEC_V1 else 2,  # a dataset keeps its encoding
+        version=codec.CODECS.get(encoding.get("codec"), 2),  # a dataset keeps its encoding
     )
