@@ -32,16 +32,16 @@ from datastore.codec import truncate_topk
 from datastore.errors import UserError
 from datastore.fs import is_local, resolve, save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
-from datastore.reuse import ReuseIndex, sample_key, scoring_key
+from datastore.reuse import ReuseIndex, ReusePlan, sample_key, scoring_key
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
 from teacher_server.backends.base import Backend, TopK
 from teacher_server.batching import plan_batches
 from teacher_server.render import (
     TokenizedSample,
+    checked_samples,
     resolve_template,
-    sample_problem,
-    tokenize_sample,
+    tokenize_samples,
     tokenizer_fingerprint,
 )
 
@@ -84,6 +84,7 @@ class ExtractResult:
     nonfinite: list[Problem] = field(default_factory=list)  # scored non-finite, not stored
     samples_lost_to_others: int = 0  # scored here, but another writer committed their range first
     samples_reused: int = 0  # copied from an earlier dataset of the store with the same scoring settings
+    shards_copied: int = 0  # earlier datasets' shards copied whole (renamed, not decoded): part of the above
 
     @property
     def tokens_per_s(self) -> float:
@@ -135,7 +136,8 @@ def extract(
     lid = logits_id(meta)
     uri = f"{store_uri.rstrip('/')}/logits/{lid}"
     result = ExtractResult(uri=uri, logits_id=lid)
-    samples = usable_samples(dataset, tok, template, settings, result)  # before anything is stored
+    scoring = scoring_key(meta)
+    samples, keys = usable_samples(dataset, tok, template, settings, result, scoring)  # before anything is stored
     check_store(store_uri)
     t0 = time.perf_counter()
     with store_errors(store_uri), LogitsWriter(uri, meta, shard_rows=settings.shard_rows, team=settings.team,
@@ -150,29 +152,29 @@ def extract(
 
             bar = tqdm(total=len(samples), initial=result.samples_already_stored, unit="sample",
                        desc=f"{teacher_name}", file=sys.stderr, dynamic_ncols=True)
-        reuse = ReuseIndex.build(store_uri, meta, exclude_uri=uri) if settings.reuse else None
-        scoring = scoring_key(meta)
+        encoding = writer.codec.describe()
+        reuse = ReuseIndex.build(store_uri, meta, encoding, exclude_uri=uri) if settings.reuse else None
         nonfinite_ids: set[str] = set()
         for claim in writer.claims(list(by_id), exclude=nonfinite_ids):
-            window = [
-                tokenize_sample(by_id[sid], tok, template, settings.max_length, settings.all_positions)
-                for sid in claim.sample_ids
-            ]
-            scored: list[ScoredSample] = []
-            reused_here = 0
+            plan = ReusePlan()
             if reuse is not None and len(reuse):  # samples an earlier dataset already scored: copied
-                found = reuse.fetch([(sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions),
-                                      ts.sample_id) for ts in window])
-                if found:
-                    scored.extend(found.values())
-                    reused_here = len(found)
-                    result.samples_reused += reused_here
-                    result.samples_already_stored += reused_here  # progress counts them as stored
-                    window = [ts for ts in window if ts.sample_id not in found]
-                    if bar is not None:
-                        bar.update(reused_here)
-                    if on_batch is not None:
-                        on_batch(result)
+                plan = reuse.plan([(keys[sid], sid) for sid in claim.sample_ids], encoding)
+            reused = plan.sample_ids
+            scored: list[ScoredSample] = list(plan.samples.values())
+            reused_here = len(reused)
+            if reused_here:
+                result.samples_reused += reused_here
+                result.samples_already_stored += reused_here  # progress counts them as stored
+                if bar is not None:
+                    bar.update(reused_here)
+                if on_batch is not None:
+                    on_batch(result)
+            # only the samples to score are tokenised again (the input check kept their keys, not tokens)
+            window = tokenize_samples([by_id[sid] for sid in claim.sample_ids if sid not in reused], tok, template,
+                                      settings.max_length, settings.all_positions)
+            for ts in window:  # checked at the start: only a tokenizer that changed since gets here
+                if isinstance(ts, UserError):
+                    raise ts
             for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
                 batch: list[TokenizedSample] = [window[i] for i in idx]
                 scores = backend.score(batch, settings.k)
@@ -212,10 +214,13 @@ def extract(
                     bar.set_postfix(tok_s=f"{result.tokens_per_s:,.0f}")
                 if on_batch is not None:
                     on_batch(result)
-            if not claim.commit(scored):  # another writer committed this range first: ours is dropped
-                result.samples_scored -= len(scored) - reused_here
-                result.samples_lost_to_others += len(scored) - reused_here
+            if not claim.commit(scored, plan.copies):  # another writer committed this range first: dropped
+                scored_here = len(scored) - len(plan.samples)
+                result.samples_scored -= scored_here
+                result.samples_lost_to_others += scored_here
                 result.samples_reused -= reused_here
+            else:
+                result.shards_copied += len(plan.copies)
         if bar is not None:
             bar.close()
         result.samples_already_stored = len(samples) - result.samples_scored  # incl. reused ones
@@ -262,23 +267,32 @@ def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
             f"(first at token {first})")
 
 
+CHECK_CHUNK = 1024  # samples rendered and tokenised together by the input check
+
+
 def usable_samples(
-    dataset: Dataset, tokenizer, template: str | None, settings: ExtractSettings, result: ExtractResult
-) -> list[Sample]:
-    """The samples of `dataset` this teacher can take: each is rendered with `template` and tokenised as
-    scoring will (`teacher_server.render.sample_problem`). Raises `UserError` naming the line of every
+    dataset: Dataset, tokenizer, template: str | None, settings: ExtractSettings, result: ExtractResult,
+    scoring: str,
+) -> tuple[list[Sample], dict[str, str]]:
+    """The samples of `dataset` this teacher can take, and each one's content key under `scoring`
+    (`datastore.reuse.sample_key`, by sample id): each is rendered with `template` and tokenised as
+    scoring will (`teacher_server.render.checked_samples`). Raises `UserError` naming the line of every
     sample refused (at most 3 shown) unless `settings.skip_invalid`, which records them in
     `result.skipped` and leaves them out."""
     usable: list[Sample] = []
+    keys: dict[str, str] = {}
     problems: list[Problem] = []
-    for sample in dataset.samples:
-        reason = sample_problem(sample, tokenizer, template, settings.max_length)
-        if reason is None:
-            usable.append(sample)
-        else:
-            problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
+    for start in range(0, len(dataset.samples), CHECK_CHUNK):  # only a chunk's tokens are held at once
+        chunk = dataset.samples[start : start + CHECK_CHUNK]
+        checked = checked_samples(chunk, tokenizer, template, settings.max_length, settings.all_positions)
+        for sample, (ts, reason) in zip(chunk, checked, strict=True):
+            if ts is not None:
+                usable.append(sample)
+                keys[sample.id] = sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions)
+            else:
+                problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
     if not problems:
-        return usable
+        return usable, keys
     problems = _located(dataset, problems)
     if not settings.skip_invalid:
         shown = "; ".join(str(p) for p in problems[:3])
@@ -291,7 +305,7 @@ def usable_samples(
         raise UserError(f"{dataset.source or 'dataset'}: no sample the teacher's template and tokenizer accept "
                         f"(first: {problems[0]})")
     result.skipped = problems
-    return usable
+    return usable, keys
 
 
 def _located(dataset: Dataset, problems: list[Problem]) -> list[Problem]:
