@@ -193,8 +193,8 @@ def make_teacher(
     from clients.corpus import training_texts
 
     out = Path(out_dir)
-    if texts is None:
-        texts = training_texts(400, seed=seed + 1)
+    default_texts = list(training_texts(400, seed=seed + 1))
+    texts = default_texts if texts is None else list(texts)
     settings = {
         "arch": arch,
         "tokenizer": tokenizer_kind,
@@ -206,7 +206,7 @@ def make_teacher(
         "overrides": config_overrides,
         "version": 1,
     }
-    if texts != training_texts(400, seed=seed + 1):  # the default keeps the keys of existing caches
+    if texts != default_texts:  # the default keeps the keys of existing caches
         settings["texts"] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     marker = out / "logitfuse_teacher.json"

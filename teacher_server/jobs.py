@@ -32,6 +32,7 @@ from datastore.errors import UserError
 from teacher_server.auth import AuthError, Principal
 from teacher_server.config import ServiceConfig
 from teacher_server.render import shared_templates
+from teacher_server.weights import weights_stamp
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -137,9 +138,11 @@ class DatasetRecord:
                 "bytes": self.bytes}
 
 
-def job_key(dataset_id: str, teacher: str, k: int, chat_template: str, max_length: int, all_positions: bool) -> str:
-    """Identity of a job's result: the same key means the same logits dataset."""
-    payload = json.dumps([dataset_id, teacher, k, chat_template, max_length, all_positions])
+def job_key(dataset_id: str, teacher: str, k: int, chat_template: str, max_length: int, all_positions: bool,
+            weights: str = "") -> str:
+    """Identity of a job's result: the same key means the same logits dataset. `weights` is the teacher's
+    `weights_stamp`, so retrained weights at the same path make a new job instead of returning the old one."""
+    payload = json.dumps([dataset_id, teacher, k, chat_template, max_length, all_positions, weights])
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -548,7 +551,7 @@ class JobService:
         ds = self.db.dataset(dataset_id)
         if ds is None:
             raise UserError(f"unknown dataset {dataset_id!r}: upload it first with POST /v1/datasets")
-        key = job_key(dataset_id, t.name, k, template, length, all_positions)
+        key = job_key(dataset_id, t.name, k, template, length, all_positions, weights_stamp(t.model))
         job, created = self.db.create_job(key, t.name, dataset_id, k, template, length, all_positions, team,
                                           ds.samples, max_queued=self.config.queue_limit(team))
         if created and self.supervisor is not None:

@@ -122,6 +122,24 @@ def cached_digests(paths: list[Path], cache: Path | None = None) -> dict[Path, s
     return out
 
 
+def weights_stamp(model_dir: str | Path) -> str:
+    """A cheap 16-hex-digit stamp of a local checkpoint directory's current files, read from metadata only:
+    XXH3-128 over the name and stat key (size, mtime, ctime, inode) of every weight file and the bytes of
+    its config files. It changes whenever a weight file is rewritten (retrained weights at the same path)
+    without reading any weights, so a service can key its jobs on it per request; `weights_revision` is
+    the content identity stored with the logits. A hub id (not a directory) is returned as given."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return str(model_dir)
+    h = xxhash.xxh3_128()
+    for f in sorted(p for p in root.glob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h.update(json.dumps([f.name, _stat_key(f.stat())]).encode())
+    for name in CONFIG_FILES:
+        if (root / name).is_file():
+            h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def weights_revision(model_dir: str | Path, cache: Path | None = None) -> str:
     """A 16-hex-digit identifier of a local checkpoint directory: XXH3-128 over the name, size and
     content digest of every weight file (`WEIGHT_SUFFIXES`) at its top level, where transformers loads

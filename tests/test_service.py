@@ -285,3 +285,29 @@ def test_config_paths_are_relative_to_the_file(tmp_path):
     assert cfg.store == str(tmp_path / "store") and cfg.teachers[0].model == str(tmp_path / "models" / "t")
     assert cfg.state_dir == str(tmp_path / ".logitfuse-service") and cfg.tokens is None
     assert load_config(path, store="s3://bucket/prefix").store == "s3://bucket/prefix"
+
+
+def test_resubmission_after_retraining_at_the_same_path_is_a_new_job(tmp_path):
+    """A service restarted on its state directory must not hand back the old job's logits when the
+    teacher's weights were rewritten at the same path (the demo retrains its teachers in place)."""
+    import shutil
+    import time
+
+    from teacher_server.config import parse_config
+    from teacher_server.jobs import DatasetRecord, JobService
+
+    model = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher(), model)
+    cfg = parse_config(service_config(tmp_path, [teacher_entry("tiny", model)]))
+    service = JobService(cfg)
+    service.db.add_dataset(DatasetRecord("d1", str(tmp_path / "d.jsonl"), "jsonl", 3, 0, False, 10, time.time()))
+    first, created = service.submit("d1", "tiny", 5, None, None, False, team="research")
+    assert created
+    again, created = JobService(cfg).submit("d1", "tiny", 5, None, None, False, team="research")
+    assert (again.id, created) == (first.id, False)  # same weights: the existing job
+    weights = next(model.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data)  # retrained in place (same bytes suffice: a rewrite is a new file)
+    retrained, created = JobService(cfg).submit("d1", "tiny", 5, None, None, False, team="research")
+    assert created and retrained.id != first.id
