@@ -373,6 +373,20 @@ def _validate_upload(path: str, skip_invalid: bool, limits: Limits) -> ScanResul
         raise type(e)(str(e).replace(path, "upload")) from None
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (child) process receive SIGKILL when its parent dies (Linux PR_SET_PDEATHSIG), so a
+    killed service leaves no worker or validation process behind; exits at once if the parent is gone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 class DatasetStore:
     """Uploaded datasets under `STATE/datasets/<id>.<jsonl|parquet>`, id = sha256[:16] of the bytes (the
     same id `load_dataset` gives the file, so the CLI and the service name a dataset alike)."""
@@ -391,7 +405,8 @@ class DatasetStore:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(self.validators, mp_context=mp.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.validators, mp_context=mp.get_context("spawn"),
+                                             initializer=die_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def start(self) -> None:

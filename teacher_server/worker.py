@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from datastore.errors import UserError
 from teacher_server.config import ServiceConfig, TeacherConfig
-from teacher_server.jobs import JobDB
+from teacher_server.jobs import JobDB, die_with_parent
 
 POLL_S = 0.1
 #: how often a running job's worker checks whether the job was cancelled (seconds)
@@ -66,18 +66,6 @@ def make_backend(t: TeacherConfig):
     if device and device.startswith("cuda"):
         device = "cuda:0"  # CUDA_VISIBLE_DEVICES already narrows the process to its devices
     return HFBackend(t.model, dtype=t.dtype, device=device)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _assign_devices(t: TeacherConfig) -> None:
@@ -302,7 +290,7 @@ class _Worker:
 
 def worker_main(teacher_json: str, store: str, db_path: str, requests, responses, parent_pid: int) -> None:
     """Entry point of a teacher worker process (spawned)."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     # A process group of its own: vLLM starts engine processes that would outlive a killed worker; the
     # supervisor kills the whole group (now, or at the next start after a crash) so no model stays loaded.
     os.setpgid(0, 0)

@@ -33,6 +33,19 @@ def _serve(config: Path, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))  # noqa: SIM115
 
 
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
 def test_kill_9_mid_job_then_resume(tmp_path):
     from datastore.reader import LogitsReader
 
@@ -58,13 +71,17 @@ def test_kill_9_mid_job_then_resume(tmp_path):
                 assert state["state"] in ("queued", "running"), state
                 assert time.monotonic() < deadline, "no shard committed in time"
                 time.sleep(0.05)
+        children = _children(proc.pid)  # the teacher worker and the upload validation process
+        assert len(children) >= 2, children
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    # The worker dies with the server (PR_SET_PDEATHSIG); give the kernel a moment to reap it.
+    # Workers and validators die with the server (PR_SET_PDEATHSIG); give the kernel a moment to reap them.
     time.sleep(1)
+    assert not {c for c in children if Path(f"/proc/{c}").exists() and
+                Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}, "orphaned processes"
     killed_at = len(LogitsReader(state["uri"]).manifest.shards)
     assert killed_at < 20, "the job finished before the kill; make it longer"
 
