@@ -324,12 +324,19 @@ def sample_problem(sample: Sample, tokenizer, template_source: str | None, max_l
     the chat, e.g. Mistral-v0.1's "roles must alternate") and tokenising. Used to validate a dataset
     for a teacher before any sample is scored.
     """
+    checked = tokenize_checked(sample, tokenizer, template_source, max_length)
+    return checked if isinstance(checked, str) else None
+
+
+def tokenize_checked(sample: Sample, tokenizer, template_source: str | None, max_length: int,
+                     all_positions: bool = False) -> TokenizedSample | str:
+    """`tokenize_sample`'s result, or why the sample cannot be extracted (one line: an id that is not
+    valid Unicode, a template that refuses the chat, text the tokenizer rejects)."""
     try:
         sample.id.encode("utf-8")
     except UnicodeEncodeError as e:
         return f"'id' has a lone surrogate {sample.id[e.start]!r}: ids are stored as UTF-8, so must be valid Unicode"
     try:
-        tokenize_sample(sample, tokenizer, template_source, max_length)
+        return tokenize_sample(sample, tokenizer, template_source, max_length, all_positions)
     except UserError as e:
         return str(e)
-    return None
