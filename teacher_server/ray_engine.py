@@ -95,6 +95,25 @@ def connect(address: str):
     return ray
 
 
+def check_fits(resources: dict, options: RayConfig) -> None:
+    """Refuse (UserError, one line) a pool the cluster cannot hold at once: replicas keep their CPUs and
+    GPUs for the whole job, and tokenisation tasks need `tokenize_cpus` beside them, so a pool that takes
+    every CPU would wait forever. `resources` is `ray.cluster_resources()` (current, not autoscaled)."""
+    cpus = options.replicas * options.num_cpus + options.tokenize_cpus
+    have_cpus = float(resources.get("CPU", 0))
+    if cpus > have_cpus + 1e-9:
+        raise UserError(
+            f"ray: {options.replicas} replica(s) x {options.num_cpus:g} CPU + {options.tokenize_cpus:g} CPU for "
+            f"tokenising = {cpus:g} CPUs, but the cluster has {have_cpus:g}: give each replica fewer CPUs "
+            f"(fractions are fine, e.g. num_cpus 0.5 / --replica-cpus 0.5) or fewer replicas"
+        )
+    gpus = options.replicas * options.num_gpus
+    have_gpus = float(resources.get("GPU", 0))
+    if gpus > have_gpus + 1e-9:
+        raise UserError(f"ray: {options.replicas} replica(s) x {options.num_gpus:g} GPU = {gpus:g} GPUs, but the "
+                        f"cluster has {have_gpus:g}")
+
+
 @dataclass
 class _Identity:
     """What `logits_meta` needs of a backend, without loading the model: tokenizer and weights revision."""
@@ -202,6 +221,7 @@ class RayPool:
 
         self.teacher, self.options = teacher, options
         self.ray = connect(options.address)
+        check_fits(self.ray.cluster_resources(), options)
         try:
             tokenizer = AutoTokenizer.from_pretrained(teacher.model)
         except OSError as e:

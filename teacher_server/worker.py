@@ -275,6 +275,7 @@ class _Worker:
                 from teacher_server.ray_engine import RayPool
 
                 self.backend = RayPool(self.t, self.t.ray)
+                self.backend.pids()  # every replica's model loaded before the teacher is "ready"
             else:
                 self.backend = make_backend(self.t)
         except Exception as e:  # noqa: BLE001 - every queued job learns why

@@ -236,3 +236,54 @@ def test_vllm_replica_stores_what_backend_vllm_stores(ray_cluster, tmp_path):
         (runs[name],) = store.glob("logits/*/_delta_log")
     assert runs["plain"].parent.name == runs["ray"].parent.name
     _same_values(str(runs["ray"].parent), str(runs["plain"].parent), len(_records()))
+
+
+@pytest.mark.slow
+def test_service_teacher_with_engine_ray_runs_its_jobs_on_the_cluster(ray_cluster, tmp_path, dataset, reference):
+    """teachers.yaml `engine: ray`: the job runs on a replica (the shards' writer is a Ray actor process,
+    not the service's worker), its status shows progress and tokens/s as it runs, /v1/topk answers."""
+    from test_service import service_config, teacher_entry
+
+    from clients.client import TeacherClient, run_local_service
+    from datastore.reader import LogitsReader
+
+    entry = teacher_entry("llama-spm", tiny_teacher(), engine="ray", shard_rows=SETTINGS["shard_rows"],
+                          batch_tokens=SETTINGS["batch_tokens"], max_length=SETTINGS["max_length"],
+                          ray={"address": ray_cluster, "replicas": 1, "num_cpus": 0.5, "tokenize_cpus": 0.25})
+    cfg = service_config(tmp_path, [entry])
+    statuses = []
+    with run_local_service(cfg, log_path=tmp_path / "serve.log") as url, TeacherClient(url) as client:
+        top = client.topk("llama-spm", chat_samples(1, seed=2), k=3)
+        assert len(top["results"][0]["topk_ids"][0]) == 3
+        ds = client.upload(dataset)
+        job = client.submit(ds["id"], "llama-spm", k=SETTINGS["k"])
+        while job["state"] in ("queued", "running"):
+            statuses.append(job)
+            time.sleep(0.1)
+            job = client.job(job["id"])
+        uri = str(tmp_path / "store" / "logits" / reference.logits_id)
+        writers = {int(s.writer.split(":")[1]) for s in LogitsReader(uri).manifest.shards}
+        assert len(writers) == 1  # one replica wrote every shard, the service's worker process none
+        (pid,) = writers
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::Replica"), pid
+    assert job["state"] == "done", job
+    assert job["samples_done"] == job["samples_total"] == 36 and job["tokens_per_s"] > 0
+    assert any(0 < s["samples_done"] < 36 and s["tokens_per_s"] > 0 for s in statuses), statuses
+    _same_values(uri, reference.uri, 36)
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused_in_one_line():
+    """Replicas keep their CPUs for the whole job and tokenising needs some beside them: on 2 CPUs, two
+    1-CPU replicas would wait forever (Ray deadlocks); fractions fit."""
+    from teacher_server.config import RayConfig
+    from teacher_server.ray_engine import check_fits
+
+    two_cpus = {"CPU": 2.0}
+    with pytest.raises(UserError, match=r"2 replica\(s\) x 1 CPU \+ 0.5 CPU for tokenising = 2.5 CPUs, but the "
+                                        r"cluster has 2: .*fractions"):
+        check_fits(two_cpus, RayConfig(replicas=2, num_cpus=1))
+    check_fits(two_cpus, RayConfig(replicas=2, num_cpus=0.75))
+    check_fits(two_cpus, RayConfig(replicas=3, num_cpus=0.5, tokenize_cpus=0.25))
+    with pytest.raises(UserError, match="1 GPU = 2 GPUs, but the cluster has 1"):
+        check_fits({"CPU": 64.0, "GPU": 1.0}, RayConfig(replicas=2, num_gpus=1))
+    check_fits({"CPU": 64.0, "GPU": 1.0}, RayConfig(replicas=2, num_gpus=0.5))
