@@ -358,13 +358,15 @@ class RayPool:
         ray = self.ray
         pending = [r.run.remote(job) for r in self._replicas]
         failed: list[str] = []
+        finished: set[str] = set()  # runs whose final counters arrived: later queue items are older
         shown = before
 
         def report() -> None:
             nonlocal shown
             while not queue.empty():
                 token, res = queue.get_nowait()
-                latest[token] = res
+                if token not in finished:
+                    latest[token] = res
             live = ExtractResult(uri=result.uri, logits_id=result.logits_id)
             _sum_into(live, latest.values())
             live.seconds = time.perf_counter() - t0
@@ -384,6 +386,7 @@ class RayPool:
                     try:
                         token, res = ray.get(ref)
                         latest[token] = res
+                        finished.add(token)
                     except ray.exceptions.RayTaskError as e:
                         if isinstance(e.cause, UserError):
                             raise e.cause from None
