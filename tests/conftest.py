@@ -111,13 +111,12 @@ def ray_cluster(tmp_path_factory):
     import logging
 
     repo = str(Path(__file__).resolve().parents[1])
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # the cluster's processes (and the workers they start) keep it
         mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv("OMP_NUM_THREADS", "1")
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 << 20, logging_level=logging.WARNING,
                  _temp_dir=str(tmp_path_factory.mktemp("ray")))
-        try:
-            yield ray.get_runtime_context().gcs_address
-        finally:
-            ray.shutdown()
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
