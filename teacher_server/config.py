@@ -79,7 +79,7 @@ class TeacherConfig(BaseModel):
 
     @model_validator(mode="after")
     def _devices(self) -> TeacherConfig:
-        if "ray" in self.model_fields_set and self.engine != "ray":
+        if self.engine != "ray" and self.ray != RayConfig():  # (a dumped config carries the defaults)
             raise ValueError(f"teacher {self.name!r}: 'ray' settings given but engine is {self.engine!r}; "
                              f"set engine: ray")
         if self.engine == "ray" and self.devices:

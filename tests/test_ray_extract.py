@@ -81,7 +81,11 @@ def test_teachers_yaml_engine_ray_is_validated():
                                               "num_gpus": 0.25}}]})
     ray = cfg.teachers[0].ray
     assert (ray.address, ray.replicas, ray.num_cpus, ray.num_gpus) == ("10.0.0.1:6379", 4, 0.5, 0.25)
-    assert parse_config({"teachers": [{"name": "t", "model": "m"}]}).teachers[0].engine == "local"
+    local = parse_config({"teachers": [{"name": "t", "model": "m"}]}).teachers[0]
+    assert local.engine == "local"
+    # what the service hands its worker processes: the dumped config, defaults and all, validates again
+    assert type(local).model_validate_json(local.model_dump_json()) == local
+    assert type(cfg.teachers[0]).model_validate_json(cfg.teachers[0].model_dump_json()) == cfg.teachers[0]
     for teacher, words in (
         ({"engine": "ray", "ray": {"num_cpus": 0}}, ["teachers.0.ray.num_cpus", "greater than 0"]),
         ({"engine": "ray", "ray": {"replicas": 0}}, ["teachers.0.ray.replicas"]),
