@@ -6,13 +6,15 @@
                directory; ms per shard and the ratio (process CPU time and wall time).
   reuse        extending a dataset by a fraction (default 2,000 samples + 5%): extract of the extended
                dataset into a store that holds the original (only the new samples are scored, the rest
-               copied) against extract of it from scratch; process CPU time, same tiny teacher, ratio.
+               copied) against extract of it from scratch; process CPU time, same tiny teacher, ratio;
+               new samples appended (ranges line up with the original's shards) and spread at random.
   writers      aggregate extraction throughput of 1 vs N concurrent writers (separate processes, each
                with its own tiny teacher, all extracting the same dataset through range claims); wall
                time from a common start (models already loaded) to the last writer's exit; samples/s and
                the ratio. CPU-bound: the machine's free cores cap it.
 
     python bench/bench_datastore.py [--shards 60] [--samples 96] [--writers 4] [--reuse-samples 2000]
+                                    [--reuse-layouts appended,spread] [--only commit|reuse|writers]
 """
 
 from __future__ import annotations
@@ -149,7 +151,15 @@ def _tiny_backend():
     return HFBackend("bench-tiny", model_obj=model.eval(), tokenizer=tok, device="cpu")
 
 
-def bench_reuse(samples: int, fraction: float, tmp: Path) -> None:
+def bench_reuse(samples: int, fraction: float, tmp: Path, layouts: list[str]) -> None:
+    """Extending `samples` chats by `fraction`: extract of the extended dataset from scratch against
+    extract of it into a store that holds the original, same teacher, same process, interleaved.
+
+    Layouts: ``appended`` (the new chats after the original ones: every range of the extended dataset
+    but the last lines up with a shard of the original, which is copied whole) and ``spread`` (the new
+    chats inserted at random places: no range lines up, every reused sample is decoded and re-encoded)."""
+    import random
+
     import torch
 
     from clients.corpus import chat_samples, write_jsonl
@@ -161,7 +171,6 @@ def bench_reuse(samples: int, fraction: float, tmp: Path) -> None:
     n_new = max(1, round(samples * fraction))
     records = chat_samples(samples + n_new, seed=17, max_turns=3)
     original = load_dataset(write_jsonl(records[:samples], tmp / "original.jsonl"))
-    extended = load_dataset(write_jsonl(records, tmp / "extended.jsonl"))
     settings = ExtractSettings(k=10, chat_template="inst", shard_rows=512)
 
     def timed(data, store: Path):
@@ -169,18 +178,32 @@ def bench_reuse(samples: int, fraction: float, tmp: Path) -> None:
         res = extract(backend, data, str(store), "bench", settings, progress=False)
         return time.process_time() - c, res
 
-    extract(backend, original, str(tmp / "shared"), "bench", settings, progress=False)  # the earlier dataset
-    scratch_s, scratch = timed(extended, tmp / "scratch")
-    reuse_s, reused = timed(extended, tmp / "shared")
-    # the generated corpus repeats some short chats: a "new" sample identical to an old one is reused too
-    assert reused.samples_scored + reused.samples_reused == samples + n_new and reused.samples_scored <= n_new
-    print(f"\nreuse: {samples} samples + {n_new} new ({fraction:.0%}), {scratch.tokens} tokens scored from scratch; "
-          f"{reused.samples_reused} reused, {reused.samples_scored} scored")
-    print("| extract of the extended dataset | CPU s | samples scored | vs from scratch |")
-    print("|---|---:|---:|---:|")
-    print(f"| from scratch | {scratch_s:.2f} | {scratch.samples_scored} | 1.00x |")
-    print(f"| over the store holding the original | {reuse_s:.2f} | {reused.samples_scored} | "
-          f"{reuse_s / scratch_s:.3f}x |")
+    earlier_s, _ = timed(original, tmp / "shared")  # the earlier dataset, scored once
+    rows = []
+    for layout in layouts:
+        extended = list(records)
+        if layout == "spread":
+            rng = random.Random(0)
+            extended = list(records[:samples])
+            for r in records[samples:]:
+                extended.insert(rng.randrange(len(extended) + 1), r)
+        data = load_dataset(write_jsonl(extended, tmp / f"extended-{layout}.jsonl"))
+        store = tmp / f"shared-{layout}"
+        shutil.copytree(tmp / "shared", store)  # a store holding only the original
+        scratch_s, scratch = timed(data, tmp / f"scratch-{layout}")
+        reuse_s, reused = timed(data, store)
+        # the generated corpus repeats some short chats: a "new" sample identical to an old one is reused too
+        assert scratch.samples_scored == samples + n_new
+        assert reused.samples_scored + reused.samples_reused == samples + n_new and reused.samples_scored <= n_new
+        rows.append((layout, scratch_s, reuse_s, reused))
+    print(f"\nreuse: {samples} chats + {n_new} new ({fraction:.0%}); the original scored once in {earlier_s:.2f} CPU s; "
+          f"tiny teacher, k=10, shard/range rows 512, one torch thread")
+    print("| new chats | from scratch CPU s | over the store holding the original CPU s | scored | reused "
+          "(whole shards copied) | reuse / scratch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for layout, scratch_s, reuse_s, r in rows:
+        print(f"| {layout} | {scratch_s:.2f} | {reuse_s:.2f} | {r.samples_scored} | {r.samples_reused} "
+              f"({r.shards_copied}) | **{reuse_s / scratch_s:.3f}x** |")
 
 
 def main() -> None:
@@ -191,14 +214,20 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--reuse-samples", type=int, default=2000)
     ap.add_argument("--reuse-fraction", type=float, default=0.05)
-    ap.add_argument("--only", choices=["commit", "reuse", "writers"], default=None)
+    ap.add_argument("--reuse-layouts", default="appended,spread",
+                    help="where the new chats go: appended, spread (comma-separated)")
+    ap.add_argument("--only", choices=["commit", "reuse", "writers"], default=None,
+                    help="run one part only")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-datastore-"))
     try:
         if args.only in (None, "commit"):
             bench_commit(args.shards, args.rows, tmp)
         if args.only in (None, "reuse"):
-            bench_reuse(args.reuse_samples, args.reuse_fraction, tmp)
+            layouts = [x for x in args.reuse_layouts.split(",") if x]
+            if not set(layouts) <= {"appended", "spread"}:
+                ap.error(f"--reuse-layouts {args.reuse_layouts!r}: expected appended and/or spread")
+            bench_reuse(args.reuse_samples, args.reuse_fraction, tmp, layouts)
         if args.only in (None, "writers"):
             bench_writers(args.samples, args.writers, tmp)
     finally:

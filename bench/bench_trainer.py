@@ -11,8 +11,13 @@
     Peak memory: peak RSS (Linux ``VmHWM``) of a fresh subprocess per variant, reset after the warm-up step
     (``/proc/self/clear_refs`` = 5) and reported above the RSS once model, optimizer state and batch exist.
     torch has no CPU allocator statistics, and tracemalloc does not see its allocations.
+(c) DDP on CPU (issue 13): the same run (model, targets, global batch of 4 packed rows, steps, seed) on one
+    process and on 2 processes (`accelerate launch --config_file trainer/configs/ddp_cpu.yaml`, gloo), one
+    torch thread each; throughput from the steps' own timings in OUT/logs/train.jsonl (median step after
+    two warm-up steps), so process start-up and model loading are not counted. The ratio is bounded by the
+    free cores: 2 at most on a 2-core machine, less when other jobs run.
 
-    python bench/bench_trainer.py [--quick]
+    python bench/bench_trainer.py [--quick] [--only a,b,c]
 """
 
 from __future__ import annotations
@@ -166,20 +171,93 @@ def bench_steps(quick: bool) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------- (c) 1 vs 2 DDP processes on CPU
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_ddp(quick: bool) -> list[dict]:
+    """The same training run on 1 and on 2 CPU processes; per-step seconds and tokens/s from train.jsonl."""
+    from clients.tiny_models import build_model, load_tokenizer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    steps = 6 if quick else 10
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer("spm32k")
+        model = build_model("llama", tokenizer, seed=0, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+        pivot = os.path.join(tmp, "pivot")
+        model.save_pretrained(pivot)
+        tokenizer.save_pretrained(pivot)
+        targets = os.path.join(tmp, "targets")
+        make_targets(targets, 300, vocab=len(tokenizer))
+        for processes in (1, 2):
+            run = os.path.join(tmp, f"run{processes}")
+            args = ["-m", "clients.cli", "train", "--targets", targets, "--model", pivot, "--out", run,
+                    "--max-steps", str(steps), "--batch-size", "4", "--micro-batch-size", "1", "--max-length", "512",
+                    "--report-to", "none", "--cpu"]
+            if processes == 1:
+                cmd = [sys.executable, *args]
+            else:
+                cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       os.path.join(root, "trainer", "configs", "ddp_cpu.yaml"), "--num_processes", str(processes),
+                       "--main_process_port", str(_free_port()), *args]
+            subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True)
+            with open(os.path.join(run, "logs", "train.jsonl")) as f:
+                records = [json.loads(line) for line in f][2:]
+            seconds = float(np.median([r["seconds"] for r in records]))
+            tokens = float(np.median([r["tokens"] for r in records]))
+            out.append({"processes": processes, "median_step_s": round(seconds, 3), "tokens_per_step": tokens,
+                        "tokens_per_s": round(tokens / seconds, 1), "final_loss": records[-1]["loss"]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="a,b,c", help="which parts: a (data path), b (step), c (DDP)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
         print(json.dumps(step_variant(args.variant, args.quick)))
         return
-    data = bench_data(args.quick)
+    parts = set(args.only.split(","))
+    if "a" in parts:
+        report_data(args.quick)
+    if "b" in parts:
+        report_steps(args.quick)
+    if "c" in parts:
+        runs = bench_ddp(args.quick)
+        one, two = runs
+        print(f"(c) DDP on CPU, same run (global batch 4 rows x 512 tokens, llama 2 layers x 256, vocab 32000), "
+              f"1 thread per process; {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores")
+        print(f"    {'processes':>9} {'median step s':>14} {'tokens/step':>12} {'tokens/s':>9} {'final loss':>11}")
+        for r in runs:
+            print(f"    {r['processes']:>9} {r['median_step_s']:>14.3f} {r['tokens_per_step']:>12.0f} "
+                  f"{r['tokens_per_s']:>9.1f} {r['final_loss']:>11.4f}")
+        print(f"    2 processes / 1: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x tokens/s "
+              f"(same losses: {abs(two['final_loss'] - one['final_loss']) <= 1e-4 * abs(one['final_loss'])})")
+
+
+def report_data(quick: bool) -> None:
+    data = bench_data(quick)
     print("(a) data path: stored target shards -> packed tensors (seq 2048 x batch 8), 1 thread")
     print(json.dumps(data, indent=1))
     print(f"    target tokens/s per core: {data['target_tokens_per_cpu_s']:,} per CPU-second "
           f"({data['target_tokens_per_s_wall']:,} wall)   goal >= 200,000")
-    steps = bench_steps(args.quick)
+
+
+def report_steps(quick: bool) -> None:
+    steps = bench_steps(quick)
     print("(b) one optimizer step, same model and batch (1 thread); peak RSS reset after warm-up")
     print(f"    {'variant':16} {'step s':>8} {'peak RSS MiB':>13} {'step peak above base MiB':>25}")
     for r in steps:

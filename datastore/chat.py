@@ -98,16 +98,24 @@ class InvalidDataset(UserError):
 MAX_PROBLEMS = 100
 
 
-def _check_unicode(value: str, what: str) -> None:
-    """Reject a string that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON can
-    encode but UTF-8 cannot, so no tokenizer or Parquet writer accepts it)."""
+def unicode_problem(value: str, what: str) -> str | None:
+    """Why `value` (named `what` in the message) is not valid Unicode, or None: a lone UTF-16 surrogate
+    such as "\\ud800", which JSON can encode but UTF-8 cannot, so no tokenizer or Parquet writer takes it."""
     if value.isascii():
-        return
+        return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} has a lone surrogate {value[e.start]!r} at character {e.start}; "
-                         f"text must be valid Unicode") from None
+        return (f"{what} has a lone UTF-16 surrogate {value[e.start]!r} at character {e.start} (JSON can encode "
+                f"it, UTF-8 cannot); text must be valid Unicode")
+    return None
+
+
+def _check_unicode(value: str, what: str) -> None:
+    """Reject a string that is not valid Unicode (`unicode_problem`) with ValueError."""
+    problem = unicode_problem(value, what)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def parse_record(rec: Any) -> Sample:

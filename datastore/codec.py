@@ -8,18 +8,26 @@ tail: -80 is as exact as -0.1. Below the floor (``-inf`` included, which vLLM re
 a logprob is stored as the floor: its probability is exactly 0 in float64 either way. NaN is rejected.
 `CodecConfig(step_units=1, step_log2=5)` gives 1/32 nat (bound 1/64).
 
-Encoding v2 (`logitfuse-topk-v2`, written now). Per position: the number of entries ``kt`` (k unless
-the extraction truncated the row, `truncate_topk`), the gold next token's rank among them (its id and
-logprob are then not stored again) or "absent" plus its distance below the last entry, the top-1's
-``q`` and the ``kt - 1`` gaps between consecutive ranks, and the ids. An id is 1 + its index in the
-shard's context list of the current token ``input_ids[t]`` (ids seen after that token at least twice in
-the shard's top-k, most frequent first), or 0 and its rank in the shard vocabulary (ids by frequency).
-Every one of these integers is coded by `datastore._ans` (constriction's rANS) under a static model per
-*class*, counted over the shard: a gap's class is its rank and the previous gap (or the top-1's ``q``),
-an id's its rank, so peaked and flat rows, early and late ranks, each get their own statistics. One ANS
-stream per shard sits in the Parquet key-value metadata (`TOPK_KEY`) beside the vocabulary, context
-table and class histograms (`TABLE_KEY`); the rows hold the sample itself (input ids as a zstd byte
-stream, text, spans). Decoding is vectorised numpy plus one constriction call per class.
+Encoding v3 (`logitfuse-topk-v3`, written since 2026-11-30). Per position: the number of entries ``kt``
+(k unless the extraction truncated the row, `truncate_topk`), the gold next token's rank among them (its
+id and logprob are then not stored again) or "absent" plus its distance below the last entry, the
+top-1's ``q`` and the ``kt - 1`` gaps between consecutive ranks, and the ids. An id is, in this order of
+preference: 1 + its index in the shard's context list of the current token ``input_ids[t]`` (ids seen
+after that token at least twice in the shard's top-k, most frequent first), counted among the entries that
+the row's gold token and earlier list-coded ids do not hold (exclusion, `_exclude`); a copy of an entry of one of
+the sample's previous `COPY_ROWS` rows (the symbol says how many rows back, the rank there is a symbol of
+its own class); how far back it last occurred in the sample's tokens (bit length, then the low bits); or
+0 and its rank in the shard vocabulary (ids by frequency). Every one of these integers is coded by
+`datastore._ans` (constriction's rANS) under a static model per *class*, counted over the shard: a gap's
+class is the previous gap and the previous entry's level in nats (for the first gap the top-1's ``q``),
+an id's its rank and the length of its context list. One ANS stream per shard sits in the Parquet
+key-value metadata (`TOPK_KEY`) beside the vocabulary, context table and class histograms
+(`TABLE_KEY`); the rows hold the sample itself (input ids as a zstd byte stream, text, spans). Decoding
+is vectorised numpy plus one constriction call per class; copies (chains of them: an id kept for many
+positions) resolve by pointer doubling.
+
+Encoding v2 (`logitfuse-topk-v2`, shards written 2026-11-29 on; still read, and written on when a v2
+dataset is resumed): the same without copies, gaps classed by rank and previous gap.
 
 Encoding v1 (`logitfuse-topk-v1`, shards written before 2026-11-29) is still read: the same numbers as
 per-row byte streams with escapes, entropy-coded by Parquet's zstd (`datastore.schema.SHARD_SCHEMA_V1`).
@@ -50,8 +58,10 @@ from datastore.schema import (
     V2_STREAM_COLUMNS,
 )
 
-CODEC_NAME = "logitfuse-topk-v2"
+CODEC_NAME = "logitfuse-topk-v3"
+CODEC_V2 = "logitfuse-topk-v2"
 CODEC_V1 = "logitfuse-topk-v1"
+CODECS = {CODEC_V1: 1, CODEC_V2: 2, CODEC_NAME: 3}  # codec name -> CodecConfig.version
 ESCAPE = 255
 MAX_ABS_LOGPROB = float(2**16)  # keeps step_units * q < 2**24: the decoded value is exact in fp32
 # Log-probabilities below this (-inf included: vLLM returns it for masked tokens) are stored as it.
@@ -67,11 +77,11 @@ class CodecConfig:
     step_log2: int = 7
     zstd_level: int = 17  # zstd level of the Parquet columns (text, input ids) and of the tables
     min_pair_count: int = 2  # a (context, id) pair enters the context table when seen this often
-    version: int = 2  # 1: the former per-row zstd streams (faster to write, larger; no truncated rows)
+    version: int = 3  # 2: the former rANS layout; 1: per-row zstd streams (no truncated rows)
 
     def __post_init__(self):
-        if self.version not in (1, 2):
-            raise ValueError("version must be 1 or 2")
+        if self.version not in (1, 2, 3):
+            raise ValueError("version must be 1, 2 or 3")
         if not (1 <= self.step_units <= 7 and 0 <= self.step_log2 <= 8):
             raise ValueError("step_units must be in [1, 7] and step_log2 in [0, 8]")
         if self.min_pair_count < 1:
@@ -87,7 +97,7 @@ class CodecConfig:
 
     def describe(self) -> dict:
         return {
-            "codec": CODEC_NAME if self.version == 2 else CODEC_V1,
+            "codec": {v: name for name, v in CODECS.items()}[self.version],
             "step_units": self.step_units,
             "step_log2": self.step_log2,
             "logprob_step": self.step,
@@ -302,7 +312,49 @@ _TOP1_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64])
 
 CTX_MAX = 32  # context lists keep their 32 most frequent ids
 CTX_FIRST = 32  # a listed id at index <= this is coded by its index even when recency could code it
-ID_ALPHABET = CTX_MAX + 33  # 0 escape, 1..CTX_MAX list index, then one symbol per recency bit length
+COPY_ROWS = 16  # v3: an id may copy an entry of one of the sample's previous COPY_ROWS rows
+
+
+class _IdLayout:
+    """The id alphabet: 0 escape, 1..CTX_MAX context-list index, (v3) COPY_ROWS symbols "a copy of an entry
+    of the row d = 1..COPY_ROWS rows back" (its rank there in class ``copy``), then one symbol per recency
+    bit length (1..32; 33 escapes). v2's is the same without the copy symbols."""
+
+    def __init__(self, version: int):
+        self.copy = CTX_MAX + 1  # copy + d - 1
+        self.recent = self.copy + (COPY_ROWS if version >= 3 else 0)  # recent + bit length - 1
+        self.size = self.recent + 32  # v2's alphabet (bit length 33 escapes in `_ans.IntClass`)
+
+
+def _copy_source(ids: np.ndarray, valid: np.ndarray, tok_start_of_pos: np.ndarray):
+    """int64 ``[N, k]`` twice: for each entry, the nearest earlier row d = 1..COPY_ROWS back in its sample
+    holding the same id, and the first rank there; (0, -1) when none does. One sort of the entries by
+    (sample, id, row, rank)."""
+    k = ids.shape[1]
+    dist = np.zeros(ids.shape, dtype=np.int64)
+    src = np.full(ids.shape, -1, dtype=np.int64)
+    flat = np.flatnonzero(valid.ravel())
+    if not len(flat):
+        return dist, src
+    row, rank = flat // k, flat % k
+    # flat is ascending (row, rank): a stable sort by (sample, id) keeps that order inside each group
+    order = np.argsort(tok_start_of_pos[row].astype(np.int64) * 2**31 + ids.ravel()[flat], kind="stable")
+    row, rank, flat = row[order], rank[order], flat[order]
+    same = np.zeros(len(flat), dtype=bool)  # the previous entry in this order has the same id and sample
+    key_id, key_sample = ids.ravel()[flat], tok_start_of_pos[row]
+    same[1:] = (key_id[1:] == key_id[:-1]) & (key_sample[1:] == key_sample[:-1])
+    # the first entry of each (sample, id, row) group; earlier rows of the same id sit just before it
+    first = ~same
+    first[1:] |= row[1:] != row[:-1]
+    head = np.maximum.accumulate(np.where(first, np.arange(len(flat)), 0))  # each entry's group head
+    prev = head - 1  # the last entry of the previous group: its row is the nearest earlier one
+    ok = (prev >= 0) & same[head]
+    prev_head = head[np.maximum(prev, 0)]  # that row's first (lowest) rank
+    d = row - row[prev_head]
+    ok &= (d >= 1) & (d <= COPY_ROWS)
+    dist.ravel()[flat[ok]] = d[ok]
+    src.ravel()[flat[ok]] = rank[prev_head[ok]]
+    return dist, src
 
 
 def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: np.ndarray, mask: np.ndarray):
@@ -329,6 +381,95 @@ def _recency(inp_rank: np.ndarray, start: np.ndarray, at: np.ndarray, id_rank: n
 _LIST_EDGES = np.array([0, 1, 3, 6, 12, 24])
 
 
+_LEVEL_NATS = np.array([0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 8.0, 11.0])  # v3: the previous entry's -logprob
+
+
+def _gap_classes(
+    j: int, top1: np.ndarray, prev_gap: np.ndarray | None, prev_q: np.ndarray, config: CodecConfig
+) -> tuple[list[str], np.ndarray]:
+    """The classes of the gaps before rank j (rows given by their top-1 ``q``, the gap before rank j - 1
+    and the previous entry's ``q``): (class names, class index per row). v2: rank bucket x previous gap
+    (the top-1 for j = 1); v3: previous gap x the previous entry's level in nats (the top-1 for j = 1)."""
+    if j == 1:
+        b = _bucket(top1, _TOP1_EDGES)
+        names = [f"gap.{_bucket(1, _RANK_EDGES)}.{i}" for i in range(len(_TOP1_EDGES))]
+        return names, b
+    pg = _bucket(prev_gap, _GAP_EDGES)
+    if config.version < 3:
+        rb = _bucket(j, _RANK_EDGES)
+        return [f"gap.{rb}.{i}" for i in range(len(_GAP_EDGES))], pg
+    lv = _bucket(prev_q * config.step, _LEVEL_NATS)
+    names = [f"gap.l{a}.{b}" for a in range(len(_LEVEL_NATS)) for b in range(len(_GAP_EDGES))]
+    return names, lv * len(_GAP_EDGES) + pg
+
+
+def _gold_list_index(ctx_keys: np.ndarray, ctx_sizes: np.ndarray, pair_ranks: np.ndarray, cur_rank: np.ndarray,
+                     gold_rank: np.ndarray, nv: int) -> np.ndarray:
+    """v3: per row, 1 + the index of the gold token (vocab rank) in the context list of the current
+    token, 0 when it is not listed."""
+    out = np.zeros(len(cur_rank), dtype=np.int64)
+    if not len(pair_ranks) or not len(cur_rank):
+        return out
+    key = np.repeat(ctx_keys, ctx_sizes) * nv + pair_ranks
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    want = cur_rank * nv + gold_rank
+    i = np.minimum(np.searchsorted(sk, want), len(sk) - 1)
+    found = sk[i] == want
+    out[found] = (_segment_index(ctx_sizes) + 1)[order[i[found]]]
+    return out
+
+
+def _exclude(lidx: np.ndarray, gold_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """v3 exclusion: a row's ids are distinct, so a listed id's index is coded among the list entries
+    that the gold token (known before the ids) and the row's earlier list-coded entries do not hold.
+    `lidx`: int64 ``[N, k]`` list index (1-based, 0: not list-coded); `gold_index`: `_gold_list_index`.
+    Returns (the symbols, which entries stay list-coded): an entry whose index is already excluded (a
+    repeated id in a row) is coded otherwise."""
+    n, k = lidx.shape
+    taken = np.zeros((n, k + 1), dtype=np.int64)
+    taken[:, 0] = gold_index
+    out = np.zeros((n, k), dtype=np.int64)
+    ok = lidx > 0
+    for j in range(k):
+        c, e = lidx[:, j], taken[:, : j + 1]
+        ok[:, j] &= ~(e == c[:, None]).any(axis=1)
+        out[:, j] = np.where(ok[:, j], c - ((e > 0) & (e < c[:, None])).sum(axis=1), 0)
+        taken[:, j + 1] = np.where(ok[:, j], c, 0)
+    return out, ok
+
+
+def _unexclude(sym: np.ndarray, taken: np.ndarray) -> np.ndarray:
+    """The list indices `_exclude` turned into `sym` (1-based), given each row's excluded indices
+    ``taken`` (0: none): the sym-th index that is not taken. One pass over each row's taken indices in
+    ascending order (each one at or below the running answer moves it up by one)."""
+    c = sym.copy()
+    for t in np.sort(np.where(taken > 0, taken, np.iinfo(np.int64).max), axis=1).T:
+        c += t <= c
+    return c
+
+
+def _id_groups(keep: np.ndarray, list_bucket: np.ndarray, version: int) -> tuple[np.ndarray, list, np.ndarray]:
+    """The flat indices of the ``[N, k]`` entries whose id symbols are coded, in stream order, with
+    the (class name, count) of each run and (v3) the rank of each run. v2: by class (rank bucket, then
+    list-length bucket), row-major inside; v3: by rank, then list-length bucket (a rank's symbols are
+    read before the next rank's, for `_exclude`)."""
+    k = keep.shape[1]
+    flat = np.flatnonzero(keep.ravel())
+    lb = list_bucket[flat // k]
+    nl = len(_LIST_EDGES)
+    if version < 3:
+        cls = _bucket(flat % k, _RANK_EDGES) * nl + lb
+        groups = [(f"id.{c // nl}.{c % nl}", -1) for c in range(len(_RANK_EDGES) * nl)]
+    else:
+        cls = (flat % k) * nl + lb
+        groups = [(f"id.{_bucket(c // nl, _RANK_EDGES)}.{c % nl}", c // nl) for c in range(k * nl)]
+    order = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls, minlength=len(groups))
+    return flat[order], [(name, int(m)) for (name, _j), m in zip(groups, counts, strict=True)], np.array(
+        [j for _name, j in groups], dtype=np.int64)
+
+
 def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarray) -> np.ndarray:
     """Per position: the bucket of the length of the context list of its current token (vocab rank)."""
     if not len(ctx_keys):
@@ -338,23 +479,14 @@ def _list_bucket(cur_rank: np.ndarray, ctx_keys: np.ndarray, ctx_sizes: np.ndarr
     return _bucket(size, _LIST_EDGES)
 
 
-def _id_classes(keep: np.ndarray, list_bucket: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The flat indices of the ``[N, k]`` entries to code, grouped by class (rank bucket, then list-length
-    bucket; row-major inside a class), and the number in each class."""
-    flat = np.flatnonzero(keep.ravel())
-    cls = _bucket(flat % k, _RANK_EDGES) * len(_LIST_EDGES) + list_bucket[flat // k]
-    order = np.argsort(cls, kind="stable")
-    return flat[order], np.bincount(cls, minlength=len(_RANK_EDGES) * len(_LIST_EDGES))
-
-
 def _bucket(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="right") - 1
 
 
-def _limit(name: str, k: int) -> int:
+def _limit(name: str, k: int, version: int) -> int:
     """The `_ans.IntClass` limit of a class, by the family before its first '.'."""
     base = name.split(".")[0]
-    return {"kt": k, "gold": k + 1, "id": ID_ALPHABET}.get(base) or _LIMITS[base]
+    return {"kt": k, "gold": k + 1, "copy": k, "id": _IdLayout(version).size}.get(base) or _LIMITS[base]
 
 
 class _Shard:
@@ -379,6 +511,26 @@ class _Shard:
         self.gold_lp = np.concatenate([np.asarray(s.gold_logprob).ravel() for s in samples] + [np.zeros(0)])
 
 
+def _pack_vocab(vocab: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """v3: the shard vocabulary (ids by descending count, ascending inside a count) as the lengths of its
+    runs of equal count and, inside a run, the differences between consecutive ids (the first: the id):
+    the long tail of ids seen once or twice costs about a byte each instead of two."""
+    if not len(vocab):
+        return {"vocab_runs": np.zeros(0, np.int64), "vocab_deltas": np.zeros(0, np.int64)}
+    starts = np.concatenate([[True], counts[1:] != counts[:-1]])
+    deltas = np.where(starts, vocab, np.diff(vocab, prepend=0))
+    return {"vocab_runs": np.diff(np.flatnonzero(np.concatenate([starts, [True]]))), "vocab_deltas": deltas}
+
+
+def _unpack_vocab(t: dict[str, np.ndarray]) -> np.ndarray:
+    runs, deltas = t["vocab_runs"], t["vocab_deltas"]
+    if int(runs.sum()) != len(deltas):
+        raise ValueError("corrupt shard: vocabulary runs disagree with its length")
+    total = np.cumsum(deltas)
+    starts = np.cumsum(runs) - runs
+    return total - np.repeat(total[starts] - deltas[starts], runs)
+
+
 def _vocab_rank(vocab_ids: np.ndarray, rank_of: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return rank_of[np.searchsorted(vocab_ids, ids)]
 
@@ -386,15 +538,22 @@ def _vocab_rank(vocab_ids: np.ndarray, rank_of: np.ndarray, ids: np.ndarray) -> 
 def encode_shard(
     samples: list[ScoredSample], k: int, config: CodecConfig = CodecConfig(), stats: dict | None = None
 ) -> bytes:
-    """Encode samples (already validated) into one Parquet file's bytes (encoding v2).
+    """Encode samples (already validated) into one Parquet file's bytes (encoding ``config.version``: v3
+    by default, v2 or v1 for a dataset written in them).
 
-    `stats`, when given, receives the bytes each part of the top-k costs (ANS estimate per class group:
-    ``kt``, ``gold``, ``top1``, ``gaps``, ``below``, ``ids``, ``escapes``; ``table``: context table and
-    models), for `bench/bench_codec.py`'s breakdown."""
+    Args:
+        samples: the shard's samples (`validate`d); k: entries per row.
+        config: step and version; stats: when given, receives the bytes each part of the top-k costs
+            (ANS estimate per class family: ``kt``, ``gold``, ``top1``, ``gap``, ``below``, ``id``,
+            ``recent``, ``escape``, v3 ``copy``; ``table``: context table and models), for
+            `bench/bench_codec.py`'s breakdown.
+
+    Raises ValueError for truncated rows in v1 or a value too large for the coder."""
     if config.version == 1:
         if any((np.asarray(s.topk_ids) == PAD_ID).any() for s in samples):
-            raise ValueError("encoding v1 cannot store truncated rows: use version 2")
+            raise ValueError("encoding v1 cannot store truncated rows: use version 2 or 3")
         return _encode_shard_v1(samples, k, config)
+    version = config.version
     sl = (config.step_units, config.step_log2)
     sh = _Shard(samples, k)
     n = len(sh.pos_abs)
@@ -450,13 +609,11 @@ def encode_shard(
     gaps = np.diff(q, axis=1)
     for j in range(1, k):
         rows = np.flatnonzero(kt > j)
-        prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(gaps[rows, j - 2], _GAP_EDGES)
-        rb = _bucket(j, _RANK_EDGES)
-        order = np.argsort(prev, kind="stable")
-        vals = gaps[rows[order], j - 1]
-        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
-        for b, part in enumerate(np.split(vals, np.cumsum(counts)[:-1])):
-            enc.write(f"gap.{rb}.{b}", part, _LIMITS["gap"])
+        names, cls = _gap_classes(j, q[rows, 0], gaps[rows, j - 2] if j > 1 else None, q[rows, j - 1], config)
+        order = np.argsort(cls, kind="stable")
+        counts = np.bincount(cls, minlength=len(names))
+        for name, part in zip(names, np.split(gaps[rows[order], j - 1], np.cumsum(counts)[:-1]), strict=True):
+            enc.write(name, part, _LIMITS["gap"])
     absent = np.flatnonzero(~in_topk)
     below = gold_q[absent] - q[absent, kt[absent] - 1]
     enc.write("below", np.where(below >= 0, 2 * below, -2 * below - 1), _LIMITS["below"])
@@ -464,28 +621,46 @@ def encode_shard(
     # token's position included) is coded by how far back: symbol CTX_MAX + bit length of d + 1, then
     # the low bits; else 0 and its vocabulary rank
     inp_rank = _vocab_rank(vocab_ids, rank_of, sh.input_ids)
+    lay = _IdLayout(version)
     near = keep & (codes > 0) & (codes <= CTX_FIRST)  # high in its list: the list index, whatever else
+    sym = np.where(near, codes, 0)
+    if version >= 3:
+        gold_index = np.zeros(n, dtype=np.int64)
+        pres = np.flatnonzero(in_topk)
+        gold_index[pres] = _gold_list_index(ctx_keys, ctx_sizes, pair_id, inp_rank[sh.pos_abs[pres]],
+                                            inp_rank[sh.pos_abs[pres] + 1], nv)
+        sym, near = _exclude(np.where(near, codes, 0), gold_index)
+        # v3: an id that is not listed but one of the sample's last COPY_ROWS rows holds is a copy of
+        # that entry (a listed id keeps its list index: copies before the list measured larger)
+        cdist, csrc = _copy_source(sh.topk_ids, valid, sh.tok_start_of_pos)
+        use_copy = keep & (cdist > 0) & ~near
+        sym[use_copy] = lay.copy + cdist[use_copy] - 1
+        near |= use_copy
     dist = _recency(inp_rank, sh.tok_start_of_pos, sh.pos_abs + 1, id_rank, keep & ~near)
     recent = keep & ~near & (dist >= 0)
-    far = keep & ~recent & (codes == 0)  # neither listed nor seen: the vocabulary rank
+    far = keep & ~recent & ~near & (codes == 0)  # neither listed nor seen: the vocabulary rank
+    listed = keep & ~recent & ~near & (codes > 0)
+    sym[listed] = codes[listed]
     bl = _ans._bitlen(dist[recent] + 1)
-    sym = np.where(far, 0, codes)
-    sym[recent] = CTX_MAX + bl
+    sym[recent] = lay.recent + bl - 1
     list_bucket = _list_bucket(inp_rank[sh.pos_abs] if n else np.zeros(0, np.int64), ctx_keys, ctx_sizes)
-    entries, counts = _id_classes(keep, list_bucket, k)
+    entries, groups, _ranks = _id_groups(keep, list_bucket, version)
     sym_sorted = sym.ravel()[entries]
-    for c, part in enumerate(np.split(sym_sorted, np.cumsum(counts)[:-1])):
-        enc.write(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", part, ID_ALPHABET)
+    for (name, _m), part in zip(groups, np.split(sym_sorted, np.cumsum([m for _n, m in groups])[:-1]), strict=True):
+        enc.write(name, part, lay.size)
     recent_order = entries[recent.ravel()[entries]]
     escaped = [id_rank.ravel()[entries[far.ravel()[entries]]]]
     d1 = dist.ravel()[recent_order] + 1
     nb = _ans._bitlen(d1) - 1
     enc.write_bits("recent", d1 - (np.int64(1) << nb), nb)
     enc.write("escape", np.concatenate(escaped), _LIMITS["escape"])
+    if version >= 3:
+        copy_order = entries[use_copy.ravel()[entries]]
+        _write_by_rank(enc, "copy", copy_order % k, csrc.ravel()[copy_order], k)
     words, hists = enc.finish()
 
     table_arrays = {
-        "vocab": vocab,
+        **(_pack_vocab(vocab, vocab_counts[by_freq]) if version >= 3 else {"vocab": vocab}),
         "ctx_key_deltas": np.diff(ctx_keys, prepend=0),
         "ctx_sizes": ctx_sizes,
         "pair_ids": pair_id,
@@ -504,7 +679,7 @@ def encode_shard(
     columns["input_ids"] = [small[tok_bounds[i] : tok_bounds[i + 1]].tobytes() for i in range(len(samples))]
     columns["input_ids_u16"] = [wide[b1[i] : b1[i + 1]].tobytes() for i in range(len(samples))]
     columns["input_ids_u32"] = [huge[b2[i] : b2[i + 1]].tobytes() for i in range(len(samples))]
-    meta = {"codec": CODEC_NAME, "k": k, "step_units": sl[0], "step_log2": sl[1]}
+    meta = {"codec": config.describe()["codec"], "k": k, "step_units": sl[0], "step_log2": sl[1]}
     kv = {CODEC_KEY: json.dumps(meta).encode(), TABLE_KEY: table, TOPK_KEY: words.astype("<u4").tobytes()}
     return _write_parquet(columns, SHARD_SCHEMA, V2_STREAM_COLUMNS, config.zstd_level, kv)
 
@@ -524,9 +699,13 @@ def _sample_columns(samples: list[ScoredSample], schema: pa.Schema) -> dict[str,
     return columns
 
 
-def _write_parquet(columns: dict[str, list], schema: pa.Schema, streams, level: int, kv: dict) -> bytes:
-    """One row group of `columns`, zstd at `level`, with `kv` as the file's key-value metadata."""
-    tbl = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
+def _write_parquet(columns: dict[str, list] | pa.Table, schema: pa.Schema, streams, level: int, kv: dict) -> bytes:
+    """One row group of `columns` (lists by column name, or a table of `schema`), zstd at `level`, with
+    `kv` as the file's key-value metadata."""
+    if isinstance(columns, pa.Table):
+        tbl = columns
+    else:
+        tbl = pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
     buf = io.BytesIO()
     # store_schema=False: the Arrow schema copy would repeat the key-value metadata in base64
     with pq.ParquetWriter(
@@ -543,6 +722,40 @@ def _write_parquet(columns: dict[str, list], schema: pa.Schema, streams, level: 
         writer.write_table(tbl, row_group_size=max(1, tbl.num_rows))
         writer.add_key_value_metadata(kv)
     return buf.getvalue()
+def rename_samples(data: bytes, sample_ids: list[str], config: CodecConfig) -> bytes:
+    """A shard's bytes with row ``i``'s sample id replaced by ``sample_ids[i]`` and nothing else changed:
+    the top-k stream, its tables and every other column are carried over as stored (no decode, no
+    re-encode), so each row decodes to exactly the values it held. What `datastore.reuse` commits when
+    a new dataset reuses a whole shard of an earlier one. The Parquet columns are rewritten at
+    `config.zstd_level` (the target dataset's).
+
+    Raises:
+        ValueError: `sample_ids` has not one id per row, repeats an id, or `data` is not a shard of
+            `config`'s encoding (codec version and logprob step).
+    """
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    kv = dict(pf.metadata.metadata or {})
+    try:
+        codec = json.loads(kv[CODEC_KEY])
+    except (KeyError, ValueError):
+        raise ValueError("not a logitfuse shard (no codec metadata)") from None
+    want = config.describe()
+    if (codec.get("codec"), codec.get("step_units"), codec.get("step_log2")) != \
+            (want["codec"], want["step_units"], want["step_log2"]):
+        raise ValueError(f"shard encoding {codec.get('codec')} step {codec.get('step_units')}/2^"
+                         f"{codec.get('step_log2')} differs from the dataset's {want['codec']} step "
+                         f"{want['step_units']}/2^{want['step_log2']}")
+    if pf.metadata.num_rows != len(sample_ids) or len(set(sample_ids)) != len(sample_ids):
+        raise ValueError(f"{len(sample_ids)} sample ids for a shard of {pf.metadata.num_rows} rows "
+                         f"(one distinct id per row)")
+    v1 = codec["codec"] == CODEC_V1
+    schema = SHARD_SCHEMA_V1 if v1 else SHARD_SCHEMA
+    table = pf.read().cast(schema)
+    table = table.set_column(schema.get_field_index("sample_id"), schema.field("sample_id"),
+                             pa.array(sample_ids, type=pa.string()))
+    return _write_parquet(table, schema, STREAM_COLUMNS if v1 else V2_STREAM_COLUMNS, config.zstd_level, kv)
+
+
 def _encode_shard_v1(samples: list[ScoredSample], k: int, config: CodecConfig) -> bytes:
     """Encoding v1 (`CodecConfig(version=1)`): per-row byte streams, zstd. No truncated rows."""
     sl = (config.step_units, config.step_log2)
@@ -678,6 +891,7 @@ class ContextTable:
     ctx_sizes: np.ndarray  # length of each context's list
     ctx_starts: np.ndarray  # start of each context's list in pair_ids
     pair_ids: np.ndarray  # token ids
+    pair_ranks: np.ndarray  # the same as vocab ranks
     hists: dict[str, np.ndarray] = field(default_factory=dict)  # v2: quantised class histograms
     words: np.ndarray | None = None  # v2: the shard's ANS stream (uint32)
     shard: pa.Table | None = None  # v2: every row of the shard
@@ -690,12 +904,14 @@ class ContextTable:
             raise ValueError("not a logitfuse logits shard: codec metadata missing")
         codec = json.loads(metadata[CODEC_KEY])
         name = codec.get("codec")
-        if name not in (CODEC_NAME, CODEC_V1):
-            raise ValueError(f"unknown shard codec {name!r}, this reader knows {CODEC_NAME!r} and {CODEC_V1!r}")
+        if name not in CODECS:
+            raise ValueError(f"unknown shard codec {name!r}, this reader knows {', '.join(map(repr, CODECS))}")
         t = _unpack_arrays(metadata[TABLE_KEY])
+        if "vocab" not in t:
+            t["vocab"] = _unpack_vocab(t)
         sizes = t["ctx_sizes"]
         words = None
-        if name == CODEC_NAME:
+        if name != CODEC_V1:
             if TOPK_KEY not in metadata:
                 raise ValueError("corrupt shard: the top-k stream is missing")
             words = np.frombuffer(metadata[TOPK_KEY], dtype="<u4")
@@ -709,6 +925,7 @@ class ContextTable:
             ctx_sizes=sizes,
             ctx_starts=np.cumsum(sizes) - sizes,
             pair_ids=t["vocab"][t["pair_ids"]] if len(t["pair_ids"]) else np.zeros(0, np.int64),
+            pair_ranks=t["pair_ids"],
             hists={key[2:]: h for key, h in t.items() if key.startswith("h:")},
             words=words,
         )
@@ -719,7 +936,7 @@ def read_shard_bytes(data: bytes) -> tuple[pa.Table, ContextTable]:
     pf = pq.ParquetFile(pa.BufferReader(data))
     table = pf.read()
     ctx = ContextTable.from_metadata(pf.metadata.metadata)
-    if ctx.codec == CODEC_NAME:
+    if ctx.codec != CODEC_V1:
         ctx.shard = table
     return table, ctx
 
@@ -811,7 +1028,7 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     if ctx._samples is None:
         if ctx.shard is None:
             raise ValueError("decode_rows needs the ContextTable of read_shard_bytes (it holds the whole shard)")
-        ctx._samples = _decode_v2(ctx.shard, ctx)
+        ctx._samples = _decode_ans(ctx.shard, ctx)
         ctx._decoded = {s.sample_id: i for i, s in enumerate(ctx._samples)}
     if table.num_rows == len(ctx._samples):
         ids = table.column("sample_id").to_pylist()
@@ -820,11 +1037,13 @@ def decode_rows(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     return [ctx._samples[ctx._decoded[sid]] for sid in table.column("sample_id").to_pylist()]
 
 
-def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
-    k, sl = ctx.k, (ctx.step_units, ctx.step_log2)
+def _decode_ans(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
+    """Encodings v2 and v3: one rANS stream for the whole shard."""
+    k, sl, version = ctx.k, (ctx.step_units, ctx.step_log2), CODECS[ctx.codec]
+    lay = _IdLayout(version)
     r = _rows(table, ctx.vocab)
     n = len(r.pos_abs)
-    dec = _ans.Decoder(ctx.words, ctx.hists, {name: _limit(name, k) for name in ctx.hists})
+    dec = _ans.Decoder(ctx.words, ctx.hists, {name: _limit(name, k, version) for name in ctx.hists})
     kt = dec.read("kt", n) + 1
     rank = dec.read("gold", n)
     if n and (kt.max() > k or rank.max() > k):
@@ -834,14 +1053,15 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     for g in range(3):
         sel = np.flatnonzero(gold_class == g)
         q[sel, 0] = dec.read(f"top1.{g}", len(sel))
-    for j in range(1, k):
+    config = CodecConfig(step_units=ctx.step_units, step_log2=ctx.step_log2, version=version)
+    for j in range(1, k):  # q[:, j] holds the value at rank j once its gap is read
         rows = np.flatnonzero(kt > j)
-        prev = _bucket(q[rows, 0], _TOP1_EDGES) if j == 1 else _bucket(q[rows, j - 1], _GAP_EDGES)
-        rb = _bucket(j, _RANK_EDGES)
-        counts = np.bincount(prev, minlength=len(_GAP_EDGES))
-        vals = [dec.read(f"gap.{rb}.{b}", int(m)) for b, m in enumerate(counts)]
-        q[rows[np.argsort(prev, kind="stable")], j] = np.concatenate(vals)
-    np.cumsum(q, axis=1, out=q)  # q[:, j] held the gap before rank j: now the values themselves
+        names, cls = _gap_classes(j, q[rows, 0], q[rows, j - 1] - q[rows, j - 2] if j > 1 else None,
+                                  q[rows, j - 1], config)
+        counts = np.bincount(cls, minlength=len(names))
+        vals = [dec.read(name, int(m)) for name, m in zip(names, counts, strict=True)]
+        at = rows[np.argsort(cls, kind="stable")]
+        q[at, j] = np.concatenate(vals) + q[at, j - 1]
     valid = np.arange(k)[None, :] < kt[:, None]
     present = np.flatnonzero(rank < k)
     if (rank[present] >= kt[present]).any():
@@ -856,24 +1076,35 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
     keep[present, rank[present]] = False
     codes = np.zeros((n, k), dtype=np.int64)
     list_bucket = _list_bucket(r.input_ranks[r.pos_abs] if n else np.zeros(0, np.int64), ctx.ctx_keys, ctx.ctx_sizes)
-    entries, counts = _id_classes(keep, list_bucket, k)
-    sym_sorted = np.concatenate(
-        [dec.read(f"id.{c // len(_LIST_EDGES)}.{c % len(_LIST_EDGES)}", int(m)) for c, m in enumerate(counts)]
-    )
+    entries, groups, group_rank = _id_groups(keep, list_bucket, version)
+    sym_sorted = np.concatenate([dec.read(name, m) for name, m in groups] + [np.zeros(0, np.int64)])
+    if version >= 3:  # undo `_exclude`, rank by rank (a rank's entries are contiguous in the stream)
+        taken = np.zeros((n, k + 1), dtype=np.int64)
+        taken[present, 0] = _gold_list_index(ctx.ctx_keys, ctx.ctx_sizes, ctx.pair_ranks,
+                                             r.input_ranks[r.pos_abs[present]],
+                                             r.input_ranks[r.pos_abs[present] + 1], len(ctx.vocab))
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(group_rank, [m for _n, m in groups], k))]).astype(np.int64)
+        for j in range(k):
+            at = np.arange(bounds[j], bounds[j + 1])
+            at = at[(sym_sorted[at] > 0) & (sym_sorted[at] <= CTX_MAX)]
+            rows = entries[at] // k
+            sym_sorted[at] = _unexclude(sym_sorted[at], taken[rows, : j + 1])
+            taken[rows, j + 1] = sym_sorted[at]
     codes.ravel()[entries] = sym_sorted
-    recent, escaped = entries[sym_sorted > CTX_MAX], entries[sym_sorted == 0]
+    recent, escaped = entries[sym_sorted >= lay.recent], entries[sym_sorted == 0]
     topk_ids = np.full((n, k), PAD_ID, dtype=np.int64)
-    nb = codes.ravel()[recent] - CTX_MAX - 1
+    nb = codes.ravel()[recent] - lay.recent
+    tok_start = np.repeat(np.cumsum(r.n_tok) - r.n_tok, r.n_pos)
     if len(recent):
         if nb.max() > 32:
             raise ValueError("corrupt shard: an id code outside the alphabet")
         d = (np.int64(1) << nb) + dec.read_bits(nb) - 1
         row = recent // k
         src = r.pos_abs[row] + 1 - d
-        tok_start = np.repeat(np.cumsum(r.n_tok) - r.n_tok, r.n_pos)
         if (src < tok_start[row]).any():
             raise ValueError("corrupt shard: an id coded as a token before its sample")
         topk_ids.flat[recent] = r.input_ids[src]
+    copied = entries[(sym_sorted >= lay.copy) & (sym_sorted < lay.recent)]
     esc_ranks = dec.read("escape", len(escaped))
     if len(esc_ranks) and esc_ranks.max() >= len(ctx.vocab):
         raise ValueError("corrupt shard: an escaped id outside the shard vocabulary")
@@ -887,9 +1118,54 @@ def _decode_v2(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:
             raise ValueError("corrupt shard: an id code outside its context list")
         topk_ids[listed] = ctx.pair_ids[ctx.ctx_starts[ci] + c - 1]
     topk_ids[present, rank[present]] = r.input_ids[r.pos_abs[present] + 1]
+    if len(copied):
+        src_rank = _read_by_rank(dec, "copy", copied % k)
+        _resolve_copies(topk_ids, copied, codes.ravel()[copied] - lay.copy + 1, src_rank, tok_start, kt)
     logprobs = dequantise(q, *sl)
     logprobs[~valid] = -np.inf
     return _assemble(table, r, topk_ids, logprobs, dequantise(gold_q, *sl))
+
+
+
+def _write_by_rank(enc: _ans.Encoder, family: str, ranks: np.ndarray, values: np.ndarray, limit: int) -> None:
+    """Queue `values` in classes ``family.<rank bucket>`` (the rank of the entry each belongs to)."""
+    b = _bucket(ranks, _RANK_EDGES)
+    order = np.argsort(b, kind="stable")
+    counts = np.bincount(b, minlength=len(_RANK_EDGES))
+    for c, part in enumerate(np.split(values[order], np.cumsum(counts)[:-1])):
+        enc.write(f"{family}.{c}", part, limit)
+
+
+def _read_by_rank(dec: _ans.Decoder, family: str, ranks: np.ndarray) -> np.ndarray:
+    """The values `_write_by_rank` queued, back in the order of `ranks`."""
+    b = _bucket(ranks, _RANK_EDGES)
+    order = np.argsort(b, kind="stable")
+    counts = np.bincount(b, minlength=len(_RANK_EDGES))
+    out = np.empty(len(ranks), dtype=np.int64)
+    out[order] = np.concatenate([dec.read(f"{family}.{c}", int(m)) for c, m in enumerate(counts)])
+    return out
+
+
+def _resolve_copies(topk_ids: np.ndarray, copied: np.ndarray, dist: np.ndarray, src_rank: np.ndarray,
+                    tok_start_of_pos: np.ndarray, kt: np.ndarray) -> None:
+    """Fill the entries (flat indices `copied`) that copy rank `src_rank` of the row `dist` rows back, in
+    place. Chains of copies (an id kept for many positions) resolve by pointer doubling: log2(chain) passes."""
+    k = topk_ids.shape[1]
+    row = copied // k
+    p = row - dist
+    if (p < 0).any() or (tok_start_of_pos[np.maximum(p, 0)] != tok_start_of_pos[row]).any() or (
+        src_rank >= kt[np.maximum(p, 0)]
+    ).any():
+        raise ValueError("corrupt shard: an id copied from a row or entry that does not exist")
+    ptr = np.arange(topk_ids.size, dtype=np.int64)
+    ptr[copied] = p * k + src_rank
+    while True:
+        nxt = ptr[ptr]
+        if np.array_equal(nxt, ptr):
+            break
+        ptr = nxt
+    flat = topk_ids.ravel()
+    flat[copied] = flat[ptr[copied]]
 
 
 def _decode_rows_v1(table: pa.Table, ctx: ContextTable) -> list[ScoredSample]:

@@ -76,9 +76,17 @@ def id_bloom(sample_ids: list[str]) -> str:
     return base64.b64encode(bytes(bits)).decode()
 
 
-def bloom_admits(bloom: str, sample_id: str) -> bool:
+def bloom_admits(bloom: str, sample_id: str, rows: int) -> bool:
+    """Whether the `id_bloom` of a shard of `rows` sample ids may hold `sample_id` (False: it does not).
+
+    The filter's bit count is `id_bloom`'s, ``max(64, 10 * rows)``, which the stored bytes only round up
+    to a multiple of 8: it is recomputed from `rows` (0.2 used the rounded count, so a shard whose count
+    is not a multiple of 8 — 7, 9, 10, ... rows — admitted none of its own ids and `get` missed them).
+    A filter whose size does not fit `rows` admits everything (the caller then reads the shard)."""
     bits = base64.b64decode(bloom)
-    num_bits = 8 * len(bits)
+    num_bits = max(64, BLOOM_BITS_PER_ID * rows)
+    if (num_bits + 7) // 8 != len(bits):
+        return True
     return all(bits[h >> 3] >> (h & 7) & 1 for h in _bloom_hashes(sample_id, num_bits))
 
 

@@ -12,7 +12,7 @@ One row per sample. The logical columns of docs/contract.md ("Stored logits") ma
   (65535 = escape again), ``NAME_u32`` one little-endian uint32 of ``value - 255 - 65535`` per second
   escape; each token's rank in the shard vocabulary (token ids, most frequent first).
 
-Encoding v2 (`SHARD_SCHEMA`): the top-k of all rows are one rANS stream in the Parquet key-value metadata
+Encodings v3 and v2 (`SHARD_SCHEMA`): the top-k of all rows are one rANS stream in the Parquet key-value metadata
 under `TOPK_KEY`; the shard's vocabulary, context table and class models under `TABLE_KEY`, the codec
 parameters under `CODEC_KEY` (`datastore.codec` describes the symbols).
 
@@ -63,7 +63,7 @@ _COMMON = [
     *_stream("input_ids"),
 ]
 
-# v2 (`logitfuse-topk-v2`, written today): the rows carry the sample; the top-k are one rANS stream per
+# v3 and v2 (`logitfuse-topk-v3`, written today; `-v2`): the rows carry the sample; the top-k are one rANS stream per
 # shard in the key-value metadata (`TOPK_KEY`), their models and context table under `TABLE_KEY`.
 SHARD_SCHEMA = pa.schema(_COMMON)
 

@@ -22,8 +22,8 @@ import hashlib
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -42,6 +42,9 @@ from datastore.manifest import (
     meta_differences,
 )
 from datastore.table import CorruptDataset, DeltaDataset, Snapshot, shard_file
+
+if TYPE_CHECKING:
+    from datastore.reuse import ShardCopy
 
 # (absolute shard path, sha256, size, mtime) of every shard file this process has verified: `scan()` and id
 # lookups re-hash a shard only when it is new to the process or its file changed since (size or mtime).
@@ -124,11 +127,14 @@ class Claim:
         self.writer, self.range_key, self.lease, self.sample_ids = writer, range_key, lease, sample_ids
         self.app_id = app_id
 
-    def commit(self, samples: list[Any]) -> bool:
-        """Commit the claimed samples (all of them, or fewer: the rest stay unstored) as one shard, fenced
-        by the claim's application transaction. False when another writer committed the same claim first
-        (this one's work is dropped). Raises ValueError for a sample the claim does not hold."""
-        return self.writer._commit_claim(self, samples)
+    def commit(self, samples: list[Any], copies: Sequence[ShardCopy] = ()) -> bool:
+        """Commit the claimed samples (all of them, or fewer: the rest stay unstored) in one Delta commit
+        fenced by the claim's application transaction: `samples` encoded as one shard, and each of
+        `copies` (whole shards of earlier datasets, `datastore.reuse.ShardCopy`) as a shard of its own,
+        renamed to its new sample ids without decoding. False when another writer committed the same
+        claim first (this one's work is dropped). Raises ValueError for a sample the claim does not
+        hold, or one given twice."""
+        return self.writer._commit_claim(self, samples, copies)
 
 
 class ShardedWriter(ABC):
@@ -206,6 +212,11 @@ class ShardedWriter(ABC):
         """Content key of each sample, in row order (`datastore.reuse`); empty: the kind has none."""
         return []
 
+    def _renamed(self, data: bytes, sample_ids: list[str]) -> bytes:
+        """A shard of this kind and encoding with its rows renamed to `sample_ids` (`Claim.commit`'s
+        copies). Kinds without sample reuse refuse (UserError)."""
+        raise UserError(f"{self.kind}s do not reuse shards of other datasets")
+
     # ------------------------------------------------------------ public API
 
     @property
@@ -251,7 +262,7 @@ class ShardedWriter(ABC):
             return
         info, data = self._write_shard(self._buffer)
         self.table.commit([info], "shards", self._commit_extra())
-        self._committed(info, [s.sample_id for s in self._buffer])
+        self._committed([info], [[s.sample_id for s in self._buffer]])
         self._buffer, self._buffered_ids = [], set()
 
     def close(self):
@@ -333,44 +344,53 @@ class ShardedWriter(ABC):
 
     def _write_shard(self, samples: list[Any]) -> tuple[ShardInfo, bytes]:
         data = self._encode(samples)
+        info = self._store_shard(data, [s.sample_id for s in samples],
+                                 positions=sum(len(s.positions) for s in samples),
+                                 tokens=sum(len(s.input_ids) for s in samples),
+                                 sample_keys=self._sample_keys(samples))
+        return info, data
+
+    def _store_shard(self, data: bytes, ids: list[str], *, positions: int, tokens: int,
+                     sample_keys: list[str]) -> ShardInfo:
+        """Write a shard's bytes whole under their content address; its facts for the commit."""
         sha = hashlib.sha256(data).hexdigest()
         name = shard_file(sha)
         fs.write_atomic(self._fs, fs.join(self._root, name), data)
-        info = ShardInfo(
-            file=name,
-            rows=len(samples),
-            bytes=len(data),
-            sha256=sha,
-            positions=sum(len(s.positions) for s in samples),
-            tokens=sum(len(s.input_ids) for s in samples),
-            topk_bytes=self._topk_bytes(data),
-            id_bloom=id_bloom([s.sample_id for s in samples]),
-            writer=self.holder,
-            team=self.team,
-            sample_keys=self._sample_keys(samples),
-        )
         _VERIFIED.add(_stamp(self._fs, fs.join(self._root, name), sha))
-        return info, data
+        return ShardInfo(file=name, rows=len(ids), bytes=len(data), sha256=sha, positions=positions,
+                         tokens=tokens, topk_bytes=self._topk_bytes(data), id_bloom=id_bloom(ids),
+                         writer=self.holder, team=self.team, sample_keys=sample_keys)
 
-    def _committed(self, info: ShardInfo, ids: list[str]) -> None:
-        self._ids_by_shard[info.file] = ids
-        self._done.update(ids)
+    def _copy_shard(self, copy: ShardCopy) -> ShardInfo:
+        """Store an earlier dataset's shard (its bytes checked against its log's sha256) under new ids."""
+        data = self._renamed(copy.data, copy.sample_ids)
+        return self._store_shard(data, copy.sample_ids, positions=copy.shard.positions,
+                                 tokens=copy.shard.tokens, sample_keys=list(copy.shard.sample_keys))
+
+    def _committed(self, infos: list[ShardInfo], ids: list[list[str]]) -> None:
+        for info, shard_ids in zip(infos, ids, strict=True):
+            self._ids_by_shard[info.file] = shard_ids
+            self._done.update(shard_ids)
         self.refresh()
 
-    def _commit_claim(self, claim: Claim, samples: list[Any]) -> bool:
-        got = [s.sample_id for s in samples]
+    def _commit_claim(self, claim: Claim, samples: list[Any], copies: Sequence[ShardCopy] = ()) -> bool:
+        parts = [[s.sample_id for s in samples]] if samples else []
+        parts += [list(c.sample_ids) for c in copies]
+        got = [i for part in parts for i in part]
         if len(set(got)) != len(got) or not set(got) <= set(claim.sample_ids):
             raise ValueError(f"claim {claim.range_key}: committing samples it does not hold, or twice "
                              f"(each claimed sample at most once)")
-        if not samples:
+        if not got:
             return True
-        validated = [self._validate(s) for s in samples]
-        info, _ = self._write_shard(validated)
+        infos = []
+        if samples:
+            infos.append(self._write_shard([self._validate(s) for s in samples])[0])
+        infos += [self._copy_shard(c) for c in copies]
         extra = {**self._commit_extra(), "logitfuse.range": claim.range_key}
-        if not self.table.commit([info], "shards", extra, app_txn=(claim.app_id, claim.lease.generation)):
-            self.refresh()  # the range is another writer's: our file is an orphan for `store gc`
+        if not self.table.commit(infos, "shards", extra, app_txn=(claim.app_id, claim.lease.generation)):
+            self.refresh()  # the range is another writer's: our files are orphans for `store gc`
             return False
-        self._committed(info, got)
+        self._committed(infos, parts)
         return True
 
 
@@ -387,7 +407,7 @@ class ShardLocator:
     def locate(self, sample_id: str) -> tuple[int, int] | None:
         """(index of the shard in the manifest, row in it), or None when no shard holds the id."""
         for i, shard in enumerate(self._shards):
-            if shard.id_bloom and not bloom_admits(shard.id_bloom, sample_id):
+            if shard.id_bloom and not bloom_admits(shard.id_bloom, sample_id, shard.rows):
                 continue
             row = self._shard_rows(shard).get(sample_id)
             if row is not None:

@@ -74,6 +74,9 @@ class LogitsWriter(ShardedWriter):
     def _topk_bytes(self, data: bytes) -> int:
         return codec.topk_bytes(data)
 
+    def _renamed(self, data: bytes, sample_ids: list[str]) -> bytes:
+        return codec.rename_samples(data, sample_ids, self.codec)
+
     def _sample_keys(self, samples: list[ScoredSample]) -> list[str]:
         from datastore.reuse import sample_key, scoring_key
 
@@ -93,5 +96,5 @@ def config_from(encoding: dict) -> codec.CodecConfig:
         step_units=int(encoding.get("step_units", 5)),
         step_log2=int(encoding.get("step_log2", 7)),
         zstd_level=int(encoding.get("zstd_level", 17)),
-        version=1 if encoding.get("codec") == codec.CODEC_V1 else 2,  # a dataset keeps its encoding
+        version=codec.CODECS.get(encoding.get("codec"), 2),  # a dataset keeps its encoding
     )

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from merge.errors import MergeError
 
@@ -66,6 +66,13 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
+    _source: str = PrivateAttr(default="config")  # where it came from: the YAML file, "flags", "config"
+
+    @property
+    def source(self) -> str:
+        """Where the config came from (`parse_config`'s `source`: the YAML file's path, or "flags"), so
+        that errors found later (a method's parameters, checked per tensor) name it too."""
+        return self._source
 
     @model_validator(mode="after")
     def _inputs(self) -> MergeConfig:
@@ -120,9 +127,11 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
                     raise MergeError(f"{source}: models[{i}]: unknown key {key!r}"
                                      f"{closest(str(key), list(ModelEntry.model_fields))}")
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(data)
     except ValidationError as e:
         raise MergeError(f"{source}: {one_line(e)}") from None
+    config._source = source
+    return config
 
 
 def _resolve_paths(data: dict, root: Path) -> dict:

@@ -168,15 +168,18 @@ def run_merge(
     try:
         mapping = _check(base, targets)
         names = list(base.tensors)
-        params = ParameterPlan(
-            method, config.parameters or {}, [m.parameters or {} for m in entries], count_layers(base.config, names)
-        )
-        kwargs = {n: params.kwargs(n) for n in names}  # every tensor's parameters are checked before writing
-        if method.name == "linear":
-            for n, kw in kwargs.items():
-                if kw["normalize"] and sum(kw["weight"]) == 0:
-                    raise MergeError(f"linear: the weights of {n} sum to 0, so they cannot be normalized; "
-                                     "use normalize: false")
+        try:  # every tensor's parameters are checked before writing; an error names the config
+            params = ParameterPlan(
+                method, config.parameters or {}, [m.parameters or {} for m in entries], count_layers(base.config, names)
+            )
+            kwargs = {n: params.kwargs(n) for n in names}
+            if method.name == "linear":
+                for n, kw in kwargs.items():
+                    if kw["normalize"] and sum(kw["weight"]) == 0:
+                        raise MergeError(f"linear: the weights of {n} sum to 0, so they cannot be normalized; "
+                                         "use normalize: false")
+        except MergeError as e:
+            raise MergeError(f"{config.source}: {e}") from None
         compute = _compute_dtype(base)
         out_dtype = config.output_dtype
         plan = [(n, base.tensors[n].shape, out_dtype or base.tensors[n].torch_dtype) for n in names]

@@ -32,16 +32,16 @@ from datastore.codec import truncate_topk
 from datastore.errors import UserError
 from datastore.fs import is_local, resolve, save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
-from datastore.reuse import ReuseIndex, sample_key, scoring_key
+from datastore.reuse import ReuseIndex, ReusePlan, sample_key, scoring_key
 from datastore.sample import ScoredSample
 from datastore.writer import LogitsWriter
 from teacher_server.backends.base import Backend, TopK
 from teacher_server.batching import plan_batches
 from teacher_server.render import (
     TokenizedSample,
+    checked_samples,
     resolve_template,
-    sample_problem,
-    tokenize_sample,
+    tokenize_samples,
     tokenizer_fingerprint,
 )
 
@@ -84,6 +84,7 @@ class ExtractResult:
     nonfinite: list[Problem] = field(default_factory=list)  # scored non-finite, not stored
     samples_lost_to_others: int = 0  # scored here, but another writer committed their range first
     samples_reused: int = 0  # copied from an earlier dataset of the store with the same scoring settings
+    shards_copied: int = 0  # earlier datasets' shards copied whole (renamed, not decoded): part of the above
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,7 +124,8 @@ def extract(
     template = dataset_template(dataset, settings, tok)
     meta = logits_meta(backend, dataset, teacher_name, settings)
     result = new_result(store_uri, meta)
-    samples = usable_samples(dataset, tok, template, settings, result)  # before anything is stored
+    scoring = scoring_key(meta)
+    samples, keys = usable_samples(dataset, tok, template, settings, result, scoring)  # before anything is stored
     check_store(store_uri)
     t0 = time.perf_counter()
     with store_errors(store_uri), open_writer(result.uri, meta, settings) as writer:
@@ -133,11 +135,17 @@ def extract(
         bar = progress_bar(len(samples), result.samples_already_stored, teacher_name) if progress else None
 
         def window_of(sample_ids: list[str]) -> list[TokenizedSample]:
-            return [tokenize_sample(by_id[sid], tok, template, settings.max_length, settings.all_positions)
-                    for sid in sample_ids]
+            # only the samples to score are tokenised again (the input check kept their keys, not tokens)
+            window = tokenize_samples([by_id[sid] for sid in sample_ids], tok, template, settings.max_length,
+                                      settings.all_positions)
+            for ts in window:  # checked at the start: only a tokenizer that changed since gets here
+                if isinstance(ts, UserError):
+                    raise ts
+            return window
 
-        reuse = ReuseIndex.build(store_uri, meta, exclude_uri=result.uri) if settings.reuse else None
-        fill(writer, backend, list(by_id), window_of, settings, result, reuse, t0, bar, on_batch)
+        encoding = writer.codec.describe()
+        reuse = ReuseIndex.build(store_uri, meta, encoding, exclude_uri=result.uri) if settings.reuse else None
+        fill(writer, backend, list(by_id), keys, window_of, settings, result, reuse, t0, bar, on_batch)
         if bar is not None:
             bar.close()
         result.samples_already_stored = len(samples) - result.samples_scored  # incl. reused ones
@@ -194,6 +202,7 @@ def fill(
     writer: LogitsWriter,
     backend: Backend,
     sample_ids: list[str],
+    keys: dict[str, str],
     window_of: Callable[[list[str]], list[TokenizedSample]],
     settings: ExtractSettings,
     result: ExtractResult,
@@ -203,31 +212,30 @@ def fill(
     on_batch: Callable[[ExtractResult], None] | None = None,
 ) -> None:
     """One writer's share of a job: claim ranges of `sample_ids` (`ShardedWriter.claims`), copy what
-    `reuse` holds, score the rest with `backend` in length-bucketed batches, commit each range as one shard.
+    `reuse` holds (by each sample's content key in `keys`), score the rest with `backend` in
+    length-bucketed batches, commit each range as one shard.
 
-    `window_of(ids)` gives the tokenised samples of a claimed range, in order (tokenised here, or by the
-    CPU workers of a Ray job). Counters accumulate into `result` (samples, tokens, positions, non-finite
+    `window_of(ids)` gives the tokenised samples of those ids, in order (tokenised here, or by the CPU
+    workers of a Ray job). Counters accumulate into `result` (samples, tokens, positions, non-finite
     samples, which are never stored); `on_batch(result)` runs after every batch. Returns when every sample
     is committed by some writer, except the non-finite ones this writer gave up on."""
-    scoring = scoring_key(writer.meta)
+    encoding = writer.codec.describe()
     nonfinite_ids: set[str] = set()
     for claim in writer.claims(sample_ids, exclude=nonfinite_ids):
-        window = window_of(claim.sample_ids)
-        scored: list[ScoredSample] = []
-        reused_here = 0
+        plan = ReusePlan()
         if reuse is not None and len(reuse):  # samples an earlier dataset already scored: copied
-            found = reuse.fetch([(sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions),
-                                  ts.sample_id) for ts in window])
-            if found:
-                scored.extend(found.values())
-                reused_here = len(found)
-                result.samples_reused += reused_here
-                result.samples_already_stored += reused_here  # progress counts them as stored
-                window = [ts for ts in window if ts.sample_id not in found]
-                if bar is not None:
-                    bar.update(reused_here)
-                if on_batch is not None:
-                    on_batch(result)
+            plan = reuse.plan([(keys[sid], sid) for sid in claim.sample_ids], encoding)
+        reused = plan.sample_ids
+        scored: list[ScoredSample] = list(plan.samples.values())
+        reused_here = len(reused)
+        if reused_here:
+            result.samples_reused += reused_here
+            result.samples_already_stored += reused_here  # progress counts them as stored
+            if bar is not None:
+                bar.update(reused_here)
+            if on_batch is not None:
+                on_batch(result)
+        window = window_of([sid for sid in claim.sample_ids if sid not in reused])
         for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
             batch: list[TokenizedSample] = [window[i] for i in idx]
             scores = backend.score(batch, settings.k)
@@ -267,10 +275,13 @@ def fill(
                 bar.set_postfix(tok_s=f"{result.tokens_per_s:,.0f}")
             if on_batch is not None:
                 on_batch(result)
-        if not claim.commit(scored):  # another writer committed this range first: ours is dropped
-            result.samples_scored -= len(scored) - reused_here
-            result.samples_lost_to_others += len(scored) - reused_here
+        if not claim.commit(scored, plan.copies):  # another writer committed this range first: dropped
+            scored_here = len(scored) - len(plan.samples)
+            result.samples_scored -= scored_here
+            result.samples_lost_to_others += scored_here
             result.samples_reused -= reused_here
+        else:
+            result.shards_copied += len(plan.copies)
 
 
 # ---------------------------------------------------------------------------- invalid samples
@@ -307,23 +318,32 @@ def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
             f"(first at token {first})")
 
 
+CHECK_CHUNK = 1024  # samples rendered and tokenised together by the input check
+
+
 def usable_samples(
-    dataset: Dataset, tokenizer, template: str | None, settings: ExtractSettings, result: ExtractResult
-) -> list[Sample]:
-    """The samples of `dataset` this teacher can take: each is rendered with `template` and tokenised as
-    scoring will (`teacher_server.render.sample_problem`). Raises `UserError` naming the line of every
+    dataset: Dataset, tokenizer, template: str | None, settings: ExtractSettings, result: ExtractResult,
+    scoring: str,
+) -> tuple[list[Sample], dict[str, str]]:
+    """The samples of `dataset` this teacher can take, and each one's content key under `scoring`
+    (`datastore.reuse.sample_key`, by sample id): each is rendered with `template` and tokenised as
+    scoring will (`teacher_server.render.checked_samples`). Raises `UserError` naming the line of every
     sample refused (at most 3 shown) unless `settings.skip_invalid`, which records them in
     `result.skipped` and leaves them out."""
     usable: list[Sample] = []
+    keys: dict[str, str] = {}
     problems: list[Problem] = []
-    for sample in dataset.samples:
-        reason = sample_problem(sample, tokenizer, template, settings.max_length)
-        if reason is None:
-            usable.append(sample)
-        else:
-            problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
+    for start in range(0, len(dataset.samples), CHECK_CHUNK):  # only a chunk's tokens are held at once
+        chunk = dataset.samples[start : start + CHECK_CHUNK]
+        checked = checked_samples(chunk, tokenizer, template, settings.max_length, settings.all_positions)
+        for sample, (ts, reason) in zip(chunk, checked, strict=True):
+            if ts is not None:
+                usable.append(sample)
+                keys[sample.id] = sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions)
+            else:
+                problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
     refuse_or_skip(dataset, problems, bool(usable), settings, result)
-    return usable
+    return usable, keys
 
 
 def refuse_or_skip(dataset: Dataset, problems: list[Problem], any_usable: bool, settings: ExtractSettings,

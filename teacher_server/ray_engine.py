@@ -37,7 +37,7 @@ from datastore.chat import Dataset, Problem
 from datastore.errors import UserError
 from datastore.fs import save_tokenizer
 from datastore.manifest import LogitsMeta
-from datastore.reuse import ReuseIndex
+from datastore.reuse import ReuseIndex, scoring_key
 from teacher_server.config import RayConfig, TeacherConfig
 from teacher_server.extract import (
     ExtractResult,
@@ -122,18 +122,21 @@ class _Identity:
     revision: str
 
 
-def _tokenize_chunk(samples, tokenizer, template, max_length: int, all_positions: bool):
-    """(Ray task, CPU) Validate and tokenise samples: ([(id, reason)] refused, [TokenizedSample])."""
-    from teacher_server.render import tokenize_checked
+def _tokenize_chunk(samples, tokenizer, template, max_length: int, all_positions: bool, scoring: str):
+    """(Ray task, CPU) Validate and tokenise samples: ([(id, reason)] refused + {id: content key}, the
+    `TokenizedSample`s of the others)."""
+    from datastore.reuse import sample_key
+    from teacher_server.render import checked_samples
 
-    refused, tokenized = [], []
-    for sample in samples:
-        checked = tokenize_checked(sample, tokenizer, template, max_length, all_positions)
-        if isinstance(checked, str):
-            refused.append((sample.id, f"id {sample.id!r}: {checked}"))
+    refused, keys, tokenized = [], {}, []
+    for sample, (ts, reason) in zip(samples, checked_samples(samples, tokenizer, template, max_length,
+                                                             all_positions), strict=True):
+        if ts is None:
+            refused.append((sample.id, f"id {sample.id!r}: {reason}"))
         else:
-            tokenized.append(checked)
-    return refused, tokenized
+            keys[sample.id] = sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions)
+            tokenized.append(ts)
+    return (refused, keys), tokenized
 
 
 class _Stopped(Exception):
@@ -195,9 +198,12 @@ class Replica:
         t0 = time.perf_counter()
         with store_errors(job["store"]):
             writer = open_writer(job["uri"], meta, settings)
-            reuse = ReuseIndex.build(job["store"], meta, exclude_uri=job["uri"]) if settings.reuse else None
+            reuse = None
+            if settings.reuse:
+                reuse = ReuseIndex.build(job["store"], meta, writer.codec.describe(), exclude_uri=job["uri"])
             try:
-                fill(writer, self.backend, job["ids"], window_of, settings, result, reuse, t0, None, on_batch)
+                fill(writer, self.backend, job["ids"], job["keys"], window_of, settings, result, reuse, t0, None,
+                     on_batch)
             except _Stopped:
                 pass
         result.seconds = time.perf_counter() - t0
@@ -309,8 +315,13 @@ class RayPool:
         task = ray.remote(_tokenize_chunk).options(num_cpus=self.options.tokenize_cpus, num_returns=2)
         tok_ref = ray.put(tok)
         chunks = [dataset.samples[i : i + CHUNK_SAMPLES] for i in range(0, len(dataset.samples), CHUNK_SAMPLES)]
-        pairs = [task.remote(c, tok_ref, template, settings.max_length, settings.all_positions) for c in chunks]
-        refused = [r for rs in ray.get([p[0] for p in pairs]) for r in rs]
+        scoring = scoring_key(meta)
+        pairs = [task.remote(c, tok_ref, template, settings.max_length, settings.all_positions, scoring)
+                 for c in chunks]
+        refused, keys = [], {}
+        for chunk_refused, chunk_keys in ray.get([p[0] for p in pairs]):
+            refused += chunk_refused
+            keys.update(chunk_keys)
         bad = {sid for sid, _ in refused}
         ids = [s.id for s in dataset.samples if s.id not in bad]
         refuse_or_skip(dataset, [Problem(sid, reason) for sid, reason in refused], bool(ids), settings, result)
@@ -330,7 +341,7 @@ class RayPool:
 
             queue = Queue(actor_options={"num_cpus": 0})
             job = {"token": uuid.uuid4().hex, "settings": settings, "meta": meta.model_dump(mode="json"),
-                   "uri": result.uri, "logits_id": result.logits_id, "store": store_uri, "ids": ids,
+                   "uri": result.uri, "logits_id": result.logits_id, "store": store_uri, "ids": ids, "keys": keys,
                    "chunk_of": chunk_of, "chunk_refs": [p[1] for p in pairs], "progress": queue.actor}
             latest: dict[str, ExtractResult] = {}
             try:
@@ -434,6 +445,7 @@ def _sum_into(total: ExtractResult, parts) -> None:
         total.samples_scored += p.samples_scored
         total.samples_reused += p.samples_reused
         total.samples_lost_to_others += p.samples_lost_to_others
+        total.shards_copied += p.shards_copied
         total.tokens += p.tokens
         total.padded_tokens += p.padded_tokens
         total.positions += p.positions

@@ -19,7 +19,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
 
-from datastore.chat import Message, Sample
+from datastore.chat import Message, Sample, unicode_problem
 from datastore.errors import UserError
 from datastore.tokenizers import tokenizer_fingerprint  # noqa: F401  (defined with the datastore's meta)
 
@@ -27,6 +27,7 @@ TEMPLATE_DIR = Path(__file__).with_name("templates")
 # Markers are private-use code points chosen per render among those absent from the chat and the template,
 # so user text that contains private-use characters can never be mistaken for a marker.
 _MARKER_POOL = range(0xF0000, 0xF0100)  # Supplementary Private Use Area-A
+_MARKER_CHARS = tuple(chr(c) for c in _MARKER_POOL)
 # Tokens of slack kept after the cut of an over-long text (see `_encode`); a cut changes at most the
 # tokenisation of the last pre-token(s) before it.
 _CUT_MARGIN = 16
@@ -122,12 +123,15 @@ def _compile(source: str) -> jinja2.Template:
 
 
 def _free_markers(n: int, *texts: str) -> list[str]:
-    """`n` private-use characters that occur in none of `texts`."""
-    used = set().union(*(set(t) for t in texts))
-    free = [chr(c) for c in _MARKER_POOL if chr(c) not in used]
-    if len(free) < n:  # 256 candidates: only a text built to exhaust them gets here
-        raise UserError("the sample uses every private-use marker character the renderer needs")
-    return free[:n]
+    """The first `n` private-use characters of the pool that occur in none of `texts`."""
+    free: list[str] = []
+    for c in _MARKER_CHARS:  # a substring search per text and candidate: texts rarely hold any
+        if not any(c in t for t in texts):
+            free.append(c)
+            if len(free) == n:
+                return free
+    # 256 candidates: only a text built to exhaust them gets here
+    raise UserError("the sample uses every private-use marker character the renderer needs")
 
 
 @dataclass
@@ -237,6 +241,58 @@ def tokenize_sample(
     assistant content and the end-of-turn special token right after it. Raises `UserError` when the
     template refuses the chat or rewrites assistant content, and when the tokenizer rejects the text.
     """
+    text, content_spans, loss_spans = _render(sample, tokenizer, template_source)
+    ids, offsets = _encode(text, tokenizer, max_length)
+    return _tokenized(sample.id, text, content_spans, loss_spans, ids, offsets, max_length, all_positions)
+
+
+def tokenize_samples(
+    samples: list[Sample],
+    tokenizer,
+    template_source: str | None,
+    max_length: int,
+    all_positions: bool = False,
+    batch_size: int = 256,
+) -> list[TokenizedSample | UserError]:
+    """`tokenize_sample` of each sample, in order, with the error it raises in place of a refused
+    sample. Texts are tokenised `batch_size` at a time in one tokenizer call (the fast tokenizers' batch
+    path: same ids and offsets as one call per text, less overhead per sample); a batch the tokenizer
+    rejects, and any text long enough to be cut before tokenising (`_encode`), go one text at a time."""
+    out: list[TokenizedSample | UserError | None] = [None] * len(samples)
+    rendered: list[tuple[int, str, list, list]] = []  # (index, text, content spans, loss spans)
+    for i, sample in enumerate(samples):
+        try:
+            rendered.append((i, *_render(sample, tokenizer, template_source)))
+        except UserError as e:
+            out[i] = e
+    short_limit = (max_length + _CUT_MARGIN) * 8  # what `_encode` tokenises whole, uncut
+    encoded: dict[int, tuple[np.ndarray, np.ndarray] | UserError] = {}
+    batchable = [r for r in rendered if len(r[1]) <= short_limit]
+    for start in range(0, len(batchable), batch_size):
+        part = batchable[start : start + batch_size]
+        try:
+            encoded.update(zip([r[0] for r in part], _tokenize_batch([r[1] for r in part], tokenizer), strict=True))
+        except UserError:  # a text the tokenizer rejects: find which, one text at a time
+            for r in part:
+                try:
+                    encoded[r[0]] = _tokenize(r[1], tokenizer)
+                except UserError as e:
+                    encoded[r[0]] = e
+    for i, text, content_spans, loss_spans in rendered:
+        if i not in encoded:  # long: cut before tokenising
+            try:
+                encoded[i] = _encode(text, tokenizer, max_length)
+            except UserError as e:
+                encoded[i] = e
+        enc = encoded[i]
+        out[i] = enc if isinstance(enc, UserError) else _tokenized(
+            samples[i].id, text, content_spans, loss_spans, *enc, max_length, all_positions)
+    return out
+
+
+def _render(sample: Sample, tokenizer, template_source: str | None) -> tuple[str, list, list]:
+    """(text, assistant content spans, loss spans) of a sample: the chat rendered with the template, or
+    BOS + the plain text."""
     if sample.is_chat:
         if template_source is None:
             raise UserError("a chat sample needs a chat template")
@@ -246,13 +302,16 @@ def tokenize_sample(
             loss_spans = rendered.generation_spans
         else:
             loss_spans = _loss_spans(text, content_spans, tokenizer)
-    else:
-        # Plain text (FuseLLM continual training): BOS then the text; every token is a target.
-        bos = tokenizer.bos_token or ""
-        text = bos + sample.text
-        content_spans = []
-        loss_spans = [(len(bos), len(text))]
-    ids, offsets = _encode(text, tokenizer, max_length)
+        return text, content_spans, loss_spans
+    # Plain text (FuseLLM continual training): BOS then the text; every token is a target.
+    bos = tokenizer.bos_token or ""
+    text = bos + sample.text
+    return text, [], [(len(bos), len(text))]
+
+
+def _tokenized(sample_id: str, text: str, content_spans: list, loss_spans: list, ids: np.ndarray,
+               offsets: np.ndarray, max_length: int, all_positions: bool) -> TokenizedSample:
+    """The `TokenizedSample` of a rendered text's tokens (`_encode`): loss mask, truncation, positions."""
     mask = np.zeros(len(ids), dtype=bool)
     for start, end in loss_spans:
         # A token is a target when its characters overlap the span (covers a leading-space piece).
@@ -265,7 +324,7 @@ def tokenize_sample(
     else:
         positions = np.flatnonzero(mask[1:]).astype(np.int32)
     return TokenizedSample(
-        sample_id=sample.id,
+        sample_id=sample_id,
         input_ids=ids,
         loss_mask=mask,
         positions=positions,
@@ -284,13 +343,29 @@ def max_token_chars(tokenizer) -> int:
 
 
 def _tokenize(text: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    if (problem := unicode_problem(text, "the rendered text")) is not None:
+        raise UserError(problem)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (TypeError, ValueError) as e:  # e.g. a lone surrogate: not encodable as UTF-8
+    except (TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the tokenizer rejects the rendered text ({first})") from None
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+def _tokenize_batch(texts: list[str], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`_tokenize` of several texts in one tokenizer call (UserError when it rejects any of them)."""
+    if any(unicode_problem(t, "a rendered text") for t in texts):
+        raise UserError("a rendered text is not valid Unicode")
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the tokenizer rejects a rendered text ({e})") from None
+    return [
+        (np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+        for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
 
 
 def _encode(text: str, tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,26 +392,37 @@ def _encode(text: str, tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarr
     return _tokenize(text, tokenizer)
 
 
-def sample_problem(sample: Sample, tokenizer, template_source: str | None, max_length: int) -> str | None:
-    """Why `sample` cannot be extracted with this tokenizer and template (one line), or None.
+def checked_sample(
+    sample: Sample, tokenizer, template_source: str | None, max_length: int, all_positions: bool = False
+) -> tuple[TokenizedSample | None, str | None]:
+    """(the tokenised sample, None), or (None, why it cannot be extracted: one line).
 
     Runs everything extraction runs before the model: rendering with the template (which may refuse
-    the chat, e.g. Mistral-v0.1's "roles must alternate") and tokenising. Used to validate a dataset
-    for a teacher before any sample is scored.
+    the chat, e.g. Mistral-v0.1's "roles must alternate") and tokenising (`tokenize_sample`). Used to
+    validate a dataset for a teacher before any sample is scored.
     """
-    checked = tokenize_checked(sample, tokenizer, template_source, max_length)
-    return checked if isinstance(checked, str) else None
+    return checked_samples([sample], tokenizer, template_source, max_length, all_positions)[0]
 
 
-def tokenize_checked(sample: Sample, tokenizer, template_source: str | None, max_length: int,
-                     all_positions: bool = False) -> TokenizedSample | str:
-    """`tokenize_sample`'s result, or why the sample cannot be extracted (one line: an id that is not
-    valid Unicode, a template that refuses the chat, text the tokenizer rejects)."""
-    try:
-        sample.id.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"'id' has a lone surrogate {sample.id[e.start]!r}: ids are stored as UTF-8, so must be valid Unicode"
-    try:
-        return tokenize_sample(sample, tokenizer, template_source, max_length, all_positions)
-    except UserError as e:
-        return str(e)
+def checked_samples(
+    samples: list[Sample], tokenizer, template_source: str | None, max_length: int, all_positions: bool = False
+) -> list[tuple[TokenizedSample | None, str | None]]:
+    """`checked_sample` of each sample, in order, tokenised in batches (`tokenize_samples`)."""
+    out: list[tuple[TokenizedSample | None, str | None]] = [(None, None)] * len(samples)
+    valid: list[int] = []
+    for i, sample in enumerate(samples):
+        problem = unicode_problem(sample.id, "'id'")
+        if problem is None:
+            valid.append(i)
+        else:
+            out[i] = None, problem
+    done = tokenize_samples([samples[i] for i in valid], tokenizer, template_source, max_length, all_positions)
+    for i, ts in zip(valid, done, strict=True):
+        out[i] = (None, str(ts)) if isinstance(ts, UserError) else (ts, None)
+    return out
+
+
+def sample_problem(sample: Sample, tokenizer, template_source: str | None, max_length: int) -> str | None:
+    """Why `sample` cannot be extracted with this tokenizer and template (one line), or None
+    (`checked_sample`)."""
+    return checked_sample(sample, tokenizer, template_source, max_length)[1]

@@ -7,6 +7,14 @@ trained teachers) lives in one session directory, `test_cache`, under pytest's b
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,6 +61,102 @@ def inst_template() -> str:
     from teacher_server.render import resolve_template
 
     return resolve_template("inst", None)
+
+
+@pytest.fixture(scope="session")
+def trainer_pivot(tmp_path_factory, spm_tokenizer) -> str:
+    """A tiny Llama pivot (1 layer, hidden 64) on the 32k SentencePiece tokenizer, saved with it: the
+    trainer tests' model (tests/test_trainer.py, tests/test_trainer_ddp.py)."""
+    from clients.tiny_models import build_model
+
+    out = tmp_path_factory.mktemp("pivot")
+    model = build_model("llama", spm_tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    model.save_pretrained(out)
+    spm_tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trainer_targets(tmp_path_factory, spm_tokenizer) -> str:
+    """40 random targets samples in shards of 8, fused (as recorded) in `trainer_pivot`'s tokenizer."""
+    from test_trainer_data import write_targets
+
+    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer),
+                           pivot_tokenizer=spm_tokenizer)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, spm_tokenizer, inst_template) -> Path:
+    """A tiny Mistral-shaped teacher saved like a real checkpoint (config, safetensors, tokenizer with its
+    own chat template), built once per session."""
+    import copy
+
+    from clients.tiny_models import build_model
+
+    out = tmp_path_factory.mktemp("teacher")
+    model = build_model("mistral", spm_tokenizer, seed=5, initializer_range=0.2)
+    model.save_pretrained(out)
+    tok = copy.deepcopy(spm_tokenizer)
+    tok.chat_template = inst_template
+    tok.save_pretrained(out)
+    return out
+
+
+#: the bucket of the session's moto_server (`s3_store`)
+S3_BUCKET = "logits-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> dict[str, str]:
+    """One real moto_server (S3 with conditional puts) on localhost for the whole session, holding the
+    bucket `S3_BUCKET`; yields the AWS_* environment that points at it (`s3_store` sets it per test)."""
+    boto3 = pytest.importorskip("boto3")
+    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    assert os.path.exists(exe), "moto_server not found: the dev extra installs it (pip install -e '.[dev]')"
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=S3_BUCKET)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_store(moto_server, monkeypatch, request) -> str:
+    """A store of this test's own (a fresh prefix) in the session's moto_server bucket; the AWS_*
+    variables point at the server for the test and the processes it starts."""
+    for key, value in moto_server.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    return f"s3://{S3_BUCKET}/{name}-{uuid.uuid4().hex[:8]}/store"
 
 
 @pytest.fixture(scope="module")

@@ -88,10 +88,10 @@ GOOD = {"id": "ok", "text": "fine"}
 PATHOLOGICAL = [
     ("[" * 100_000 + "]" * 100_000, "nested deeper"),
     ('{"id": ' + "9" * 5000 + ', "text": "x"}', "digits"),
-    ('{"id": "x", "text": "\\ud800 broken"}', "lone surrogate"),
-    ('{"id": "\\udfff", "text": "x"}', "lone surrogate"),
+    ('{"id": "x", "text": "\\ud800 broken"}', "lone UTF-16 surrogate"),
+    ('{"id": "\\udfff", "text": "x"}', "lone UTF-16 surrogate"),
     ('{"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\udc80"}]}',
-     "lone surrogate"),
+     "lone UTF-16 surrogate"),
     ('{"id": "x", "text": NaN}', "'text' must be a non-empty string"),
     ('{"id": 1e999, "text": "x"}', "'id'"),
     ('"just a string"', "expected an object"),

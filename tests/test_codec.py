@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -235,14 +236,14 @@ def test_v1_shards_written_before_v2_still_decode(tmp_path):
     assert codec.read_shard_bytes(data)[1].codec == codec.CODEC_V1
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_both_versions_roundtrip(version):
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_every_version_roundtrips(version):
     rng = np.random.default_rng(10 + version)
     samples = [make_sample(rng, f"s{i}", n_tokens=int(rng.integers(2, 120))) for i in range(12)]
     cfg = codec.CodecConfig(version=version)
     data = codec.encode_shard(samples, 10, cfg)
     table, ctx = codec.read_shard_bytes(data)
-    assert ctx.codec == (codec.CODEC_NAME if version == 2 else codec.CODEC_V1)
+    assert ctx.codec == {1: codec.CODEC_V1, 2: codec.CODEC_V2, 3: codec.CODEC_NAME}[version]
     for a, b in zip(samples, codec.decode_rows(table, ctx), strict=True):
         assert_same(a, b)
     # any slice of rows, as LogitsReader.get asks for (the v2 stream is the whole shard's)
@@ -422,3 +423,144 @@ def test_large_shard_class_counts_beyond_one_byte():
     assert sum(len(s.positions) for s in samples) > 70_000
     for a, b in zip(samples, roundtrip(samples, 2), strict=True):
         assert_same(a, b)
+
+
+# ---------------------------------------------------------------- encoding v3: exact round trips
+
+FIXTURE_V2 = Path(__file__).parent / "data" / "shard-v2.parquet"
+
+
+def assert_exact(a: ScoredSample, b: ScoredSample, config: codec.CodecConfig = codec.CodecConfig()) -> None:
+    """Decoded == the quantised input, bit for bit: ids equal, every logprob (top-k and gold) equal to
+    ``dequantise(quantise(x))`` of the fp32 input (the floor for -inf), padding (id -1) back as -inf."""
+    sl = (config.step_units, config.step_log2)
+    np.testing.assert_array_equal(b.topk_ids, a.topk_ids)
+    np.testing.assert_array_equal(b.input_ids, a.input_ids)
+    np.testing.assert_array_equal(b.positions, a.positions)
+    np.testing.assert_array_equal(b.loss_mask, a.loss_mask)
+    pad = np.asarray(a.topk_ids) == codec.PAD_ID
+    want = codec.dequantise(codec.quantise(np.where(pad, 0.0, a.topk_logprobs), *sl), *sl)
+    want[pad] = -np.inf
+    np.testing.assert_array_equal(b.topk_logprobs, want)
+    np.testing.assert_array_equal(b.gold_logprob, codec.dequantise(codec.quantise(a.gold_logprob, *sl), *sl))
+    assert (b.sample_id, b.text, b.truncated) == (a.sample_id, a.text, a.truncated)
+
+
+def v2_fixture_samples() -> list[ScoredSample]:
+    """The samples tests/data/shard-v2.parquet was written from (by the v2 encoder of 2026-11-29)."""
+    rng = np.random.default_rng(2026)
+    out = [make_sample(rng, f"v2-{i}", k=6, n_tokens=int(rng.integers(2, 60)), vocab=50000) for i in range(6)]
+    out[2].topk_ids, out[2].topk_logprobs = codec.truncate_topk(out[2].topk_ids, out[2].topk_logprobs, top_p=0.7)
+    out[3].topk_logprobs[0, 3:] = -np.inf
+    return out
+
+
+def test_v2_shards_written_before_v3_still_decode_exactly():
+    table, ctx = codec.read_shard_bytes(FIXTURE_V2.read_bytes())
+    assert ctx.codec == codec.CODEC_V2
+    for a, b in zip(v2_fixture_samples(), codec.decode_rows(table, ctx), strict=True):
+        assert_exact(a, b)
+
+
+def _sample(sid, input_ids, positions, topk_ids, topk_lp, gold_lp, loss_mask=None) -> ScoredSample:
+    input_ids = np.asarray(input_ids, np.int32)
+    mask = np.ones(len(input_ids), bool) if loss_mask is None else loss_mask
+    return ScoredSample(sid, input_ids, mask, np.asarray(positions, np.int32), np.asarray(topk_ids, np.int32),
+                        np.asarray(topk_lp, np.float32), np.asarray(gold_lp, np.float32), text=f"text {sid}")
+
+
+def test_v3_edge_cases_roundtrip_exactly():
+    """Empty sample, a one-position sample, k = 1, ids at the end of a 49,152 vocabulary and of int32,
+    -inf and floor logprobs, a shard of one sample; each alone and all in one shard."""
+    empty = _sample("empty", [], [], np.zeros((0, 3)), np.zeros((0, 3)), [])
+    one = _sample("one", [49151, 49150], [0], [[49150, 49151, 0]], [[-0.01, -4.0, -np.inf]], [-0.01])
+    ends = _sample("ends", [2**31 - 1, 49151, 2**31 - 1, 49151], [0, 1, 2],
+                   [[49151, 2**31 - 1, 49150], [2**31 - 1, 49151, 49150], [49151, 49150, 2**31 - 2]],
+                   [[0.0, -1e-7, -80.0], [-np.inf, -np.inf, -np.inf], [-3.0, -1e30, -np.inf]],
+                   [0.0, -np.inf, -7e4])
+    prompt_only = _sample("prompt", [5, 6, 7], [], np.zeros((0, 3)), np.zeros((0, 3)), [], np.zeros(3, bool))
+    for group in ([empty], [one], [ends], [prompt_only],
+                  [empty, one, ends, prompt_only, dataclasses.replace(one, sample_id="one-again")]):
+        for a, b in zip(group, roundtrip(group, 3), strict=True):
+            assert_exact(a, b)
+    k1 = _sample("k1", [3, 3, 3, 9, 3], [0, 1, 2, 3], [[3], [3], [9], [49151]], [[-0.5], [-0.5], [-2.0], [-np.inf]],
+                 [-0.5, -0.5, -2.0, -9.0])
+    assert_exact(k1, roundtrip([k1], 1)[0])
+
+
+def test_v3_long_copy_chains_resolve():
+    """Ids that stay in the top-k for a thousand positions (copies of copies) and a sample boundary
+    right after them: a copy never crosses into another sample."""
+    n = 1200
+    ids = np.tile(np.array([11, 12, 13, 14], np.int32), (n, 1))
+    ids[::7] = ids[::7][:, ::-1]  # the order changes now and then: copies from other ranks
+    lp = np.tile(np.array([-0.3, -1.5, -2.0, -2.5], np.float32), (n, 1))
+    a = _sample("chain", np.arange(n + 1) + 1000, np.arange(n), ids, lp, np.full(n, -6.0))  # no context repeats
+    b = _sample("next", np.arange(6) + 5000, np.arange(5), ids[:5] + 1, lp[:5], np.full(5, -6.0))
+    for x, y in zip([a, b], roundtrip([a, b], 4), strict=True):
+        assert_exact(x, y)
+    stats: dict = {}
+    codec.encode_shard([a, b], 4, stats=stats)
+    assert stats["copy"] > 0  # the chain was coded as copies
+
+
+def test_v3_random_shards_roundtrip_exactly():
+    """Property-style: random shards (1-7 samples, k 1-12, vocabularies from 5 to 2**31 ids, gold in or
+    out of the top-k, truncated rows, -inf entries, prompt-only samples) decode to the quantised input
+    exactly, under both logprob steps; v2 and v3 on the same input."""
+    rng = np.random.default_rng(31)
+    for case in range(24):
+        k = int(rng.integers(1, 13))
+        vocab = int(rng.choice([5, 60, 3000, 50000, 2**31 - 1]))
+        samples = []
+        for i in range(int(rng.integers(1, 8))):
+            s = make_sample(rng, f"c{case}-{i}", k=k, n_tokens=int(rng.integers(2, 90)), vocab=max(vocab, k + 1),
+                            gold_rate=float(rng.random()), all_positions=bool(rng.random() < 0.5))
+            if vocab == 5 and len(s.positions):  # a tiny vocabulary: the same ids row after row
+                s.topk_ids[:] = np.argsort(rng.random((len(s.positions), 6)), axis=1)[:, :k] if k <= 6 else s.topk_ids
+            if rng.random() < 0.3 and len(s.positions):
+                s.topk_ids, s.topk_logprobs = codec.truncate_topk(s.topk_ids, s.topk_logprobs, top_p=0.5)
+            if rng.random() < 0.3 and s.topk_logprobs.size:
+                s.topk_logprobs[rng.integers(len(s.positions)), -1] = -np.inf
+            samples.append(s)
+        config = codec.CodecConfig() if case % 2 else codec.CodecConfig(step_units=1, step_log2=5)
+        for version in (2, 3):
+            cfg = codec.CodecConfig(step_units=config.step_units, step_log2=config.step_log2, version=version)
+            for a, b in zip(samples, roundtrip(samples, k, cfg), strict=True):
+                assert_exact(a, b, cfg)
+
+
+def test_writer_writes_v3_and_a_v2_dataset_keeps_v2(tmp_path):
+    rng = np.random.default_rng(32)
+    meta = LogitsMeta(dataset_id="d", teacher_name="t", teacher_revision="0", tokenizer_fingerprint="f",
+                      k=10, chat_template="c", max_length=64, all_positions=False)
+    shard_codecs = {}
+    for name, cfg in (("new", None), ("old", codec.CodecConfig(version=2))):
+        uri = str(tmp_path / name)
+        with LogitsWriter(uri, meta, shard_rows=2, codec_config=cfg) as w:
+            w.write(make_sample(rng, "a"))
+        with LogitsWriter(uri, meta, shard_rows=2) as w:  # resumed with the default config
+            w.write(make_sample(rng, "b"))
+        reader = LogitsReader(uri)
+        shard_codecs[name] = {codec.read_shard_bytes((tmp_path / name / s.file).read_bytes())[1].codec
+                              for s in reader.manifest.shards}
+        assert [s.sample_id for s in reader.iter_samples()] == ["a", "b"]
+    assert shard_codecs == {"new": {codec.CODEC_NAME}, "old": {codec.CODEC_V2}}
+
+
+def test_v3_repeated_ids_in_a_row_and_listed_gold():
+    """v3 codes a listed id's index among those the row's gold and earlier entries do not hold: a row
+    that repeats an id (nothing forbids it) or repeats the gold id must still come back exactly."""
+    n = 60
+    inp = np.tile(np.array([5, 7, 9], np.int32), n // 3 + 1)[: n + 1]  # contexts repeat: lists form
+    ids = np.tile(np.array([7, 9, 5, 11], np.int32), (n, 1))
+    ids[::4, 1] = ids[::4, 0]  # rank 1 repeats rank 0
+    ids[1::4, 3] = inp[2::4][: len(ids[1::4])]  # the gold id again at rank 3
+    lp = np.tile(np.array([-0.5, -1.0, -2.0, -3.0], np.float32), (n, 1))
+    gold = np.full(n, -0.5, np.float32)
+    s = _sample("rep", inp, np.arange(n), ids, lp, gold)
+    codec.validate(s, 4)
+    stats: dict = {}
+    codec.encode_shard([s], 4, stats=stats)
+    assert stats["id"] > 0
+    assert_exact(s, roundtrip([s], 4)[0])

@@ -110,6 +110,20 @@ def test_get_opens_only_the_shard_that_holds_the_id(uri):
     assert r.shards_indexed <= 4
 
 
+@pytest.mark.parametrize("rows", [7, 9, 10, 13])
+def test_get_finds_every_id_of_shards_whose_bloom_size_is_not_a_multiple_of_8(uri, rows):
+    """A shard of 7, 9, 10, 13 ... rows has a Bloom filter of 10 bits per id stored in whole bytes: `get`
+    must hash into the filter's own bit count (0.2 used the rounded one and missed every id)."""
+    samples = [sample(i) for i in range(rows)]
+    with LogitsWriter(uri, meta(), shard_rows=rows) as w:
+        for s in samples:
+            w.write(s)
+    r = LogitsReader(uri)
+    for s in samples:
+        check(s, r.get(s.sample_id))
+    assert r.shards_indexed == 1
+
+
 def test_logits_id_is_stable_and_canonical():
     a = meta(extra={"a": 1, "b": 2})
     b = meta(extra={"b": 2, "a": 1})

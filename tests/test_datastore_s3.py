@@ -1,14 +1,9 @@
-"""The datastore over S3: a real moto server on localhost, reached through pyarrow's S3 filesystem."""
+"""The datastore over S3: a real moto server on localhost (the session's, `conftest.moto_server`), reached
+through pyarrow's S3 filesystem."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from typer.testing import CliRunner
@@ -18,54 +13,6 @@ from datastore.cli import store_app
 
 boto3 = pytest.importorskip("boto3")
 from test_datastore import check, meta, sample  # noqa: E402  (same tests dir)
-
-BUCKET = "logits-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_store():
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    assert os.path.exists(exe), "moto_server not found: the dev extra installs it (pip install -e '.[dev]')"
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        os.environ.update(env)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}/team/store"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_s3_write_resume_read_verify(s3_store):
@@ -102,7 +49,8 @@ def test_s3_write_resume_read_verify(s3_store):
 
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
     name = r.manifest.shards[1].file
-    client.delete_object(Bucket=BUCKET, Key=f"team/store/logits/{logits_id(meta())}/{name}")
+    bucket, prefix = s3_store.removeprefix("s3://").split("/", 1)
+    client.delete_object(Bucket=bucket, Key=f"{prefix}/logits/{logits_id(meta())}/{name}")
     res = runner.invoke(store_app, ["verify", uri])
     assert res.exit_code == 1 and f"{name}: missing" in res.output
 

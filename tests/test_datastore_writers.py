@@ -14,12 +14,12 @@ import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from clients.cli import app
 from datastore import LogitsReader, LogitsWriter, logits_id, logits_uri
 from datastore.leases import LeaseManager
 from tests.test_datastore import meta, sample
-from tests.test_datastore_s3 import s3_store  # noqa: F401  (module fixture: a moto_server)
-from tests.test_extract import teacher_dir  # noqa: F401  (module fixture: a tiny saved teacher)
 
 
 def _ids(n: int) -> list[str]:
@@ -106,20 +106,43 @@ def _dataset_uri(store: str) -> str | None:
     return entries[0]["uri"] if entries else None
 
 
-def _wait_for_a_commit(store: str, procs, timeout: float = 900) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _committed_ranges(store: str, table: list) -> tuple[str | None, int]:
+    """(the dataset's uri or None, how many shards it has committed so far); `table` keeps the dataset's
+    `DeltaDataset` between calls, so a poll reads only the log entries added since the last one."""
+    from datastore.table import DeltaDataset
+
+    if not table:
         uri = _dataset_uri(store)
-        if uri is not None:
-            try:
-                if LogitsReader(uri).manifest.shards:
-                    return uri
-            except Exception:  # noqa: BLE001 - the table is being created
-                pass
-        if all(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.1)
-    pytest.fail("no writer committed a shard in time")
+        if uri is None:
+            return None, 0
+        table.append(DeltaDataset(uri))
+    try:
+        return table[0].uri, len(table[0].snapshot().shards)
+    except Exception:  # noqa: BLE001 - the table is being created
+        return table[0].uri, 0
+
+
+def _kill_mid_run(store: str, procs, victims, rng: random.Random, ranges: int, timeout: float = 900) -> str:
+    """`kill -9` each victim at a random moment while the dataset is still being filled: once a random
+    number of ranges (1 to half of them) is committed, after a further random fraction of a second (mid
+    batch, mid commit, between ranges). No writer exits before every range is committed, so each victim is
+    still running when it is killed (asserted). Returns the dataset's uri."""
+    targets = sorted(rng.randint(1, ranges // 2) for _ in victims)
+    deadline = time.monotonic() + timeout
+    uri, table = None, []
+    for victim, target in zip(victims, targets, strict=True):
+        while True:
+            uri, done = _committed_ranges(store, table)
+            if done >= target:
+                break
+            if time.monotonic() > deadline or all(p.poll() is not None for p in procs):
+                pytest.fail(f"the writers did not commit {target} ranges in time")
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert victim.poll() is None, "a writer exited before the dataset was complete"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    return uri
 
 
 def _spawn(args: list[str], env: dict, log) -> subprocess.Popen:
@@ -140,27 +163,22 @@ def _check_exactly_once(uri: str, records: list[dict], outputs: list[str]) -> No
     assert reader.manifest.complete
     for out in outputs:  # a live writer never scored what another one committed
         assert "committed first by another writer" not in out, out
-    verify = subprocess.run([sys.executable, "-m", "clients.cli", "store", "verify", uri], capture_output=True,
-                            text=True, env=_env(), timeout=300)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    verify = CliRunner().invoke(app, ["store", "verify", uri])  # in this process: no interpreter start-up
+    assert verify.exit_code == 0, verify.output
 
 
 def _four_writers_two_killed(tmp_path, teacher, store: str, seed: int) -> None:
     from clients.corpus import chat_samples, write_jsonl
 
-    records = chat_samples(64, seed=seed, max_turns=2)
+    records = chat_samples(32, seed=seed, max_turns=2)  # 8 ranges of 4 for 4 writers
     data = write_jsonl(records, tmp_path / "chats.jsonl")
     rng = random.Random()
     env = _env(LOGITFUSE_LEASE_SECONDS="20")
     log = open(tmp_path / "writers.log", "w")
     procs = [_spawn(_extract_args(teacher, data, store, 4), env, log) for _ in range(4)]
     try:
-        uri = _wait_for_a_commit(store, procs)
         victims = rng.sample(procs, 2)
-        for p in victims:
-            time.sleep(rng.uniform(0.0, 1.5))  # a random moment: mid-batch, mid-commit, between ranges
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        uri = _kill_mid_run(store, procs, victims, rng, ranges=len(records) // 4)
         outputs = [_finish(p) for p in procs if p not in victims]
     finally:
         for p in procs:
@@ -176,17 +194,17 @@ def _four_writers_two_killed(tmp_path, teacher, store: str, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_four_extracts_two_killed_local(tmp_path, teacher_dir):  # noqa: F811
+def test_four_extracts_two_killed_local(tmp_path, teacher_dir):
     _four_writers_two_killed(tmp_path, teacher_dir, str(tmp_path / "store"), seed=11)
 
 
 @pytest.mark.slow
-def test_four_extracts_two_killed_s3(tmp_path, teacher_dir, s3_store):  # noqa: F811
+def test_four_extracts_two_killed_s3(tmp_path, teacher_dir, s3_store):
     _four_writers_two_killed(tmp_path, teacher_dir, s3_store + "/four-writers", seed=12)
 
 
 @pytest.mark.slow
-def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):  # noqa: F811
+def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):
     """The issue's failure: `--shard-rows 8` and, two seconds later, `--shard-rows 5` on one dataset used
     to corrupt it (29 of 59 shards failing their checksum, 145 of 300 samples missing)."""
     from clients.corpus import chat_samples, write_jsonl

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from clients.cli import app
 from clients.corpus import chat_samples, text_samples, write_jsonl
-from clients.tiny_models import build_model
 from datastore.codec import CodecConfig
 from datastore.fs import list_logits
 from datastore.reader import LogitsReader
@@ -28,19 +27,6 @@ from tests.test_hf_backend import check_against_float64
 
 BOUND = CodecConfig().max_abs_error + 1e-4  # quantisation bound + fp32 forward vs float64
 K = 6
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, spm_tokenizer, inst_template) -> Path:
-    """A tiny Mistral-shaped teacher saved like a real checkpoint (config, safetensors, tokenizer with its
-    own chat template)."""
-    out = tmp_path_factory.mktemp("teacher")
-    model = build_model("mistral", spm_tokenizer, seed=5, initializer_range=0.2)
-    model.save_pretrained(out)
-    tok = copy.deepcopy(spm_tokenizer)
-    tok.chat_template = inst_template
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

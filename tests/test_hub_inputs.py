@@ -12,7 +12,7 @@ import pytest
 
 from datastore import LogitsReader, UserError
 from datastore.hub import resolve_dataset_file, resolve_local_or_cached
-from tests.test_extract import dataset, teacher_dir  # noqa: F401  (module fixtures: tiny teacher, chat dataset)
+from tests.test_extract import dataset  # noqa: F401  (module fixture: a chat dataset)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

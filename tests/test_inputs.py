@@ -27,7 +27,7 @@ from datastore.reader import LogitsReader
 from teacher_server import render
 from teacher_server.render import render_chat, sample_problem, tokenize_sample
 from teacher_server.weights import weights_revision
-from tests.test_datastore_s3 import _free_port, s3_store  # noqa: F401 - moto_server fixture, shared
+from tests.conftest import free_port as _free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,11 +116,12 @@ def test_sample_problem_names_each_kind_of_refusal(spm_tokenizer, tmp_path):
     assert "roles must alternate" in sample_problem(system, spm_tokenizer, MISTRAL_V01, 64)
     # A lone surrogate (valid JSON "\ud800", not valid Unicode) in content or id: nothing downstream takes it.
     surrogate = Sample(id="x", messages=(ok.messages[0], type(ok.messages[1])("assistant", "bad \ud800 text")))
-    assert "tokenizer rejects" in sample_problem(surrogate, spm_tokenizer, MISTRAL_V01, 64)
+    assert "the rendered text has a lone UTF-16 surrogate '\\ud800'" in sample_problem(surrogate, spm_tokenizer,
+                                                                                       MISTRAL_V01, 64)
     bad_id = Sample(id="id-\ud800", messages=ok.messages)
     assert "'id'" in sample_problem(bad_id, spm_tokenizer, MISTRAL_V01, 64)
     text = Sample(id="t", text="plain \udfff")
-    assert "tokenizer rejects" in sample_problem(text, spm_tokenizer, None, 64)
+    assert "lone UTF-16 surrogate '\\udfff'" in sample_problem(text, spm_tokenizer, None, 64)
     # A template that alters private-use characters in assistant content cannot be masked exactly.
     altering = tmp_path / "alter.jinja"
     altering.write_text("{% for m in messages %}{{ m['content'] | replace('\ue000', '?') }}\n{% endfor %}")
@@ -159,6 +160,7 @@ def test_cli_reports_refused_samples_by_line_and_skip_invalid_skips_them(tmp_pat
 
     line = _one_error_line(_extract("--teacher", str(teacher), "--dataset", str(data), "--store", store))
     assert "line 51" in line and "line 52" in line and "--skip-invalid" in line
+    assert "line 51: messages[1] content has a lone UTF-16 surrogate '\\ud800'" in line
     assert list_logits(store) == []  # nothing stored by a rejected run
 
     only_system = write_jsonl(valid[:3] + bad[:1], tmp_path / "sys.jsonl")
@@ -235,6 +237,37 @@ def test_over_long_samples_are_cut_before_tokenising_with_the_same_result(reques
     seen.clear()
     fit = tokenize_sample(short, tok, inst_template, 4096)
     assert not fit.truncated and seen == [len(fit.text)]
+
+
+@pytest.mark.parametrize("tok_name", ["spm_tokenizer", "bpe_tokenizer"])
+def test_batched_tokenising_gives_what_one_sample_at_a_time_gives(request, tok_name, inst_template):
+    """`tokenize_samples` (the input check and extraction tokenise a batch per tokenizer call) returns,
+    sample by sample, what `tokenize_sample` returns or raises: a refused text in a batch, an over-long
+    text cut before tokenising and a template refusal included."""
+    from datastore.errors import UserError
+
+    tok = request.getfixturevalue(tok_name)
+    samples = [parse_record(r) for r in chat_samples(30, seed=5, max_turns=3) + text_samples(5, seed=2)]
+    prose = " ".join(s["text"] for s in text_samples(20, seed=3))
+    samples[7:7] = [Sample(id="bad", text="lone \udfff here"), parse_record({"id": "long", "text": prose * 3})]
+    template = inst_template.replace("{% for", "{% if messages|length > 5 %}{{ raise_exception('too long') }}"
+                                     "{% endif %}{% for", 1)
+    for all_positions in (False, True):
+        got = render.tokenize_samples(samples, tok, template, 96, all_positions, batch_size=8)
+        assert len(got) == len(samples)
+        refused = 0
+        for sample, g in zip(samples, got, strict=True):
+            try:
+                ref = tokenize_sample(sample, tok, template, 96, all_positions)
+            except UserError as e:
+                assert isinstance(g, UserError) and str(g) == str(e)
+                refused += 1
+                continue
+            assert not isinstance(g, UserError), g
+            assert g.sample_id == ref.sample_id and g.text == ref.text and g.truncated == ref.truncated
+            for name in ("input_ids", "loss_mask", "positions", "assistant_spans"):
+                np.testing.assert_array_equal(getattr(g, name), getattr(ref, name))
+        assert refused >= 2 and any(g.truncated for g in got if not isinstance(g, UserError))
 
 
 # ------------------------------------------------------------------- item 9: teacher identity
@@ -341,7 +374,7 @@ def test_disk_full_is_one_line_and_leaves_no_temporary_files(tmp_path, teacher, 
     assert not [p for p in store.rglob("*") if p.name.startswith(".tmp")]
 
 
-def test_missing_bucket_and_unreachable_endpoint_are_one_line(tmp_path, teacher, s3_store, monkeypatch):  # noqa: F811
+def test_missing_bucket_and_unreachable_endpoint_are_one_line(tmp_path, teacher, s3_store, monkeypatch):
     s3 = s3_store
     data = write_jsonl(_valid(2, seed=1), tmp_path / "d.jsonl")
     bucket = s3.split("/")[2]

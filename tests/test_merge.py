@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from datastore.errors import UserError
 from merge import MergeError, parse_config, run_merge
+from merge.config import load_config
 from merge.stream import ParameterStream
 
 SHAPES = {"model.embed_tokens.weight": (97, 33), "model.layers.0.mlp.up_proj.weight": (131, 33), "model.norm.weight": (33,)}
@@ -388,6 +391,19 @@ def test_bad_parameters_raise_one_line_errors(models, tmp_path, method, paramete
     per_model = per_model and per_model + [{}] * (len(target_dirs) - len(per_model))
     with pytest.raises(MergeError, match=message):
         run_merge(config(method, pivot_dir, target_dirs, parameters, per_model), tmp_path / "out")
+
+
+def test_parameter_errors_name_the_config_file(models, tmp_path):
+    """Parameters are checked per tensor once the checkpoints are open: the error still names the file."""
+    pivot_dir, *target_dirs = models["dirs"]
+    path = tmp_path / "merge.yaml"
+    for parameters, message in [({"selct_topk": 0.5}, r"parameters: unknown parameter 'selct_topk'"),
+                                ({}, r"bad parameters of models\[0\] \(ties\): density")]:
+        path.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(pivot_dir), "parameters": parameters,
+                                        "models": [{"model": str(t), "parameters": {"density": 0}} for t in target_dirs]}))
+        with pytest.raises(MergeError, match=rf"^{re.escape(str(path))}: {message}") as err:
+            run_merge(load_config(path), tmp_path / "out")
+        assert "\n" not in str(err.value)
 
 
 def test_bad_config_and_output_directory(models, tmp_path):

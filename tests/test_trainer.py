@@ -18,22 +18,14 @@ from trainer.train import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pivot_dir(tmp_path_factory, spm_tokenizer):
-    from clients.tiny_models import build_model
-
-    out = tmp_path_factory.mktemp("pivot")
-    model = build_model("llama", spm_tokenizer, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
-    model.save_pretrained(out)
-    spm_tokenizer.save_pretrained(out)
-    return str(out)
+@pytest.fixture
+def pivot_dir(trainer_pivot):
+    return trainer_pivot
 
 
-@pytest.fixture(scope="module")
-def targets_uri(tmp_path_factory, spm_tokenizer):
-    uri, _ = write_targets(tmp_path_factory.mktemp("targets") / "t", 40, shard_rows=8, vocab=len(spm_tokenizer),
-                           pivot_tokenizer=spm_tokenizer)
-    return uri
+@pytest.fixture
+def targets_uri(trainer_targets):
+    return trainer_targets
 
 
 def config(pivot_dir, targets_uri, out, **kw) -> TrainConfig:
@@ -223,3 +215,16 @@ def test_report_to_tensorboard_and_wandb_offline(pivot_dir, targets_uri, tmp_pat
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
     bad = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "p"), "--report-to", "mlflow"])
     assert bad.exit_code == 2 and "--report-to: Value error, mlflow is not one of tensorboard, wandb, none" in bad.output
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_refused(pivot_dir, targets_uri, tmp_path):
+    """trainer_state.pt once held a plain optimizer state_dict and one stream state per rank; such a
+    checkpoint cannot be resumed exactly (data order and optimizer layout changed): one line, not a KeyError."""
+    import shutil
+
+    ckpt = tmp_path / "o" / "checkpoints" / "step-000001"
+    shutil.copytree(pivot_dir, ckpt)
+    torch.save({"step": 1, "optimizer": {}, "scheduler": {}, "rng": torch.get_rng_state(),
+                "data": [{"epoch": 0, "index": 3}]}, ckpt / "trainer_state.pt")
+    with pytest.raises(UserError, match=r"step-000001: a checkpoint of an older logitfuse .* --no-resume"):
+        train(config(pivot_dir, targets_uri, tmp_path / "o", max_steps=2))

@@ -127,22 +127,41 @@ def test_epoch_sees_every_sample_once_and_shuffle_is_seeded(dataset):
     assert 0.7 * n_rows <= len(got) and n_rows > 0
 
 
-def test_ranks_get_disjoint_shards(dataset):
-    uri, samples = dataset
-    seen = []
-    for rank in range(2):
-        stream = TargetStream(uri, DataConfig(seq_len=40, rank=rank, world_size=2, seed=5))
-        ids = []
-        for state, prep in stream._samples(StreamState()):
-            if state.epoch > 0:
-                break
-            ids.extend(sid for sid, s in samples.items() if np.array_equal(s.input_ids[:40], prep.tokens))
-        assert len(ids) == len(set(ids))
-        seen.append(set(ids))
-    assert not (seen[0] & seen[1]) and (seen[0] | seen[1]) == set(samples)
-    # more ranks than shards: shards are split into row-strided parts
-    many = [TargetStream(uri, DataConfig(seq_len=40, rank=r, world_size=20)).epoch_size() for r in range(20)]
-    assert sum(many) == len(samples) and min(many) >= 1
+def test_ranks_split_each_global_batch_of_the_one_process_stream(dataset):
+    """The global batches do not depend on the number of ranks: rank r's micro-batch is rows r*m..(r+1)*m-1
+    of what one process packs with m*world rows per micro-batch (so the ranks' samples are disjoint and
+    together are the group), and a stream resumed from a 2-rank state on 1 or 3 ranks goes on with the same
+    rows. Before, each rank packed its own shards: another order than one process, and ranks whose shards
+    held fewer samples cycled through them faster."""
+    uri, _ = dataset
+
+    def stream(world, rank, rows, state=None):
+        cfg = DataConfig(seq_len=40, batch_size=rows, shuffle_buffer=8, seed=5, rank=rank, world_size=world)
+        return TargetStream(uri, cfg, state)
+
+    one = list(itertools.islice(iter(stream(1, 0, 6)), 12))  # 72 rows: past the first epoch
+    assert one[-1].state.epoch >= 1
+
+    def check(groups, ranks, start):
+        world = len(ranks)
+        for g, batch in enumerate(one[start:]):
+            parts = [ranks[r][g] for r in range(world)]
+            for name in ("input_ids", "position_ids"):
+                torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts]), getattr(batch, name))
+            assert sum(p.num_targets for p in parts) == batch.num_targets
+            assert all(p.state == batch.state for p in parts)
+
+    for world in (2, 3, 6):
+        ranks = [list(itertools.islice(iter(stream(world, r, 6 // world)), 12)) for r in range(world)]
+        check(one, ranks, 0)
+    two = [list(itertools.islice(iter(stream(2, r, 3)), 5)) for r in range(2)]
+    for world in (1, 3):
+        resumed = [list(itertools.islice(iter(stream(world, r, 6 // world, two[r % 2][4].state)), 7))
+                   for r in range(world)]
+        check(one, resumed, 5)
+    # more ranks than shards (60 samples in 9 shards): every rank still gets rows
+    many = [next(iter(stream(20, r, 1))) for r in range(20)]
+    assert all(b.num_samples >= 1 for b in many)
 
 
 def test_resume_reproduces_the_stream_exactly(dataset):
@@ -177,7 +196,7 @@ def test_samples_without_response_tokens_are_an_error_when_all_are(tmp_path):
     with TargetsWriter(str(tmp_path / "t"), meta) as w:
         w.write(TargetSample("a", np.arange(5, dtype=np.int32), np.zeros(5, bool), np.zeros(0, np.int32),
                              np.zeros((0, K), np.int32), np.zeros((0, K), np.float32)))
-    with pytest.raises(UserError, match="no sample with a response token"):
+    with pytest.raises(UserError, match="no sample has a response token"):
         next(iter(TargetStream(str(tmp_path / "t"), DataConfig(seq_len=8))))
 
 

@@ -8,9 +8,12 @@ here: torch and transformers load when a run starts, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import typer
+
+from datastore.errors import UserError
 
 
 def _opt(default, help: str, *decls: str) -> typer.models.OptionInfo:  # noqa: A002
@@ -62,8 +65,15 @@ def train_command(
 
     options = {"lambda" if name == "lambda_" else name: value for name, value in given.items()}
     cfg = TrainConfig.parse(**options)
-    result = train(cfg)
-    if result.losses:
+    try:
+        result = train(cfg)
+    except UserError:
+        if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` every rank fails alike: one line
+            raise typer.Exit(2) from None
+        raise
+    from accelerate import PartialState
+
+    if result.losses and PartialState().is_main_process:  # under `accelerate launch`: one line, not one per rank
         last = result.losses[-1]
         typer.echo(f"{result.final_dir}: step {result.steps}, loss {last['loss']:.4f} (sft {last['sft']:.4f}, "
                    f"fusion {last['fusion']:.4f}); log {result.log_path}")

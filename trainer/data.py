@@ -1,33 +1,42 @@
 """Streaming input of the trainer: targets shards (local or S3) -> packed, ready-to-train tensors.
 
-Order. An epoch of one rank is a pure function of ``(seed, epoch, rank, world_size)`` and the manifest:
+Order. The stream is one global sequence of packed rows, a pure function of ``(seed, epoch)`` and the manifest:
+it does not depend on the number of processes, so a run on N processes trains on exactly the global batches
+of a run on one (same ``--batch-size``), and a run can resume on another number of processes.
 
-1. Units: every shard, split into ``P = ceil(world_size / #shards)`` row-strided parts (``P = 1`` unless
-   there are more ranks than shards). The units are permuted with ``rng(seed, epoch)`` and rank ``r``
-   takes units ``r, r + world, ...`` (per-rank sharding: each rank reads only its own shards).
-2. The rank's samples, unit after unit, are cut into windows of ``shuffle_buffer`` samples and each window
-   is permuted with ``rng(seed, epoch, rank, window)``: shuffle by shard plus a bounded buffer.
+1. The shards are permuted with ``rng(seed, epoch)``; their samples, shard after shard, are cut into
+   windows of ``shuffle_buffer`` samples and each window is permuted with ``rng(seed, epoch, 0, window)``
+   (shuffle by shard plus a bounded buffer; the 0 keeps the order one-process runs always had).
+2. Samples are packed greedily, in that order, into rows of ``seq_len`` tokens; a sample that does not fit
+   starts the next row (a sample longer than ``seq_len`` is truncated to its first ``seq_len`` tokens).
+   Rows run on across epoch ends.
 
-Packing. Samples are packed greedily, in that order, into rows of ``seq_len`` tokens; a sample that does not
-fit starts the next row (a sample longer than ``seq_len`` is truncated to its first ``seq_len`` tokens).
+Ranks. The rows come in groups of ``world_size * batch_size``: one micro-batch for every rank. Rank ``r``
+takes rows ``r * batch_size ... (r + 1) * batch_size - 1`` of every group, so the ranks' samples are
+disjoint and together are the group. Every rank walks the same sample order (it needs each sample's length
+to know where rows end; a sample's length is a slice of the decoded shard), decoding the shards the current
+window spans, but builds tensors only for its own rows. Reading every shard on every rank costs little:
+the targets are ~50 bytes per trained position and decode at over a million positions per CPU-second
+(bench/bench_trainer.py), far above what a GPU trains per second.
+
 Attention never crosses samples: each sample's ``position_ids`` restart at 0 and no attention mask is
 passed, which transformers (Llama, Mistral, Mixtral, Qwen2; eager, sdpa and flash-attention-2) turns into a
 block-diagonal causal mask (`transformers.masking_utils.find_packed_sequence_indices`). The padding at the
-end of a row is one more block whose outputs are never used. Rows run on across epoch ends.
+end of a row is one more block whose outputs are never used.
 
 Rows of the loss. For every position ``t`` whose next token is a response token (``loss_mask[t + 1]``) the
 batch has one row: its flat index in ``[B * seq_len]``, the gold next token ``input_ids[t + 1]`` and the
 fused top-k of that position, or ``-1`` ids where the targets have none. Target positions whose next token
 is not a response token are dropped. Samples with no response token are skipped.
 
-Resume. `StreamState` ``(epoch, index)`` names the first sample (in the rank's epoch order) that is not in
-an emitted batch. Packing restarts cleanly from there, so a stream rebuilt from a saved state yields
-exactly the batches the original would have. Each `PackedBatch` carries the state after it.
+Resume. `StreamState` ``(epoch, index)`` names the first sample of the global order that is not in an
+emitted group. Packing restarts cleanly from there, so a stream rebuilt from a saved state yields exactly
+the rows the original would have, for any number of ranks. Each `PackedBatch` carries the state after its
+group, the same on every rank.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -112,30 +121,27 @@ class TargetStream:
         shards = self.reader.manifest.shards
         if not shards or self.reader.manifest.num_samples == 0:
             raise UserError(f"targets dataset {uri} has no samples")
-        self._parts = max(1, math.ceil(config.world_size / len(shards)))
         self._cache: dict[int, ShardArrays] = {}
-        self._epoch_plan: tuple[int, list[tuple[int, np.ndarray]], np.ndarray] | None = None
+        self._epoch_plan: tuple[int, list[int], np.ndarray] | None = None
         self._window: tuple[int, int, list[tuple[int, int]]] | None = None
 
     # ------------------------------------------------------------ order
 
-    def _units(self, epoch: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
-        """This rank's units for an epoch: (shard index, its row numbers), and their cumulative sizes."""
+    def _units(self, epoch: int) -> tuple[list[int], np.ndarray]:
+        """The shards of an epoch in their shuffled order, and the cumulative sample counts."""
         if self._epoch_plan is None or self._epoch_plan[0] != epoch:
             c = self.config
             shards = self.reader.manifest.shards
-            units = [(i, np.arange(p, s.rows, self._parts)) for i, s in enumerate(shards) for p in range(self._parts)]
+            order = list(range(len(shards)))
             if c.shuffle:
-                order = np.random.default_rng([c.seed, epoch]).permutation(len(units))
-                units = [units[j] for j in order]
-            mine = units[c.rank :: c.world_size]
-            bounds = np.zeros(len(mine) + 1, dtype=np.int64)
-            np.cumsum([len(rows) for _, rows in mine], out=bounds[1:])
-            self._epoch_plan = (epoch, mine, bounds)
+                order = [int(j) for j in np.random.default_rng([c.seed, epoch]).permutation(len(shards))]
+            bounds = np.zeros(len(order) + 1, dtype=np.int64)
+            np.cumsum([shards[i].rows for i in order], out=bounds[1:])
+            self._epoch_plan = (epoch, order, bounds)
         return self._epoch_plan[1], self._epoch_plan[2]
 
     def epoch_size(self, epoch: int = 0) -> int:
-        """Samples this rank sees in an epoch (before skipping samples without response tokens)."""
+        """Samples in an epoch, all ranks together (before skipping samples without response tokens)."""
         return int(self._units(epoch)[1][-1])
 
     def _window_refs(self, epoch: int, w: int) -> list[tuple[int, int]]:
@@ -150,13 +156,13 @@ class TargetStream:
         u = int(np.searchsorted(bounds, lo, side="right")) - 1
         pos = lo
         while pos < hi:
-            shard, rows = units[u]
+            shard = units[u]
             start, stop = pos - int(bounds[u]), min(hi, int(bounds[u + 1])) - int(bounds[u])
-            refs.extend((shard, int(r)) for r in rows[start:stop])
+            refs.extend((shard, r) for r in range(start, stop))
             pos = int(bounds[u]) + stop
             u += 1
         if c.shuffle:
-            order = np.random.default_rng([c.seed, epoch, c.rank, w]).permutation(len(refs))
+            order = np.random.default_rng([c.seed, epoch, 0, w]).permutation(len(refs))
             refs = [refs[j] for j in order]
         self._window = (epoch, w, refs)
         # keep only the shards this window needs decoded
@@ -188,24 +194,26 @@ class TargetStream:
         """Make every shard read raise UserError on ids outside ``[0, vocab_size)``."""
         self._vocab_limit = int(vocab_size)
 
-    def _samples(self, state: StreamState) -> Iterator[tuple[StreamState, _Prepared | None]]:
-        """Samples from `state` on, each with its own position; None for a skipped sample."""
+    def _samples(self, state: StreamState) -> Iterator[tuple[StreamState, int, int, int]]:
+        """The samples with a response token from `state` on, in the global order: (its position, shard,
+        row, tokens it takes in a packed row). Samples without a response token are passed over."""
         epoch, index = state.epoch, state.index
+        L = self.config.seq_len
         while True:
             n, whole = self.epoch_size(epoch), index == 0
             produced = False
             while index < n:
                 w, off = divmod(index, self.config.shuffle_buffer)
                 shard, row = self._window_refs(epoch, w)[off]
-                prepared = self._prepare(self._shard(shard), row)
-                produced |= prepared is not None
-                yield StreamState(epoch, index), prepared
+                a = self._shard(shard)
+                t0, t1 = int(a.tok_offsets[row]), int(a.tok_offsets[row + 1])
+                t1 = min(t1, t0 + L)
+                if a.loss_mask[t0 + 1 : t1].any():
+                    produced = True
+                    yield StreamState(epoch, index), shard, row, t1 - t0
                 index += 1
             if whole and not produced:
-                raise UserError(
-                    f"{self.reader.uri}: rank {self.config.rank} gets no sample with a response token "
-                    "(every loss_mask is False)"
-                )
+                raise UserError(f"{self.reader.uri}: no sample has a response token (every loss_mask is False)")
             epoch, index = epoch + 1, 0
 
     def _prepare(self, a: ShardArrays, row: int) -> _Prepared | None:
@@ -230,29 +238,33 @@ class TargetStream:
     # ------------------------------------------------------------ packing
 
     def __iter__(self) -> Iterator[PackedBatch]:
+        """This rank's micro-batches: rows ``rank * batch_size ...`` of each group of ``world_size *
+        batch_size`` packed rows of the global order."""
         c = self.config
         L = c.seq_len
         samples = self._samples(self.state)
-        pending: tuple[StreamState, _Prepared] | None = None
+        pending: tuple[StreamState, int, int, int] | None = None
         while True:
             rows: list[list[_Prepared]] = []
-            for _ in range(c.batch_size):
+            for j in range(c.world_size * c.batch_size):
+                mine = j // c.batch_size == c.rank
                 row: list[_Prepared] = []
                 used = 0
                 while True:
                     if pending is None:
-                        st, prep = next(samples)
-                        if prep is None:
-                            continue
-                        pending = (st, prep)
-                    st, prep = pending
-                    if row and used + len(prep.tokens) > L:
+                        pending = next(samples)
+                    _, shard, index, length = pending
+                    if used and used + length > L:
                         break
-                    row.append(prep)
-                    used += len(prep.tokens)
+                    if mine:  # decoded now, while the sample's window (and shard) is the current one
+                        prepared = self._prepare(self._shard(shard), index)
+                        assert prepared is not None
+                        row.append(prepared)
+                    used += length
                     pending = None
-                rows.append(row)
-            # the sample waiting in `pending` is the first one not in this batch
+                if mine:
+                    rows.append(row)
+            # the sample waiting in `pending` is the first one not in this group
             self.state = pending[0]
             yield self._collate(rows)
 

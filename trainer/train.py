@@ -8,11 +8,16 @@ Output directory::
 
     OUT/train_config.json                 the run's config (a resume must match it)
     OUT/checkpoints/step-NNNNNN/          model.safetensors + config + the pivot's tokenizer (from_pretrained),
-                                          trainer_state.pt (optimizer, scheduler, RNG, data stream states)
+                                          optimizer/ (AdamW state: torch.distributed.checkpoint, each rank
+                                          writes its shard under FSDP), trainer_state.pt (step, scheduler,
+                                          RNG, the data stream's `StreamState`)
     OUT/logs/train.jsonl, OUT/logs/tensorboard/, OUT/loss.png
 
-Resume is exact: weights, AdamW moments, schedule position, RNG and every rank's `StreamState` are in the
-checkpoint, so N steps straight and N/2 + resume + N/2 give the same weights (tests/test_trainer.py).
+Resume is exact: weights, AdamW moments, schedule position, RNG and the stream position are in the
+checkpoint, so N steps straight and N/2 + resume + N/2 give the same weights (tests/test_trainer.py). The
+global batches do not depend on the number of processes (`trainer.data`), and the optimizer state is saved
+by parameter name and resharded on load (torch.distributed.checkpoint), so a run may resume on another
+number of processes, or move between one process, DDP and FSDP (tests/test_trainer_ddp.py).
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ PRESETS: dict[str, dict] = {
     "fusechat": dict(lr=5e-6, warmup_ratio=0.03, epochs=3.0, batch_size=128, max_length=2048, lambda_=0.9),
 }
 STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"
+#: trainer_state.pt layout; 1 (before this) held a plain optimizer state_dict and one stream state per rank
+STATE_FORMAT = 2
 # fields that may change between a run and its resume without changing the trajectory
 _RESUME_FREE = {"out", "resume", "stop_after", "save_every", "keep_checkpoints", "log_every", "tensorboard", "plot",
-                "report_to"}
+                "report_to", "cpu"}  # cpu: like the number of processes, where the run goes on is free
 REPORTERS = ("tensorboard", "wandb")
 # fields naming a file or directory: a resume compares them as resolved paths (./t and /abs/t are one run)
 _PATH_FIELDS = ("targets", "model")
@@ -140,6 +148,8 @@ class FusionLM(torch.nn.Module):
     def __init__(self, model, loss_cfg: LossConfig, chunk_rows: int):
         super().__init__()
         self.model, self.loss_cfg, self.chunk_rows = model, loss_cfg, chunk_rows
+        # what accelerate's FSDP TRANSFORMER_BASED_WRAP wraps (the decoder layers), read from this module
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
     def forward(self, input_ids, position_ids, row_index, gold, topk_ids, topk_probs, w_sft, w_fusion):
         base = getattr(self.model, self.model.base_model_prefix)
@@ -304,7 +314,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     state = None
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        stream_state = StreamState.from_dict(state["data"][rank])
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(f"{resume_dir}: a checkpoint of an older logitfuse (its data order and optimizer "
+                            "state are stored otherwise): use another --out or --no-resume")
+        stream_state = StreamState.from_dict(state["data"])
     data_cfg = DataConfig(seq_len=cfg.max_length, batch_size=cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                           seed=cfg.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_token_id or 0)
     stream = TargetStream(cfg.targets, data_cfg, stream_state)
@@ -320,12 +333,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     start_step = 0
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(wrapped, optimizer, resume_dir / OPTIMIZER_DIR)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = int(state["step"])
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
 
     log_dir = out / "logs"
     log_path = log_dir / "train.jsonl"
@@ -349,15 +362,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     while step < total_steps and not (cfg.stop_after and ran >= cfg.stop_after):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        counts = torch.tensor([sum(len(b.gold) for b in micro), sum(b.num_targets for b in micro)],
-                              dtype=torch.float64, device=accelerator.device)
+        counts = torch.tensor([sum(len(b.gold) for b in micro), sum(b.num_targets for b in micro),
+                               sum(b.num_tokens for b in micro)], dtype=torch.float64, device=accelerator.device)
         counts = accelerator.reduce(counts, reduction="sum")  # means over the whole global batch
-        n_sft, n_fus = float(counts[0]), float(counts[1])
+        n_sft, n_fus, tokens = float(counts[0]), float(counts[1]), int(counts[2])
         # DDP averages gradients over ranks, hence the factor `world`
         w_sft = lam * world / n_sft if n_sft else 0.0
         w_fus = (1 - lam) * world / n_fus if n_fus else 0.0
         sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        tokens = 0
         for i, batch in enumerate(micro):
             batch.to(accelerator.device)
             sync = accelerator.no_sync(wrapped) if i < accum - 1 else _nullcontext()
@@ -366,7 +378,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                   batch.topk_ids, batch.topk_probs, w_sft, w_fus)
                 accelerator.backward(total)
             sums += torch.stack([sft_sum.double(), fus_sum.double()])
-            tokens += batch.num_tokens
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -380,8 +391,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         fus = float(sums[1]) / n_fus if n_fus else 0.0
         seconds = time.perf_counter() - t0
         record = {"step": step, "loss": lam * sft + (1 - lam) * fus, "sft": sft, "fusion": fus,
-                  "lr": scheduler.get_last_lr()[0], "tokens": tokens * world, "targets": int(n_fus),
-                  "seconds": round(seconds, 4), "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
+                  "lr": scheduler.get_last_lr()[0], "tokens": tokens, "targets": int(n_fus),
+                  "seconds": round(seconds, 4), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                   "epoch": micro[-1].state.epoch}
         if step % cfg.log_every == 0 or step == total_steps:
             history.append(record)
@@ -413,16 +424,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _accelerator(accelerator_cls, cfg: TrainConfig):
+    """The run's `accelerate.Accelerator`. Launched as several processes on a machine without a GPU, it
+    is told ``cpu=True`` (gloo): accelerate would otherwise make every process a separate one-process run,
+    all writing the same --out."""
     precision = "bf16" if cfg.bf16 else "no"
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = cfg.cpu or (launched > 1 and not torch.cuda.is_available())
     try:
-        return accelerator_cls(mixed_precision=precision, cpu=cfg.cpu)
+        accelerator = accelerator_cls(mixed_precision=precision, cpu=cpu)
     except ValueError:
         # accelerate keeps one state per process; a second in-process run (tests, the demo) with another
         # precision resets it. Never reached under `accelerate launch`, where one run owns the process.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-        return accelerator_cls(mixed_precision=precision, cpu=cfg.cpu)
+        accelerator = accelerator_cls(mixed_precision=precision, cpu=cpu)
+    if accelerator.num_processes != launched:
+        raise UserError(f"launched as {plural(launched, 'process', 'processes')} (WORLD_SIZE) but accelerate "
+                        f"formed a group of {accelerator.num_processes}: check the accelerate config")
+    return accelerator
 
 
 class _nullcontext:
@@ -433,30 +453,71 @@ class _nullcontext:
         return False
 
 
-def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out: Path, keep: int):
-    """Model (safetensors, from_pretrained-loadable) + tokenizer + trainer state, written to a temporary
-    directory and renamed, so a checkpoint directory with trainer_state.pt in it is always whole."""
-    states = [None] * accelerator.num_processes
-    mine = stream.state.to_dict()
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
+def _optimizer_state(wrapped, optimizer) -> dict:
+    """AdamW's state keyed by parameter name (torch.distributed.checkpoint.state_dict): the same keys with one
+    process, DDP or FSDP; under FSDP each rank holds DTensor shards of it. An optimizer that has not stepped
+    yet gets zero moments first (torch does it), so the result is also the template a load fills."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dist.all_gather_object(states, mine)
-    else:
-        states = [mine]
-    state_dict = accelerator.get_state_dict(wrapped)
-    prefix = "model."
-    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the AdamW
+    return get_optimizer_state_dict(wrapped, inner)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dcp_call(fn, state: dict, path: Path) -> None:
+    """`torch.distributed.checkpoint.save` / `load` of `state` at `path`; with no process group (one
+    process) it runs without one, and its warning that it assumes so is not printed."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        fn(state, checkpoint_id=str(path), no_dist=not _distributed())
+
+
+def _load_optimizer(wrapped, optimizer, path: Path) -> None:
+    """Load the optimizer state `_save_checkpoint` wrote to `path` with torch.distributed.checkpoint, which
+    reshards it: the checkpoint may come from another number of processes, or from DDP when this is FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = {"optimizer": _optimizer_state(wrapped, optimizer)}
+    _dcp_call(dcp.load, state, path)
+    set_optimizer_state_dict(wrapped, inner, optim_state_dict=state["optimizer"])
+
+
+def _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out: Path, keep: int):
+    """Model (safetensors, from_pretrained-loadable) + tokenizer + optimizer (torch.distributed.checkpoint,
+    every rank writes its part) + trainer state, written to a temporary directory and renamed, so a
+    checkpoint directory with trainer_state.pt in it is always whole. The data position is the stream's
+    state after this step: the same on every rank (`trainer.data`)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     if accelerator.is_main_process:
-        root = out / "checkpoints"
-        final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model = accelerator.unwrap_model(wrapped).model
+    accelerator.wait_for_everyone()
+    _dcp_call(dcp.save, {"optimizer": _optimizer_state(wrapped, optimizer)}, tmp / OPTIMIZER_DIR)
+    state_dict = accelerator.get_state_dict(wrapped)  # gathered to full tensors under FSDP
+    model = accelerator.unwrap_model(wrapped).model
+    # tied weights (lm_head = embed_tokens) come back as two copies from FSDP's gather: keep one name
+    aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+               - {n for n, _ in model.named_parameters()})
+    prefix = "model."
+    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    state_dict = {k: v for k, v in state_dict.items() if k not in aliases}
+    if accelerator.is_main_process:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "data": states}, tmp / STATE_FILE)
+        torch.save({"format": STATE_FORMAT, "step": step, "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "data": stream.state.to_dict()}, tmp / STATE_FILE)
         honour_umask(tmp)  # safetensors writes through a private 0600 temp file; checkpoints are shared
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
