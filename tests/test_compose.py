@@ -39,7 +39,7 @@ def _logitfuse_services() -> dict[str, list[str]]:
 
 def test_expected_services_exist():
     services = _logitfuse_services()
-    assert {"teachers", "submit", "fuse", "train", "merge"} <= set(services)
+    assert {"teachers", "submit", "fuse", "train", "merge", "teachers-ray", "extract-ray"} <= set(services)
     assert [services[s][1] for s in ("teachers", "fuse", "train", "merge")] == ["serve", "fuse", "train", "merge"]
 
 
@@ -65,7 +65,7 @@ def test_teacher_service_shape():
     teachers = COMPOSE["services"]["teachers"]
     devices = teachers["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) for d in devices)
-    assert "[vllm]" in teachers["build"]["args"]["EXTRAS"]
+    assert "vllm" in teachers["build"]["args"]["EXTRAS"].strip("[]").split(",")
     env = teachers["environment"]
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     cmd = _logitfuse_services()["teachers"]
@@ -80,3 +80,25 @@ def test_stages_are_one_shot_jobs():
     for name in ("submit", "fuse", "train", "merge"):
         svc = COMPOSE["services"][name]
         assert svc["restart"] == "no" and svc["profiles"] == ["jobs"], name
+
+
+def test_ray_head_and_worker():
+    """Profile "ray": a Ray head and GPU workers (the image carries the ray extra), both with the store's
+    S3 credentials (replicas write shards themselves); the engine-ray service and the `extract --ray` job
+    point at the head, and the service's teachers.yaml validates with `engine: ray` teachers."""
+    from teacher_server.config import parse_config
+
+    services = COMPOSE["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert "ray" in head["build"]["args"]["EXTRAS"].strip("[]").split(",")
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
+    assert worker["command"][:3] == ["ray", "start", "--address=ray-head:6379"]
+    for svc in (head, worker):
+        assert "--block" in svc["command"] and svc["profiles"] == ["ray"]
+        assert any("gpu" in d.get("capabilities", []) for d in svc["deploy"]["resources"]["reservations"]["devices"])
+        assert svc["environment"]["AWS_ENDPOINT_URL"] == "http://minio:9000" and "AWS_SECRET_ACCESS_KEY" in svc["environment"]
+    extract = _logitfuse_services()["extract-ray"]
+    assert extract[extract.index("--ray") + 1] == "ray-head:6379"
+    cfg = parse_config(yaml.safe_load(COMPOSE["configs"]["teachers-ray"]["content"]), "compose teachers-ray config")
+    assert cfg.teachers and all(t.engine == "ray" and t.ray.address == "ray-head:6379" for t in cfg.teachers)
+    assert services["teachers-ray"]["configs"][0]["source"] == "teachers-ray"

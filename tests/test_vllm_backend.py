@@ -126,9 +126,11 @@ def test_vllm_agrees_with_hf(tmp_path):
 
 
 @_slow
-def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path):
+def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path, request):
     """`logitfuse extract --backend vllm` (run by the vLLM interpreter) lands in the same logits dataset id
-    as the HF backend, and the stored values agree within one quantisation step."""
+    as the HF backend, and the stored values agree within one quantisation step. Where both interpreters
+    have Ray: the same command with `--ray` on the session's cluster, its one replica running the vLLM
+    backend under the vLLM interpreter (`--replica-python`), stores exactly the same values as without Ray."""
     from test_service import tiny_teacher
 
     from clients.corpus import write_jsonl
@@ -143,23 +145,40 @@ def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path):
             "--k", str(K), "--max-length", str(MAX_LENGTH)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "VLLM_LOGGING_LEVEL": "WARNING"}
+    vllm_args = ["--backend", "vllm", "--gpu-memory-utilization", "0.05"]
+    variants = [("vllm", python, vllm_args), ("hf", sys.executable, [])]
+    if _has_ray(sys.executable) and _has_ray(python):  # (`.ci/run` installs the ray extra in both)
+        cluster = request.getfixturevalue("ray_cluster")
+        variants.append(("ray-vllm", sys.executable, [*vllm_args, "--ray", cluster, "--replica-cpus", "0.5",
+                                                      "--replica-python", python]))
     runs = {}
-    for name, exe, extra in (("vllm", python, ["--backend", "vllm", "--gpu-memory-utilization", "0.05"]),
-                             ("hf", sys.executable, [])):
+    for name, exe, extra in variants:
         store = tmp_path / name
         proc = subprocess.run([exe, *args, "--store", str(store), *extra], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         (runs[name],) = [p.parent.name for p in store.glob("logits/*/_delta_log")]
-    assert runs["vllm"] == runs["hf"]  # one data product, whichever backend computed it
+    assert len(set(runs.values())) == 1  # one data product, whichever backend (or cluster) computed it
     a = LogitsReader(str(tmp_path / "vllm" / "logits" / runs["vllm"]))
     b = LogitsReader(str(tmp_path / "hf" / "logits" / runs["hf"]))
     assert a.manifest.complete and len(a) == len(b) == len(_records())
+    fields = ("input_ids", "loss_mask", "positions", "topk_ids", "topk_logprobs", "gold_logprob")
+    c = LogitsReader(str(tmp_path / "ray-vllm" / "logits" / runs["vllm"])) if "ray-vllm" in runs else None
     for s in a.iter_samples():
         t = b.get(s.sample_id)
         np.testing.assert_array_equal(s.positions, t.positions)
         np.testing.assert_allclose(s.topk_logprobs, t.topk_logprobs, atol=CodecConfig().step + 1e-6)
         np.testing.assert_allclose(s.gold_logprob, t.gold_logprob, atol=CodecConfig().step + 1e-6)
+        if c is not None:  # vLLM on a Ray replica: identical stored values
+            r = c.get(s.sample_id)
+            for f in fields:
+                np.testing.assert_array_equal(getattr(r, f), getattr(s, f), err_msg=f"{s.sample_id} {f}")
+    if c is not None:
+        assert c.manifest.complete and len(c) == len(a)
+
+
+def _has_ray(python: str) -> bool:
+    return subprocess.run([python, "-c", "import ray"], capture_output=True, timeout=120).returncode == 0
 
 
 if __name__ == "__main__":
