@@ -29,7 +29,7 @@ QUANT = 1.0 / 65535 + 1e-6  # targets store probabilities as floor(p * 65535) / 
 # is barely trained, the source for a few dozen steps: MinCE should prefer the source.
 TEACHERS = {
     "pivot": dict(arch="mistral", tokenizer_kind="spm32k", template="inst", steps=1, batch_size=2),
-    "source": dict(arch="qwen2", tokenizer_kind="bpe131k", template="chatml", steps=40, batch_size=4),
+    "source": dict(arch="qwen2", tokenizer_kind="bpe131k", template="chatml", steps=20, batch_size=4),
 }
 
 
