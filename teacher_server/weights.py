@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -131,13 +132,7 @@ def weights_stamp(model_dir: str | Path) -> str:
     root = Path(model_dir)
     if not root.is_dir():
         return str(model_dir)
-    h = xxhash.xxh3_128()
-    for f in sorted(p for p in root.glob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        h.update(json.dumps([f.name, _stat_key(f.stat())]).encode())
-    for name in CONFIG_FILES:
-        if (root / name).is_file():
-            h.update(name.encode() + b"\0" + (root / name).read_bytes())
-    return h.hexdigest()[:16]
+    return _checkpoint_digest(root, lambda files: [_stat_key(f.stat()) for f in files])
 
 
 def weights_revision(model_dir: str | Path, cache: Path | None = None) -> str:
@@ -148,11 +143,22 @@ def weights_revision(model_dir: str | Path, cache: Path | None = None) -> str:
     root = Path(model_dir)
     if not root.is_dir():
         return str(model_dir)
+
+    def size_and_digest(files: list[Path]) -> list:
+        digests = cached_digests(files, cache)
+        return [[f.stat().st_size, digests[f]] for f in files]
+
+    return _checkpoint_digest(root, size_and_digest)
+
+
+def _checkpoint_digest(root: Path, describe: Callable[[list[Path]], list]) -> str:
+    """XXH3-128 (16 hex digits) over `[name, *describe(files)[i]]` of each weight file at the top of `root`
+    (sorted by name) and the bytes of its config files: the one layout `weights_revision` and
+    `weights_stamp` share, so they differ only in how a weight file is described."""
     files = sorted(p for p in root.glob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    digests = cached_digests(files, cache)
     h = xxhash.xxh3_128()
-    for f in files:
-        h.update(json.dumps([f.name, f.stat().st_size, digests[f]]).encode())
+    for f, d in zip(files, describe(files), strict=True):
+        h.update(json.dumps([f.name, *d]).encode())
     for name in CONFIG_FILES:
         if (root / name).is_file():
             h.update(name.encode() + b"\0" + (root / name).read_bytes())
