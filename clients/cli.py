@@ -185,6 +185,10 @@ def extract(
     replica_python: str = typer.Option(
         "", show_default=False, help="--ray: Python interpreter of the replicas (e.g. a venv with vLLM)."
     ),
+    replica_env: list[str] = typer.Option(
+        [], metavar="KEY=VALUE", show_default=False,
+        help="--ray: an environment variable of the replica processes (repeatable).",
+    ),
 ) -> None:
     """Run one teacher over a dataset into the datastore (resumable: re-run to finish an interrupted job)."""
     from datastore.chat import load_dataset
@@ -221,7 +225,8 @@ def extract(
     )
     if ray:
         result = _extract_on_ray(teacher, name, backend, dtype, device, k, max_length, gpu_memory_utilization,
-                                 ray, replicas, replica_cpus, replica_gpus, replica_python, data, store, settings)
+                                 ray, replicas, replica_cpus, replica_gpus, replica_python, replica_env, data, store,
+                                 settings)
     elif backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
         from teacher_server.backends.vllm import VLLMBackend
 
@@ -260,15 +265,22 @@ def extract(
 
 def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: str, k: int, max_length: int,
                     gpu_memory_utilization: float, address: str, replicas: int, cpus: float, gpus: float,
-                    python: str, data, store: str, settings):
+                    python: str, env_pairs: list[str], data, store: str, settings):
     """`extract --ray`: the same job on a pool of Ray replicas (`teacher_server.ray_engine`)."""
     from pydantic import ValidationError
 
     from teacher_server.config import RayConfig, TeacherConfig
     from teacher_server.ray_engine import RayPool
 
+    env = {}
+    for pair in env_pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key or any(c.isspace() for c in key):
+            raise UserError(f"--replica-env {pair}: expected KEY=VALUE (a variable name, '=', its value)")
+        env[key] = value
     try:
-        options = RayConfig(address=address, replicas=replicas, num_cpus=cpus, num_gpus=gpus, python=python or None)
+        options = RayConfig(address=address, replicas=replicas, num_cpus=cpus, num_gpus=gpus, python=python or None,
+                            env=env)
     except ValidationError as e:
         err = e.errors()[0]
         flag = {"replicas": "--replicas", "num_cpus": "--replica-cpus", "num_gpus": "--replica-gpus"}.get(

@@ -43,6 +43,10 @@ class RayConfig(BaseModel):
     python: str | None = None
     #: times Ray restarts a replica whose process died (its run continues; its ranges are taken over)
     max_restarts: int = Field(3, ge=0)
+    #: environment variables of the replica processes (Ray's runtime_env `env_vars`), set over the ones
+    #: the driver forwards (`ray_engine.FORWARDED_ENV`: S3 credentials, HF_HOME, ...), e.g.
+    #: `{"OMP_NUM_THREADS": "4", "VLLM_CPU_KVCACHE_SPACE": "8"}`
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 class TeacherConfig(BaseModel):

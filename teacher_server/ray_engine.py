@@ -240,7 +240,7 @@ class RayPool:
     # -------------------------------------------------------------- replicas
 
     def _actor_class(self):
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        env = {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **self.options.env}
         runtime_env: dict = {"env_vars": env} if env else {}
         if self.options.python:
             runtime_env["py_executable"] = self.options.python

@@ -51,6 +51,7 @@ def test_stored_values_match_float64_and_batching_changes_nothing(tmp_path, teac
     small = extract(backend, data, str(tmp_path / "b"), "t",
                     ExtractSettings(k=K, batch_tokens=64, shard_rows=5), progress=False)
     assert big.logits_id == small.logits_id and big.samples_scored == len(data.samples) == 20
+    assert big.tokens <= big.padded_tokens <= 1.25 * big.tokens  # one budget, mixed lengths: split, not padded
     ra, rb = LogitsReader(big.uri), LogitsReader(small.uri)
     assert ra.manifest.complete and len(rb.manifest.shards) == 4
     model64 = copy.deepcopy(backend.model).double()

@@ -24,6 +24,7 @@ from datastore.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"k": 8, "max_length": 256, "shard_rows": 4, "batch_tokens": 512}
+BATCH_S = 0.6  # seconds a slowed replica's batch lasts at least (the mid-job kill)
 
 
 def _env(**extra) -> dict:
@@ -78,9 +79,10 @@ def test_teachers_yaml_engine_ray_is_validated():
 
     cfg = parse_config({"teachers": [{"name": "t", "model": "m", "engine": "ray",
                                       "ray": {"address": "10.0.0.1:6379", "replicas": 4, "num_cpus": 0.5,
-                                              "num_gpus": 0.25}}]})
+                                              "num_gpus": 0.25, "env": {"OMP_NUM_THREADS": "4"}}}]})
     ray = cfg.teachers[0].ray
     assert (ray.address, ray.replicas, ray.num_cpus, ray.num_gpus) == ("10.0.0.1:6379", 4, 0.5, 0.25)
+    assert ray.env == {"OMP_NUM_THREADS": "4"}
     local = parse_config({"teachers": [{"name": "t", "model": "m"}]}).teachers[0]
     assert local.engine == "local"
     # what the service hands its worker processes: the dumped config, defaults and all, validates again
@@ -93,6 +95,7 @@ def test_teachers_yaml_engine_ray_is_validated():
         ({"ray": {"replicas": 2}}, ["engine is 'local'", "engine: ray"]),
         ({"engine": "ray", "devices": ["cuda:0"]}, ["ray.num_gpus"]),
         ({"engine": "spark"}, ["teachers.0.engine"]),
+        ({"engine": "ray", "ray": {"env": ["OMP_NUM_THREADS=4"]}}, ["teachers.0.ray.env"]),
     ):
         with pytest.raises(UserError) as e:
             parse_config({"teachers": [{"name": "t", "model": "m", **teacher}]}, "teachers.yaml")
@@ -107,7 +110,8 @@ def test_cli_rejects_bad_replica_settings_in_one_line(tmp_path):
 
     pytest.importorskip("ray")
     data = write_jsonl(chat_samples(2, seed=1), tmp_path / "d.jsonl")
-    for flag, value in (("--replicas", "0"), ("--replica-cpus", "0"), ("--replica-gpus", "-1")):
+    for flag, value in (("--replicas", "0"), ("--replica-cpus", "0"), ("--replica-gpus", "-1"),
+                        ("--replica-env", "OMP_NUM_THREADS"), ("--replica-env", "=1")):
         res = CliRunner().invoke(app, ["extract", "--teacher", str(tmp_path), "--dataset", str(data), "--store",
                                        str(tmp_path / "s"), "--ray", "local", flag, value])
         assert res.exit_code == 2, res.output
@@ -135,11 +139,12 @@ def reference(tmp_path_factory, dataset):
     return extract(backend, load_dataset(dataset), str(store), "llama-spm", settings, progress=False)
 
 
-def _pool(address: str, replicas: int, **teacher):
+def _pool(address: str, replicas: int, env: dict | None = None, **teacher):
     from teacher_server.config import RayConfig, TeacherConfig
     from teacher_server.ray_engine import RayPool
 
-    options = RayConfig(address=address, replicas=replicas, num_cpus=0.5, tokenize_cpus=0.25, max_restarts=0)
+    options = RayConfig(address=address, replicas=replicas, num_cpus=0.5, tokenize_cpus=0.25, max_restarts=0,
+                        env=env or {})
     spec = TeacherConfig(name="llama-spm", model=str(tiny_teacher()), max_k=SETTINGS["k"],
                          max_length=SETTINGS["max_length"], engine="ray", ray=options, **teacher)
     return RayPool(spec, options)
@@ -150,7 +155,16 @@ def test_two_replicas_one_killed_mid_job_store_every_sample_once(ray_cluster, tm
     from datastore.chat import load_dataset
     from teacher_server.extract import ExtractSettings
 
-    pool = _pool(ray_cluster, replicas=2)
+    # The tiny teacher scores the whole dataset within one progress tick, so a kill "mid-job" would race the
+    # job's end. The replicas (only they: `ray.env`) import a sitecustomize that makes each batch last
+    # BATCH_S more, so ranges are still held when the first commit is reported.
+    hook = tmp_path / "slow"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\nfrom teacher_server.backends.hf import HFBackend\n_score = HFBackend.score\n"
+        f"def score(self, batch, k):\n    time.sleep({BATCH_S})\n    return _score(self, batch, k)\n"
+        "HFBackend.score = score\n")
+    pool = _pool(ray_cluster, replicas=2, env={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])})
     killed: dict = {}
     seen: list[tuple[int, int]] = []
     try:
