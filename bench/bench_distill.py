@@ -4,13 +4,14 @@ training seeds, side by side in one run.
 Stages 1-4 (data, teachers, extraction through the service, fusion) run once (`clients.demo.prepare`);
 then, per training seed (data order), the SFT-only baseline (λ = 1) and one target per source (λ =
 --lambda) are trained from the same pivot init on the same data for the same steps, merged with SCE
-(`clients.demo.train_models`), and all of them are evaluated on the 60 held-out chats in one pass
+(`clients.demo.train_models`), and all of them are evaluated on the demo's held-out chats in one pass
 (`clients.demo.heldout_eval`): KL(SmolLM2 ‖ model) over the full vocabulary and the loss, nats per
 assistant token. The verdict compares each fused model's mean KL with the SFT-only mean against the
 seed-to-seed spread (max - min over seeds) of both, and requires it to win at every seed.
 
     python bench/bench_distill.py [--workdir /tmp/bench-distill] [--seeds 0,1,2] [--lambda L]
-                                  [--steps N] [--lr LR]    (defaults: the demo's)
+                                  [--steps N] [--lr LR] [--train-chats N] [--heldout-chats N]
+                                  (defaults: the demo's)
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=demo.TRAIN["lr"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process each")
+    ap.add_argument("--train-chats", type=int, default=demo.N_TRAIN)
+    ap.add_argument("--heldout-chats", type=int, default=demo.N_HELDOUT)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    prep = demo.prepare(args.workdir)
+    prep = demo.prepare(args.workdir, n_train=args.train_chats, n_heldout=args.heldout_chats)
     t1 = time.perf_counter()
     job_args = [(prep, seed, args.lam, args.steps, args.lr, args.threads) for seed in seeds]
     if args.jobs > 1:
