@@ -118,7 +118,9 @@ def moto_server() -> dict[str, str]:
     """One real moto_server (S3 with conditional puts) on localhost for the whole session, holding the
     bucket `S3_BUCKET`; yields the AWS_* environment that points at it (`s3_store` sets it per test)."""
     boto3 = pytest.importorskip("boto3")
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    # this interpreter's own (the dev extra's) before any other on PATH: another moto may answer differently
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = exe if os.path.exists(exe) else shutil.which("moto_server") or exe
     assert os.path.exists(exe), "moto_server not found: the dev extra installs it (pip install -e '.[dev]')"
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
