@@ -109,10 +109,17 @@ def _login(driver, url: str, token: str, next_path: str = "/") -> None:
 
 
 def _wait(cond, what: str, timeout: float = 60) -> None:
+    """Poll `cond()` until true. The pages update parts of themselves in place, so an element `cond` found
+    can be replaced before it reads it (StaleElementReferenceException): that poll counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if cond():
-            return
+        try:
+            if cond():
+                return
+        except StaleElementReferenceException:
+            pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -213,8 +220,16 @@ def test_jobs_live_progress_and_cancel(site, browser, shots, tmp_path):
     _login(browser, url, TOKENS["team-a"], "/jobs")
     browser.execute_script("window.__notReloaded = true;")
     progress = f"#job-{job_id} progress"
-    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, progress), "the job to run", timeout=120)
-    first = float(browser.find_element(By.CSS_SELECTOR, progress).get_attribute("value"))
+    seen: list[float] = []
+
+    def progress_read() -> bool:
+        bars = browser.find_elements(By.CSS_SELECTOR, progress)
+        if bars:
+            seen.append(float(bars[0].get_attribute("value")))
+        return bool(bars)
+
+    _wait(progress_read, "the job to run", timeout=120)
+    first = seen[-1]
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, progress)
           and float(browser.find_element(By.CSS_SELECTOR, progress).get_attribute("value")) > first,
           "progress to advance", timeout=120)
