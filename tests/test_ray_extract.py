@@ -150,21 +150,26 @@ def _pool(address: str, replicas: int, env: dict | None = None, **teacher):
     return RayPool(spec, options)
 
 
-@pytest.mark.slow
-def test_two_replicas_one_killed_mid_job_store_every_sample_once(ray_cluster, tmp_path, dataset, reference):
-    from datastore.chat import load_dataset
-    from teacher_server.extract import ExtractSettings
-
-    # The tiny teacher scores the whole dataset within one progress tick, so a kill "mid-job" would race the
-    # job's end. The replicas (only they: `ray.env`) import a sitecustomize that makes each batch last
-    # BATCH_S more, so ranges are still held when the first commit is reported.
+def _slow_replicas(tmp_path: Path) -> dict[str, str]:
+    """`ray.env` for replicas whose every batch lasts at least BATCH_S. The tiny teacher scores the whole
+    dataset within one progress tick (replicas report about twice a second), so "mid-job" — a kill, a
+    status with some samples done — would race the job's end. The replicas (only they) import a
+    sitecustomize that wraps the HF backend's `score`."""
     hook = tmp_path / "slow"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import time\nfrom teacher_server.backends.hf import HFBackend\n_score = HFBackend.score\n"
         f"def score(self, batch, k):\n    time.sleep({BATCH_S})\n    return _score(self, batch, k)\n"
         "HFBackend.score = score\n")
-    pool = _pool(ray_cluster, replicas=2, env={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])})
+    return {"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+
+
+@pytest.mark.slow
+def test_two_replicas_one_killed_mid_job_store_every_sample_once(ray_cluster, tmp_path, dataset, reference):
+    from datastore.chat import load_dataset
+    from teacher_server.extract import ExtractSettings
+
+    pool = _pool(ray_cluster, replicas=2, env=_slow_replicas(tmp_path))
     killed: dict = {}
     seen: list[tuple[int, int]] = []
     try:
@@ -231,7 +236,8 @@ def test_service_teacher_with_engine_ray_runs_its_jobs_on_the_cluster(ray_cluste
 
     entry = teacher_entry("llama-spm", tiny_teacher(), engine="ray", shard_rows=SETTINGS["shard_rows"],
                           batch_tokens=SETTINGS["batch_tokens"], max_length=SETTINGS["max_length"],
-                          ray={"address": ray_cluster, "replicas": 1, "num_cpus": 0.5, "tokenize_cpus": 0.25})
+                          ray={"address": ray_cluster, "replicas": 1, "num_cpus": 0.5, "tokenize_cpus": 0.25,
+                               "env": _slow_replicas(tmp_path)})
     cfg = service_config(tmp_path, [entry])
     statuses = []
     with run_local_service(cfg, log_path=tmp_path / "serve.log") as url, TeacherClient(url) as client:
