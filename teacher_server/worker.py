@@ -62,7 +62,8 @@ def make_backend(t: TeacherConfig):
 
         return VLLMBackend(t.model, dtype=t.dtype, tensor_parallel_size=t.tensor_parallel_size,
                            max_model_len=t.max_length, max_logprobs=t.max_k,
-                           gpu_memory_utilization=t.gpu_memory_utilization, **t.vllm_args)
+                           gpu_memory_utilization=t.gpu_memory_utilization, scoring=t.vllm_scoring,
+                           **t.vllm_args)
     from teacher_server.backends.hf import HFBackend
 
     device = t.devices[0] if t.devices else None

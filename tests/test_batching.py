@@ -37,6 +37,23 @@ def test_a_mixed_range_is_split_instead_of_padded_threefold():
     assert plan_batches(lengths, 16384, max_padding=10.0) == [sorted(range(40), key=lambda i: -lengths[i])]
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_packed_batches_fill_the_budget_with_real_tokens(seed):
+    """For an engine that packs sequences (vLLM), a batch costs its real tokens: the mixed range that a
+    padded plan splits goes in one call, and a batch closes only before its real tokens pass the budget."""
+    rng = random.Random(seed)
+    lengths = [int(rng.lognormvariate(4.5, 1.0)) + 2 for _ in range(rng.randint(1, 300))]
+    budget = rng.choice([64, 512, 4096])
+    batches = plan_batches(lengths, budget, packed=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for n, b in enumerate(batches):
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= budget
+        if n + 1 < len(batches):  # closed only because the next sample did not fit
+            assert sum(lengths[i] for i in b) + lengths[batches[n + 1][0]] > budget
+    mixed = [20 + 10 * i for i in range(39)] + [400]
+    assert len(plan_batches(mixed, 16384, packed=True)) == 1 < len(plan_batches(mixed, 16384))
+
+
 def test_bad_settings_are_value_errors():
     with pytest.raises(ValueError, match="batch_tokens 0"):
         plan_batches([3], 0)

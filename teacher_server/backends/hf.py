@@ -15,6 +15,7 @@ import torch
 
 from datastore.errors import UserError
 from teacher_server.backends.base import Backend, TopK
+from teacher_server.backends.head import head_topk, split_per_sample
 from teacher_server.render import TokenizedSample
 from teacher_server.weights import weights_revision
 
@@ -83,34 +84,9 @@ class HFBackend(Backend):
         cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
         rows, cols = rows.to(self.device), cols.to(self.device)
         gold = ids[rows, cols + 1]
-        head = self.model.get_output_embeddings()
-        n = rows.numel()
-        top_ids = torch.empty((n, k), dtype=torch.int32)
-        top_lp = torch.empty((n, k), dtype=torch.float32)
-        gold_lp = torch.empty((n,), dtype=torch.float32)
-        for start in range(0, n, self.chunk_positions):
-            sl = slice(start, min(n, start + self.chunk_positions))
-            logits = head(hidden[rows[sl], cols[sl]]).float()
-            if self._softcap:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            logprobs = torch.log_softmax(logits, dim=-1)
-            values, indices = torch.topk(logprobs, k, dim=-1)
-            top_ids[sl] = indices.to(torch.int32).cpu()
-            top_lp[sl] = values.cpu()
-            gold_lp[sl] = logprobs.gather(1, gold[sl, None]).squeeze(1).cpu()
-            del logits, logprobs
-        results, offset = [], 0
-        for s in batch:
-            m = len(s.positions)
-            results.append(
-                TopK(
-                    topk_ids=top_ids[offset : offset + m].numpy(),
-                    topk_logprobs=top_lp[offset : offset + m].numpy(),
-                    gold_logprob=gold_lp[offset : offset + m].numpy(),
-                )
-            )
-            offset += m
-        return results
+        out = head_topk(hidden[rows, cols], gold, self.model.get_output_embeddings(), k,
+                        self.chunk_positions, self._softcap)
+        return split_per_sample(batch, *out)
 
     def close(self) -> None:
         del self.model

