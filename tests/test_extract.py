@@ -143,6 +143,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, teacher_dir, dataset):
         (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--chat-template",
           "nosuch"], "nosuch"),
         (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--backend", "tgi"], "tgi"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--backend", "vllm",
+          "--vllm-arg", "enforce_eager"], "--vllm-arg enforce_eager: expected KEY=VALUE"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--vllm-arg",
+          "enforce_eager=true"], "only with --backend vllm"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--backend", "vllm",
+          "--vllm-scoring", "logits"], "logits"),
     ]
     for args, needle in cases:
         result = run(*args)

@@ -148,7 +148,8 @@ def test_extract_cli_with_vllm_backend_stores_the_same_dataset(tmp_path, request
             "--k", str(K), "--max-length", str(MAX_LENGTH)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "VLLM_LOGGING_LEVEL": "WARNING"}
-    vllm_args = ["--backend", "vllm", "--gpu-memory-utilization", "0.05"]
+    # eager: torch.compile of the engine's graph would add a minute per engine on CI's CPU
+    vllm_args = ["--backend", "vllm", "--gpu-memory-utilization", "0.05", "--vllm-arg", "enforce_eager=true"]
     variants = [("vllm", python, [*vllm_args, "--vllm-scoring", "prompt_logprobs"]), ("hf", sys.executable, [])]
     if _has_ray(sys.executable) and _has_ray(python):  # (`.ci/run` installs the ray extra in both)
         cluster = request.getfixturevalue("ray_cluster")
