@@ -219,6 +219,12 @@ def extract(
     vllm_engine_args = _key_values(vllm_arg, "--vllm-arg", as_json=True)
     if vllm_engine_args and backend != "vllm":
         raise UserError(f"--vllm-arg {vllm_arg[0]}: only with --backend vllm")
+    if vllm_scoring != "auto" and backend != "vllm":
+        raise UserError(f"--vllm-scoring {vllm_scoring}: only with --backend vllm")
+    from teacher_server.config import reserved_engine_arg
+
+    if problem := reserved_engine_arg(vllm_engine_args):
+        raise UserError(f"--vllm-arg {problem}")
     from datastore.fs import resolve
 
     resolve(store)  # a bad store URI, a missing bucket or an unreachable endpoint fail before any model loads

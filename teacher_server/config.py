@@ -49,6 +49,22 @@ class RayConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+#: `vllm.LLM` arguments the vLLM backend sets itself: a `vllm_args` / `--vllm-arg` of the same name is refused
+RESERVED_ENGINE_ARGS = frozenset({
+    "model", "dtype", "tensor_parallel_size", "max_model_len", "max_logprobs", "gpu_memory_utilization", "seed",
+    "tokenizer", "scoring", "enable_prefix_caching", "runner", "convert", "pooler_config",
+})
+
+
+def reserved_engine_arg(args: dict) -> str | None:
+    """None, or a one-line message for the first key of `args` in `RESERVED_ENGINE_ARGS`."""
+    clash = sorted(set(args) & RESERVED_ENGINE_ARGS)
+    if not clash:
+        return None
+    return (f"{clash[0]}: set by logitfuse from its own settings (max_length, dtype, vllm_scoring, ...); "
+            f"a further engine argument may not be one of {', '.join(sorted(RESERVED_ENGINE_ARGS))}")
+
+
 class TeacherConfig(BaseModel):
     """One teacher model the service can run."""
 
@@ -82,6 +98,13 @@ class TeacherConfig(BaseModel):
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
             raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _vllm_args(cls, v: dict) -> dict:
+        if problem := reserved_engine_arg(v):
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

@@ -149,6 +149,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, teacher_dir, dataset):
           "enforce_eager=true"], "only with --backend vllm"),
         (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--backend", "vllm",
           "--vllm-scoring", "logits"], "logits"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--vllm-scoring",
+          "hidden_states"], "--vllm-scoring hidden_states: only with --backend vllm"),
+        (["--teacher", str(teacher_dir), "--dataset", str(dataset), "--store", store, "--backend", "vllm",
+          "--vllm-arg", "max_model_len=4096"], "--vllm-arg max_model_len: set by logitfuse"),
     ]
     for args, needle in cases:
         result = run(*args)

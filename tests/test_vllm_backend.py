@@ -27,9 +27,11 @@ MAX_LENGTH = 512
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_load_lm_head_reads_the_head_or_the_tied_embeddings(tmp_path):
-    """The head `hidden_states` scoring multiplies by: `lm_head.weight`, else the embeddings when the config
-    ties them, from one file or a sharded index; neither is a one-line error naming the model."""
+def test_load_lm_head_reads_the_head_the_config_names(tmp_path):
+    """The head `hidden_states` scoring multiplies by, as vLLM and HF pick it: `lm_head.weight` when untied,
+    the embeddings when tied (even beside a stale saved `lm_head.weight`; Gemma-2 ties without saying so in
+    config.json, and brings its softcap), from one file or a sharded index. A head that is not a plain
+    matrix (a logit scale, a bias) or a missing tensor is a one-line error naming the model."""
     import json
 
     import torch
@@ -39,29 +41,59 @@ def test_load_lm_head_reads_the_head_or_the_tied_embeddings(tmp_path):
     from teacher_server.backends.vllm import load_lm_head
 
     head, emb = torch.randn(7, 4), torch.randn(7, 4)
-    cases = {"untied": ({"lm_head.weight": head, "model.embed_tokens.weight": emb}, False, head),
-             "tied": ({"model.embed_tokens.weight": emb}, True, emb)}
-    for name, (tensors, tied, want) in cases.items():
+
+    def checkpoint(name: str, config: dict, tensors: dict):
         d = tmp_path / name
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"tie_word_embeddings": tied}))
+        (d / "config.json").write_text(json.dumps(config))
         save_file(tensors, str(d / "model.safetensors"))
-        assert torch.equal(load_lm_head(d), want)
+        return d
+
+    shape = {"vocab_size": 7, "hidden_size": 4, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 4}
+    llama = {"model_type": "llama", **shape}
+    got, softcap = load_lm_head(checkpoint("untied", {**llama, "tie_word_embeddings": False},
+                                           {"lm_head.weight": head, "model.embed_tokens.weight": emb}))
+    assert torch.equal(got, head) and softcap is None
+    got, _ = load_lm_head(checkpoint("tied", {**llama, "tie_word_embeddings": True},
+                                     {"lm_head.weight": head, "model.embed_tokens.weight": emb}))
+    assert torch.equal(got, emb)
+    got, softcap = load_lm_head(checkpoint("gemma2", {"model_type": "gemma2", **shape},
+                                           {"model.embed_tokens.weight": emb}))
+    assert torch.equal(got, emb) and softcap == 30.0
+
     sharded = tmp_path / "sharded"
     sharded.mkdir()
-    (sharded / "config.json").write_text("{}")
+    (sharded / "config.json").write_text(json.dumps({**llama, "tie_word_embeddings": False}))
     save_file({"model.embed_tokens.weight": emb}, str(sharded / "a.safetensors"))
     save_file({"lm_head.weight": head.to(torch.bfloat16)}, str(sharded / "b.safetensors"))
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.embed_tokens.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}))
-    got = load_lm_head(sharded)
+    got, _ = load_lm_head(sharded)
     assert got.dtype == torch.float32 and torch.equal(got, head.to(torch.bfloat16).float())
-    untied = tmp_path / "untied-no-head"
-    untied.mkdir()
-    (untied / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
-    save_file({"model.embed_tokens.weight": emb}, str(untied / "model.safetensors"))
-    with pytest.raises(UserError, match=r"untied-no-head: no lm_head.weight in its safetensors.*prompt_logprobs"):
-        load_lm_head(untied)
+
+    refused = {
+        "untied-no-head": ({**llama, "tie_word_embeddings": False}, {"model.embed_tokens.weight": emb},
+                           r"untied-no-head: no lm_head.weight in its safetensors"),
+        "biased": ({**llama, "tie_word_embeddings": False}, {"lm_head.weight": head, "lm_head.bias": torch.zeros(7)},
+                   r"biased: its head has a bias"),
+        "cohere": ({"model_type": "cohere", **shape}, {"model.embed_tokens.weight": emb},
+                   r"cohere: its head scales the logits \(logit_scale\)"),
+    }
+    for name, (config, tensors, message) in refused.items():
+        with pytest.raises(UserError, match=message + ".*'prompt_logprobs'$"):
+            load_lm_head(checkpoint(name, config, tensors))
+
+
+def test_reserved_engine_arguments_are_refused_in_the_service_config():
+    """`vllm_args` naming what the backend sets itself (max_model_len, dtype, ...) is a config error that
+    names the key, not a TypeError when the engine starts."""
+    from pydantic import ValidationError
+
+    from teacher_server.config import TeacherConfig
+
+    TeacherConfig(name="t", model="m", backend="vllm", vllm_args={"enforce_eager": True, "max_num_seqs": 8})
+    with pytest.raises(ValidationError, match="max_model_len: set by logitfuse"):
+        TeacherConfig(name="t", model="m", backend="vllm", vllm_args={"max_model_len": 4096})
 
 
 def test_hidden_states_scoring_gives_the_hf_scores(tmp_path):
@@ -99,7 +131,7 @@ def test_hidden_states_scoring_gives_the_hf_scores(tmp_path):
 
     backend = VLLMBackend.__new__(VLLMBackend)
     backend.scoring, backend.llm, backend.max_logprobs, backend.max_model_len = "hidden_states", Engine(), K, MAX_LENGTH
-    backend._head, backend._softcap = load_lm_head(teacher), None
+    backend._head, backend._softcap = load_lm_head(teacher)
     got, want = backend.score(samples, K), hf.score(samples, K)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g.topk_ids, w.topk_ids)

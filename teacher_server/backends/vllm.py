@@ -39,56 +39,74 @@ import numpy as np
 import torch
 
 from datastore.errors import UserError
+from datastore.hub import resolve_local_or_cached
 from teacher_server.backends.base import Backend, TopK
 from teacher_server.backends.head import head_topk, split_per_sample
 from teacher_server.backends.hf import weights_revision
+from teacher_server.config import reserved_engine_arg
 from teacher_server.render import TokenizedSample
 
 SCORING = ("auto", "hidden_states", "prompt_logprobs")
-# config keys of heads that are not a plain `hidden @ W.T` (Cohere, Granite, MiniCPM): `auto` leaves these
-# to vLLM's own head (`prompt_logprobs`)
-_SCALED_HEAD_KEYS = ("logit_scale", "logits_scaling", "dim_model_base")
+# config attributes of heads that are not a plain `hidden @ W.T` (Cohere's logit_scale, Granite's
+# logits_scaling, MiniCPM's dim_model_base, Falcon-H1's lm_head_multiplier): `hidden_states` refuses them
+_SCALED_HEAD_KEYS = ("logit_scale", "logits_scaling", "dim_model_base", "lm_head_multiplier")
 
 
-def load_lm_head(model_dir: str | Path) -> torch.Tensor:
-    """The LM head `[vocab, hidden]` of a safetensors checkpoint, as float32 on CPU.
+def check_engine_args(args: dict, what: str = "vllm_args") -> None:
+    """Raise `UserError` (one line, naming `what` and the key) for an engine argument logitfuse sets itself
+    (`teacher_server.config.RESERVED_ENGINE_ARGS`)."""
+    if problem := reserved_engine_arg(args):
+        raise UserError(f"{what} {problem}")
 
-    Read with `safetensors.safe_open` (only that tensor): `lm_head.weight`, or `model.embed_tokens.weight`
-    when the config ties the embeddings (`tie_word_embeddings`). Raises `UserError` naming the model when
-    neither is there (a checkpoint without safetensors, or another naming scheme).
+
+def load_lm_head(model_dir: str | Path) -> tuple[torch.Tensor, float | None]:
+    """The LM head of a safetensors checkpoint, `[vocab, hidden]` float32 on CPU, and its softcap.
+
+    The config is read with `transformers.AutoConfig` (its defaults included: Gemma-2 ties its embeddings
+    without saying so in config.json). Tied embeddings: `model.embed_tokens.weight` (as vLLM and HF use
+    it, even beside a stale saved `lm_head.weight`); untied: `lm_head.weight`. Read with
+    `safetensors.safe_open` (only that tensor). The softcap is Gemma-2's `final_logit_softcapping` or None.
+    Raises `UserError` naming the model when the head is not a plain matrix (a logit scale, a bias) or the
+    tensor is not there (no safetensors, another naming scheme): vLLM's own head (`prompt_logprobs`) then.
     """
     from safetensors import safe_open
+    from transformers import AutoConfig
 
     root = Path(model_dir)
-    cfg = _config(root)
-    names = ["lm_head.weight"] + (["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings", False) else [])
+    try:
+        cfg = AutoConfig.from_pretrained(root).get_text_config()
+    except (OSError, ValueError) as e:
+        raise UserError(f"teacher {model_dir}: cannot read its config ({str(e).splitlines()[0]})") from None
+    scaled = [key for key in _SCALED_HEAD_KEYS if getattr(cfg, key, None) is not None
+              and (key == "dim_model_base" or getattr(cfg, key) != 1)]
+    if scaled:
+        raise UserError(f"teacher {model_dir}: its head scales the logits ({scaled[0]}); "
+                        f"use vLLM scoring 'prompt_logprobs'")
+    name = "model.embed_tokens.weight" if getattr(cfg, "tie_word_embeddings", False) else "lm_head.weight"
     index = root / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-        located = [(n, root / weight_map[n]) for n in names if n in weight_map]
+        files = {n: root / f for n, f in weight_map.items() if n in (name, "lm_head.bias")}
     else:
-        located = []
+        files = {}
         for f in sorted(root.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as st:
-                keys = set(st.keys())
-            located += [(n, f) for n in names if n in keys]
-    if not located:
-        raise UserError(f"teacher {model_dir}: no {' or '.join(names)} in its safetensors files; "
-                        f"use vLLM scoring 'prompt_logprobs'")
-    name, path = min(located, key=lambda nf: names.index(nf[0]))
-    with safe_open(str(path), framework="pt") as st:
-        return st.get_tensor(name).float()
-
-
-def _config(root: Path) -> dict:
-    cfg = root / "config.json"
-    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+                files.update({n: f for n in st.keys() if n in (name, "lm_head.bias")})
+    if "lm_head.bias" in files:
+        raise UserError(f"teacher {model_dir}: its head has a bias (lm_head.bias); use vLLM scoring 'prompt_logprobs'")
+    if name not in files:
+        raise UserError(f"teacher {model_dir}: no {name} in its safetensors files; use vLLM scoring 'prompt_logprobs'")
+    with safe_open(str(files[name]), framework="pt") as st:
+        head = st.get_tensor(name).float()
+    return head, getattr(cfg, "final_logit_softcapping", None)
 
 
 class VLLMBackend(Backend):
     """A teacher on vLLM's engine. `scoring`: `auto`, `hidden_states` or `prompt_logprobs` (module doc);
-    the other arguments are `vllm.LLM`'s. Raises `UserError` when vllm is not installed, the model has
-    no tokenizer, or `scoring` is unknown."""
+    the other arguments are `vllm.LLM`'s (`engine_kwargs`: further ones, not those in
+    `RESERVED_ENGINE_ARGS`). Raises `UserError` when vllm is not installed, the model has no tokenizer,
+    `scoring` is unknown, `hidden_states` is asked of a head that is not a plain matrix, or an engine
+    argument is reserved or unknown to vLLM."""
 
     packs_sequences = True  # vLLM schedules sequences packed, without padding
 
@@ -117,37 +135,44 @@ class VLLMBackend(Backend):
 
         if scoring not in SCORING:
             raise UserError(f"vLLM scoring {scoring!r}: use one of {', '.join(SCORING)}")
+        check_engine_args(engine_kwargs)
         self.model_path = str(model)
         try:
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
         except OSError as e:
             raise UserError(f"teacher {model}: cannot load a tokenizer from it ({e})") from e
-        cfg = _config(Path(model))
-        if scoring == "auto":
-            plain = not any(key in cfg for key in _SCALED_HEAD_KEYS)
-            scoring = "hidden_states" if current_platform.is_cpu() and plain else "prompt_logprobs"
+        self._head, self._softcap = None, None
+        if scoring == "hidden_states" or (scoring == "auto" and current_platform.is_cpu()):
+            try:  # a hub id: its cached snapshot holds the head
+                self._head, self._softcap = load_lm_head(resolve_local_or_cached(model, "model", "teacher"))
+            except UserError:
+                if scoring == "hidden_states":
+                    raise
+        if scoring == "auto":  # the head here where it is a plain matrix, on vLLM's CPU platform
+            scoring = "hidden_states" if self._head is not None else "prompt_logprobs"
         self.scoring = scoring
         self.max_logprobs = max_logprobs
         self.max_model_len = max_model_len
         if scoring == "hidden_states":
-            self._head = load_lm_head(model)
-            if torch.cuda.is_available() and not current_platform.is_cpu():
-                self._head = self._head.to("cuda")
-            self._softcap = cfg.get("final_logit_softcapping")
             engine_kwargs = {"runner": "pooling", "convert": "embed", "pooler_config": PoolerConfig(
                 task="token_embed", pooling_type="ALL", use_activation=False), **engine_kwargs}
-        self.llm = LLM(
-            model=str(model),
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            # room for the prompt and (prompt_logprobs) the one generated, discarded token
-            max_model_len=max_model_len + 1,
-            max_logprobs=max_logprobs,
-            enable_prefix_caching=False,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            **engine_kwargs,
-        )
+        try:
+            self.llm = LLM(
+                model=str(model),
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                # room for the prompt and (prompt_logprobs) the one generated, discarded token
+                max_model_len=max_model_len + 1,
+                max_logprobs=max_logprobs,
+                enable_prefix_caching=False,
+                gpu_memory_utilization=gpu_memory_utilization,
+                seed=seed,
+                **engine_kwargs,
+            )
+        except TypeError as e:  # an engine argument vLLM does not know (a misspelt --vllm-arg / vllm_args key)
+            raise UserError(f"vllm_args: {str(e).splitlines()[0]}") from None
+        if self._head is not None and torch.cuda.is_available() and not current_platform.is_cpu():
+            self._head = self._head.to("cuda")  # after the engine took its share of the GPU
         self._revision = weights_revision(model)
 
     @property
