@@ -244,8 +244,8 @@ def extract(
     )
     if ray:
         result = _extract_on_ray(teacher, name, backend, dtype, device, k, max_length, gpu_memory_utilization,
-                                 vllm_scoring, vllm_engine_args, ray, replicas, replica_cpus, replica_gpus, replica_python, replica_env, data, store,
-                                 settings)
+                                 vllm_scoring, vllm_engine_args, ray, replicas, replica_cpus, replica_gpus,
+                                 replica_python, replica_env, data, store, settings)
     elif backend == "vllm":  # devices, tensor parallelism and memory come from vLLM's own settings
         from teacher_server.backends.vllm import VLLMBackend
 
@@ -303,7 +303,8 @@ def _key_values(pairs: list[str], flag: str, as_json: bool = False) -> dict:
 
 def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: str, k: int, max_length: int,
                     gpu_memory_utilization: float, vllm_scoring: str, vllm_args: dict, address: str,
-                    replicas: int, cpus: float, gpus: float, python: str, env_pairs: list[str], data, store: str, settings):
+                    replicas: int, cpus: float, gpus: float, python: str, env_pairs: list[str], data, store: str,
+                    settings):
     """`extract --ray`: the same job on a pool of Ray replicas (`teacher_server.ray_engine`)."""
     from pydantic import ValidationError
 

@@ -53,13 +53,6 @@ SCORING = ("auto", "hidden_states", "prompt_logprobs")
 _SCALED_HEAD_KEYS = ("logit_scale", "logits_scaling", "dim_model_base", "lm_head_multiplier")
 
 
-def check_engine_args(args: dict, what: str = "vllm_args") -> None:
-    """Raise `UserError` (one line, naming `what` and the key) for an engine argument logitfuse sets itself
-    (`teacher_server.config.RESERVED_ENGINE_ARGS`)."""
-    if problem := reserved_engine_arg(args):
-        raise UserError(f"{what} {problem}")
-
-
 def load_lm_head(model_dir: str | Path) -> tuple[torch.Tensor, float | None]:
     """The LM head of a safetensors checkpoint, `[vocab, hidden]` float32 on CPU, and its softcap.
 
@@ -105,7 +98,7 @@ def load_lm_head(model_dir: str | Path) -> tuple[torch.Tensor, float | None]:
 class VLLMBackend(Backend):
     """A teacher on vLLM's engine. `scoring`: `auto`, `hidden_states` or `prompt_logprobs` (module doc);
     the other arguments are `vllm.LLM`'s (`engine_kwargs`: further ones, not those in
-    `RESERVED_ENGINE_ARGS`). Raises `UserError` when vllm is not installed, the model has no tokenizer,
+    `teacher_server.config.RESERVED_ENGINE_ARGS`). Raises `UserError` when vllm is not installed, the model has no tokenizer,
     `scoring` is unknown, `hidden_states` is asked of a head that is not a plain matrix, or an engine
     argument is reserved or unknown to vLLM."""
 
@@ -136,7 +129,8 @@ class VLLMBackend(Backend):
 
         if scoring not in SCORING:
             raise UserError(f"vLLM scoring {scoring!r}: use one of {', '.join(SCORING)}")
-        check_engine_args(engine_kwargs)
+        if problem := reserved_engine_arg(engine_kwargs):
+            raise UserError(f"vllm_args {problem}")
         self.model_path = str(model)
         try:
             self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
