@@ -2,6 +2,7 @@
 chat model and on the project's tiny teacher.
 
     python bench/bench_codec.py [--models smollm2,tiny] [--positions 30000] [--tiny-positions 60000] [--k 10]
+    python bench/bench_codec.py --models smollm2 --positions 150000 --shard-sizes 10000,30000,60000,150000
 
 Every figure in docs/datastore.md comes from this script. Sizes are honest: whole shard files (ids,
 input ids, text, tables, Parquet footers) / (positions x k); the top-k part alone is reported too, and a
@@ -346,6 +347,20 @@ def run_model(name: str, samples: list[ScoredSample], entropy: float, k: int, sh
             print(f"{row[0]:30} {row[1]:11.2f} {row[2]:10.2f} {row[3]:8.2f} {row[4]:9.4f} {row[5]:9.4f}")
 
 
+def shard_size_rows(samples: list[ScoredSample], k: int, sizes: list[int]) -> None:
+    """v3's bytes per entry for one shard holding the first N positions of `samples`, for each N: how the
+    per-shard tables and statistics amortise as a shard fills (a default shard holds 512 samples)."""
+    cum = np.cumsum([len(s.positions) for s in samples])
+    print("\nv3, one shard of the first N positions (B/entry; the parts that change most):")
+    for target in sizes:
+        n = min(int(np.searchsorted(cum, target)) + 1, len(samples))
+        parts = breakdown(samples[:n], k, CodecConfig())
+        entries = int(cum[n - 1]) * k
+        keys = ("ans: id", "ans: escape", "ans: copy", "ans: gap", "context table + models", "text", "input_ids")
+        items = ", ".join(f"{key} {parts.get(key, 0) / entries:.3f}" for key in keys)
+        print(f"  {n:4d} samples, {cum[n - 1]:7d} positions: {sum(parts.values()) / entries:.3f} = {items}, ...")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2,tiny", help="comma-separated: smollm2, tiny")
@@ -353,6 +368,9 @@ def main() -> None:
     ap.add_argument("--tiny-positions", type=int, default=60_000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--shard-rows", type=int, default=512)
+    ap.add_argument("--shard-sizes", default="",
+                    help="SmolLM2: also v3's B/entry for one shard of the first N positions, comma-separated "
+                         "N (e.g. 10000,30000,150000; --positions must reach the largest)")
     args = ap.parse_args()
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -362,6 +380,8 @@ def main() -> None:
             samples, entropy = load_smollm2_samples(args.positions)
             run_model("SmolLM2-135M-Instruct (real chat model, 49k BPE): project prose, Python code, chats",
                       first_k(samples, k), entropy, k, args.shard_rows, truncation=True)
+            if args.shard_sizes:
+                shard_size_rows(first_k(samples, k), k, [int(x) for x in args.shard_sizes.split(",")])
         elif model == "tiny":
             samples, entropy = load_samples(args.tiny_positions, k)
             run_model("tiny trained Mistral-shaped teacher (spm32k), generated chats: tiny-model figures",
