@@ -349,11 +349,14 @@ def run_model(name: str, samples: list[ScoredSample], entropy: float, k: int, sh
 
 def shard_size_rows(samples: list[ScoredSample], k: int, sizes: list[int]) -> None:
     """v3's bytes per entry for one shard holding the first N positions of `samples`, for each N: how the
-    per-shard tables and statistics amortise as a shard fills (a default shard holds 512 samples)."""
+    per-shard tables and statistics amortise as a shard fills (a default shard holds 512 samples; N may
+    take more samples than that, the row says how many)."""
     cum = np.cumsum([len(s.positions) for s in samples])
     print("\nv3, one shard of the first N positions (B/entry; the parts that change most):")
     for target in sizes:
-        n = min(int(np.searchsorted(cum, target)) + 1, len(samples))
+        if target > cum[-1]:
+            raise SystemExit(f"--shard-sizes {target}: only {cum[-1]} positions loaded; raise --positions")
+        n = int(np.searchsorted(cum, target)) + 1
         parts = breakdown(samples[:n], k, CodecConfig())
         entries = int(cum[n - 1]) * k
         keys = ("ans: id", "ans: escape", "ans: copy", "ans: gap", "context table + models", "text", "input_ids")
@@ -375,13 +378,17 @@ def main() -> None:
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     k = args.k
+    sizes = [int(x) for x in args.shard_sizes.split(",")] if args.shard_sizes else []
+    if sizes and "smollm2" not in args.models.split(","):
+        ap.error("--shard-sizes needs smollm2 in --models")
     for model in args.models.split(","):
         if model == "smollm2":
             samples, entropy = load_smollm2_samples(args.positions)
+            samples = first_k(samples, k)
             run_model("SmolLM2-135M-Instruct (real chat model, 49k BPE): project prose, Python code, chats",
-                      first_k(samples, k), entropy, k, args.shard_rows, truncation=True)
-            if args.shard_sizes:
-                shard_size_rows(first_k(samples, k), k, [int(x) for x in args.shard_sizes.split(",")])
+                      samples, entropy, k, args.shard_rows, truncation=True)
+            if sizes:
+                shard_size_rows(samples, k, sizes)
         elif model == "tiny":
             samples, entropy = load_samples(args.tiny_positions, k)
             run_model("tiny trained Mistral-shaped teacher (spm32k), generated chats: tiny-model figures",

