@@ -122,6 +122,15 @@ def _committed_ranges(store: str, table: list) -> tuple[str | None, int]:
         return table[0].uri, 0
 
 
+def _readable(table: list) -> bool:
+    """Whether the dataset held in `table` (see `_committed_ranges`) has its first commit."""
+    try:
+        table[0].snapshot()
+    except Exception:  # noqa: BLE001 - not created yet
+        return False
+    return True
+
+
 def _kill_mid_run(store: str, procs, victims, rng: random.Random, ranges: int, timeout: float = 900) -> str:
     """`kill -9` each victim at a random moment while the dataset is still being filled: once a random
     number of ranges (1 to half of them) is committed, after a further random fraction of a second (mid
@@ -205,8 +214,10 @@ def test_four_extracts_two_killed_s3(tmp_path, teacher_dir, s3_store):
 
 @pytest.mark.slow
 def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):
-    """The issue's failure: `--shard-rows 8` and, two seconds later, `--shard-rows 5` on one dataset used
-    to corrupt it (29 of 59 shards failing their checksum, 145 of 300 samples missing)."""
+    """The issue's failure: `--shard-rows 8` and, once it has created the dataset, `--shard-rows 5` on one
+    dataset used to corrupt it (29 of 59 shards failing their checksum, 145 of 300 samples missing). The
+    second writer starts only once the dataset exists: under load a fixed two-second head start was not
+    enough, the second writer created it first and the table's `range_rows` was 5."""
     from clients.corpus import chat_samples, write_jsonl
 
     records = chat_samples(60, seed=5, max_turns=2)
@@ -214,7 +225,10 @@ def test_two_writers_with_different_shard_rows_agree(tmp_path, teacher_dir):
     store = str(tmp_path / "store")
     log = open(tmp_path / "writers.log", "w")
     first = _spawn(_extract_args(teacher_dir, data, store, 8), _env(), log)
-    time.sleep(2.0)
+    deadline, table = time.monotonic() + 300, []
+    while _committed_ranges(store, table)[0] is None or not _readable(table):  # the first writer created it
+        assert first.poll() is None and time.monotonic() < deadline, "the first writer never created the dataset"
+        time.sleep(0.1)
     second = _spawn(_extract_args(teacher_dir, data, store, 5), _env(), log)
     outputs = [_finish(first), _finish(second)]
     uri = _dataset_uri(store)
