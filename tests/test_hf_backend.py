@@ -80,3 +80,35 @@ def test_topk_matches_float64_and_batching_changes_nothing(request, arch, tok_na
         untied[:, :-1] &= gaps > TIE_GAP
         untied[:, 1:] &= gaps > TIE_GAP
         assert np.array_equal(single.topk_ids[untied], got.topk_ids[untied])
+
+
+@pytest.mark.parametrize("form", ["fp32 matrix", "bf16 matrix", "module"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_head_topk_matches_float64_on_every_path(form, softcap):
+    """`head_topk` against a float64 log-softmax of the same head, over several chunks and a short last one:
+    the fp32 matrix path (one reused logits buffer), a bf16 matrix and a module (fresh logits per chunk),
+    with and without Gemma-2's softcap."""
+    from teacher_server.backends.head import head_topk
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(5000, 64, generator=gen) * 0.3
+    hidden = torch.randn(37, 64, generator=gen) * 2.0
+    gold = torch.randint(0, 5000, (37,), generator=gen)
+    if form == "bf16 matrix":
+        weight = weight.to(torch.bfloat16)
+        hidden = hidden.to(torch.bfloat16)
+    head = weight
+    if form == "module":
+        head = torch.nn.Linear(64, 5000, bias=False)
+        head.weight.data.copy_(weight)
+    # bf16: the head's own bf16 logits, then float64 (the products' rounding is the model's, not ours)
+    logits64 = (hidden @ weight.T).double() if form == "bf16 matrix" else hidden.double() @ weight.double().T
+    if softcap:
+        logits64 = torch.tanh(logits64 / softcap) * softcap
+    ref = torch.log_softmax(logits64, dim=-1).numpy()
+    ids, lp, gold_lp = head_topk(hidden, gold, head, K, chunk_positions=16, softcap=softcap)
+    assert ids.dtype == np.int32 and lp.dtype == np.float32 and gold_lp.dtype == np.float32
+    assert ids.shape == lp.shape == (37, K) and gold_lp.shape == (37,)
+    check_against_float64(ref, gold.numpy(), ids, lp, gold_lp, atol=2e-4)
+    empty = head_topk(hidden[:0], gold[:0], head, K, chunk_positions=16, softcap=softcap)
+    assert [a.shape for a in empty] == [(0, K), (0, K), (0,)]

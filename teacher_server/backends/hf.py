@@ -84,7 +84,9 @@ class HFBackend(Backend):
         cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
         rows, cols = rows.to(self.device), cols.to(self.device)
         gold = ids[rows, cols + 1]
-        out = head_topk(hidden[rows, cols], gold, self.model.get_output_embeddings(), k,
+        lm_head = self.model.get_output_embeddings()
+        plain = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None  # then its weight is the head
+        out = head_topk(hidden[rows, cols], gold, lm_head.weight if plain else lm_head, k,
                         self.chunk_positions, self._softcap)
         return split_per_sample(batch, *out)
 

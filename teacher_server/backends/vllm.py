@@ -195,12 +195,8 @@ class VLLMBackend(Backend):
         hidden = torch.cat([out.outputs.data[torch.from_numpy(s.positions.astype(np.int64))]
                             for s, out in zip(batch, outputs, strict=True)]).to(self._head.device)
         gold = torch.from_numpy(np.concatenate([s.input_ids[s.positions + 1] for s in batch]).astype(np.int64))
-        head = self._head
-
-        def logits(h: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.linear(h.to(head.dtype), head)
-
-        return split_per_sample(batch, *head_topk(hidden, gold.to(head.device), logits, k, softcap=self._softcap))
+        return split_per_sample(batch, *head_topk(hidden, gold.to(self._head.device), self._head, k,
+                                                  softcap=self._softcap))
 
     @staticmethod
     def _topk(sample: TokenizedSample, prompt_logprobs, k: int) -> TopK:
