@@ -210,8 +210,10 @@ def extract(
 
         import_ray()  # one line naming the extra, before anything is loaded
 
-    if k < 1:
-        raise UserError(f"--k {k}: must be at least 1")
+    if not 1 <= k <= 1024:
+        raise UserError(f"--k {k}: must be between 1 and 1024")
+    if batch_tokens < 1:
+        raise UserError(f"--batch-tokens {batch_tokens}: must be at least 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")
     if within_nats is not None and not within_nats >= 0.0:
@@ -261,7 +263,7 @@ def extract(
             result = run_extract(model, data, store, name, settings)
         finally:
             model.close()
-    for problems, what in ((result.skipped, "the teacher's template or tokenizer refuses"),
+    for problems, what in ((result.skipped, "the teacher's template, tokenizer or max_length refuses"),
                            (result.nonfinite, "scored non-finite log-probabilities (not stored)")):
         if problems:
             typer.echo(f"skipped {plural(len(problems), 'sample')} {what}; first: {problems[0]}", err=True)

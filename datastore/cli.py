@@ -207,7 +207,8 @@ def _verify_logits(reader: LogitsReader) -> tuple[list[str], str]:
             if s.sample_id in seen:
                 problems.append(f"{shard.file}: duplicate sample id {s.sample_id!r}")
             seen.add(s.sample_id)
-            if len(s.positions) and not np.all(np.isfinite(s.topk_logprobs)):
+            cut = s.topk_ids < 0  # entries a --top-p / --within-nats cut: id -1, logprob -inf
+            if not np.all(np.isfinite(s.topk_logprobs[~cut])) or not np.all(np.isneginf(s.topk_logprobs[cut])):
                 problems.append(f"{shard.file}: {s.sample_id!r} has non-finite logprobs")
         rows, positions, tokens = rows + len(samples), positions + n_pos, tokens + n_tok
     problems += _verify_tokenizer(reader)

@@ -128,6 +128,24 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def check_local_directory(uri: str, what: str) -> None:
+    """Raise `UserError` when the local path of `uri` (a directory to write in), or its nearest existing
+    ancestor, is not a directory (an existing file, say): named `what` (e.g. "--store") in the message.
+    S3 URIs are not checked (a key prefix cannot collide with an object)."""
+    filesystem, path = resolve(uri)
+    if not is_local(filesystem):
+        return
+    probe = path
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    if not os.path.isdir(probe):
+        what_is = "a file is there" if probe == path else f"{probe} is a file"
+        raise UserError(f"{what} {uri}: {what_is}, not a directory (give a directory, or a new path)")
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 

@@ -35,9 +35,10 @@ def fuse_command(
     fusion: Literal["mince", "avgce"] = typer.Option(
         "mince", help="Fusion: mince (lowest CE on the gold response) or avgce (CE-weighted average)."
     ),
-    avgce_weights: Literal["softmax-ce", "fusellm"] = typer.Option(
-        "softmax-ce",
-        help="AvgCE weights: softmax-ce (w = softmax(-CE)) or fusellm (FuseLLM's w = softmax(exp(-CE))).",
+    avgce_weights: Literal["softmax-ce", "fusellm"] | None = typer.Option(
+        None,
+        help="AvgCE weights (with --fusion avgce): softmax-ce (w = softmax(-CE), the default) or fusellm "
+        "(FuseLLM's w = softmax(exp(-CE))).",
     ),
     mode: Literal["pairwise", "multi"] = typer.Option(
         "pairwise",
@@ -52,6 +53,9 @@ def fuse_command(
 
     if shard_rows < 1:
         raise UserError(f"--shard-rows {shard_rows}: must be at least 1")
+    if avgce_weights is not None and fusion != "avgce":
+        raise UserError(f"--avgce-weights {avgce_weights}: only with --fusion avgce (MinCE picks one "
+                        "distribution, it weights none)")
     if k < 0:
         raise UserError(f"--k {k}: must be 0 (the pivot's k) or a positive number of entries")
     report = fuse_logits(
@@ -63,7 +67,7 @@ def fuse_command(
         fusion=fusion,
         mode=mode,
         k=k or None,
-        avgce_weights=avgce_weights,
+        avgce_weights=avgce_weights or "softmax-ce",
         shard_rows=shard_rows,
         progress=not quiet,
     )

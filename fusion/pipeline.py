@@ -338,6 +338,7 @@ def fuse_logits(
     if k is not None and not 1 <= k <= 1024:
         raise UserError(f"--k {k}: must be between 1 and 1024 (0 or absent: the pivot's k)")
 
+    fs.check_local_directory(out_uri, "--out")
     pivot_reader = _open(pivot_uri, "pivot")
     readers = [_open(uri, "source") for uri in source_uris]
     dataset_id = pivot_reader.manifest.meta.dataset_id
@@ -351,6 +352,11 @@ def fuse_logits(
         if r.manifest.logits_id in ids_seen:
             raise UserError(f"--source {uri} is given twice")
         ids_seen.add(r.manifest.logits_id)
+    for option, uri, r in [("--pivot", pivot_uri, pivot_reader)] + [
+            ("--source", u, r) for u, r in zip(source_uris, readers, strict=True)]:
+        if not r.manifest.complete:  # targets are committed once: fused from part of a source, never redone
+            raise UserError(f"{option} {uri}: incomplete logits dataset ({r.manifest.num_samples} samples "
+                            "committed, its extract has not finished): re-run that extract, then fuse")
     k = int(k or pivot_reader.manifest.meta.k)
 
     names = _unique_names(

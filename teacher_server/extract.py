@@ -9,8 +9,8 @@ interruption scores only what is not committed, so every sample lands exactly on
 earlier dataset of the store scored with the same settings are copied, not scored (`datastore.reuse`).
 
 Before anything is opened in the store, every sample is rendered with the teacher's template and
-tokenised (`usable_samples`): a sample the template refuses or the tokenizer rejects is reported with its
-line and rejects the run, or is skipped with `skip_invalid`. A sample whose scores come back non-finite
+tokenised (`usable_samples`): a sample the template refuses or the tokenizer rejects, or one with no
+position left to score within `max_length`, is reported with its line and rejects the run, or is skipped with `skip_invalid`. A sample whose scores come back non-finite
 (fp16 overflow) is never stored; the others are, and the run then fails naming it (`NonFiniteScores`),
 or reports and leaves it out with `skip_invalid`.
 """
@@ -18,6 +18,7 @@ or reports and leaves it out with `skip_invalid`.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from datastore.chat import Dataset, Problem, Sample, iter_records
 from datastore.codec import truncate_topk
 from datastore.errors import UserError
-from datastore.fs import is_local, resolve, save_tokenizer
+from datastore.fs import check_local_directory, is_local, resolve, save_tokenizer
 from datastore.manifest import LogitsMeta, logits_id
 from datastore.reuse import ReuseIndex, ReusePlan, sample_key, scoring_key
 from datastore.sample import ScoredSample
@@ -65,7 +66,9 @@ class ExtractSettings:
 
     def truncation(self) -> dict:
         """The truncation settings that are set, as recorded in `LogitsMeta.extra` (empty: none)."""
-        return {name: v for name, v in (("top_p", self.top_p), ("within_nats", self.within_nats)) if v is not None}
+        cuts = (("top_p", self.top_p), ("within_nats", self.within_nats))
+        # within_nats=inf keeps every entry: no cut, so the same logits id as no truncation
+        return {name: v for name, v in cuts if v is not None and not (name == "within_nats" and v == math.inf)}
 
 
 @dataclass
@@ -160,10 +163,14 @@ def extract(
 
 def check_settings(settings: ExtractSettings) -> ExtractSettings:
     """`settings` if its values are usable; raises UserError naming the first bad one."""
-    if settings.k < 1:
-        raise UserError(f"k={settings.k}: must be at least 1")
+    if not 1 <= settings.k <= 1024:
+        raise UserError(f"k={settings.k}: must be between 1 and 1024")
     if settings.max_length < 2:
         raise UserError(f"max_length={settings.max_length}: must be at least 2")
+    if settings.batch_tokens < 1:
+        raise UserError(f"batch_tokens={settings.batch_tokens}: must be at least 1")
+    if settings.shard_rows < 1:
+        raise UserError(f"shard_rows={settings.shard_rows}: must be at least 1")
     if settings.top_p is not None and not 0.0 < settings.top_p <= 1.0:
         raise UserError(f"top_p={settings.top_p}: must be in (0, 1]")
     if settings.within_nats is not None and not settings.within_nats >= 0.0:
@@ -245,9 +252,9 @@ def fill(
                     result.nonfinite.append(Problem(ts.sample_id, reason))
                     nonfinite_ids.add(ts.sample_id)
                     continue
-                if settings.truncation():
+                if cuts := settings.truncation():
                     sc.topk_ids, sc.topk_logprobs = truncate_topk(
-                        sc.topk_ids, sc.topk_logprobs, settings.top_p, settings.within_nats
+                        sc.topk_ids, sc.topk_logprobs, cuts.get("top_p"), cuts.get("within_nats")
                     )
                 scored.append(
                     ScoredSample(
@@ -310,6 +317,8 @@ def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
     masked token: vLLM returns it) and log-probabilities below the store's floor of -2**16 nats are not
     faults: `datastore.codec` stores them at the floor (probability 0 either way)."""
     n = len(ts.positions)
+    if not n:
+        return None
     lp = np.concatenate([scores.topk_logprobs.reshape(n, -1), scores.gold_logprob.reshape(n, 1)], axis=1)
     with np.errstate(invalid="ignore"):
         bad = (np.isnan(lp) | (lp > 0)).any(axis=1)
@@ -360,8 +369,8 @@ def refuse_or_skip(dataset: Dataset, problems: list[Problem], any_usable: bool, 
         shown = "; ".join(str(p) for p in problems[:3])
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise UserError(
-            f"{dataset.source or 'dataset'}: {len(problems)} sample(s) the teacher's chat template or tokenizer "
-            f"refuses: {shown}{more} (fix them or pass --skip-invalid)"
+            f"{dataset.source or 'dataset'}: {len(problems)} sample(s) the teacher's chat template, tokenizer or "
+            f"max_length refuses: {shown}{more} (fix them or pass --skip-invalid)"
         )
     if not any_usable:
         raise UserError(f"{dataset.source or 'dataset'}: no sample the teacher's template and tokenizer accept "
@@ -399,6 +408,7 @@ def check_store(store_uri: str) -> None:
     (one line, `UserError`). A local store is created on first write."""
     filesystem, root = resolve(store_uri)
     if is_local(filesystem):
+        check_local_directory(store_uri, "store")
         return
     bucket = root.split("/", 1)[0]
     try:

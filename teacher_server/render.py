@@ -397,7 +397,8 @@ def checked_sample(
 ) -> tuple[TokenizedSample | None, str | None]:
     """(the tokenised sample, None), or (None, why it cannot be extracted: one line).
 
-    Runs everything extraction runs before the model: rendering with the template (which may refuse
+    A sample with no position to score (cut at `max_length` before its first assistant token, or a
+    one-token text) cannot be extracted: it would store no target. Runs everything extraction runs before the model: rendering with the template (which may refuse
     the chat, e.g. Mistral-v0.1's "roles must alternate") and tokenising (`tokenize_sample`). Used to
     validate a dataset for a teacher before any sample is scored.
     """
@@ -418,7 +419,14 @@ def checked_samples(
             out[i] = None, problem
     done = tokenize_samples([samples[i] for i in valid], tokenizer, template_source, max_length, all_positions)
     for i, ts in zip(valid, done, strict=True):
-        out[i] = (None, str(ts)) if isinstance(ts, UserError) else (ts, None)
+        if isinstance(ts, UserError):
+            out[i] = None, str(ts)
+        elif not len(ts.positions):  # nothing to distil: a sample must give at least one target
+            out[i] = None, (f"no position to score: cut at max_length={max_length} tokens before its first "
+                            "assistant token" if ts.truncated else "no position to score (fewer than 2 tokens "
+                            "or no assistant token)")
+        else:
+            out[i] = ts, None
     return out
 
 

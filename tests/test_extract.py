@@ -197,6 +197,11 @@ def test_truncation_option_is_part_of_the_logits_id_and_keeps_leading_entries(tm
         assert np.all(kept[needed])
         np.testing.assert_array_equal(a.gold_logprob, b.gold_logprob)
     assert padded > 0
+    verify = CliRunner().invoke(app, ["store", "verify", cut.uri])  # cut entries (-1, -inf) are no fault
+    assert verify.exit_code == 0, verify.output
+    no_cut = extract(backend, data, str(tmp_path / "s"), "t", ExtractSettings(k=K, within_nats=float("inf")),
+                     progress=False)
+    assert no_cut.logits_id == full.logits_id  # a cut that keeps every entry is no cut
     result = CliRunner().invoke(app, ["extract", "--teacher", str(teacher_dir), "--dataset", str(dataset),
                                       "--store", str(tmp_path / "x"), "--top-p", "1.5"])
     assert result.exit_code == 2 and "--top-p 1.5" in result.output

@@ -210,6 +210,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
         for s in src.iter_samples():
             w.write(s)
     save_tokenizer(str(other), src.tokenizer())
+    # the source's logits with 3 samples committed and its writer never closed (an extract still running)
+    partial = tmp_path / "partial"
+    w = LogitsWriter(str(partial), src.manifest.meta, shard_rows=3)
+    for s in list(src.iter_samples())[:3]:
+        w.write(s)
+    save_tokenizer(str(partial), src.tokenizer())
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept\n")
     out = str(tmp_path / "out")
     base = ["--pivot", logits["pivot"], "--out", out]
     cases = [
@@ -224,6 +232,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
         ([*base, "--source", logits["source"], "--mode", "all"], "expected one of pairwise, multi"),
         ([*base, "--source", logits["source"], "--source", logits["source"]], "given twice"),
         (["--pivot", logits["pivot"], "--source", logits["source"], "--out", logits["pivot"]], "not targets"),
+        ([*base, "--source", logits["source"], "--avgce-weights", "fusellm"], "only with --fusion avgce"),
+        (["--pivot", logits["pivot"], "--source", logits["source"], "--out", str(a_file)], "a file is there"),
+        (["--pivot", logits["pivot"], "--source", logits["source"], "--out", str(a_file / "t")],
+         f"{a_file} is a file"),
+        ([*base, "--source", str(partial)], "incomplete logits dataset (3 samples committed"),
+        (["--pivot", str(partial), "--source", logits["source"], "--out", out], "--pivot"),
     ]
     for args, needle in cases:
         result = _run(*args)
@@ -231,3 +245,4 @@ def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
         lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
     assert not Path(out).exists()  # nothing written by a rejected run
+    assert a_file.read_text() == "kept\n"

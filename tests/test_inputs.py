@@ -176,6 +176,49 @@ def test_cli_reports_refused_samples_by_line_and_skip_invalid_skips_them(tmp_pat
     assert sorted(s.sample_id for s in LogitsReader(f"{store}/logits/{m.logits_id}").iter_samples()) == sorted(r["id"] for r in valid)
 
 
+def test_a_sample_with_no_position_left_to_score_is_refused_by_line(tmp_path, teacher):
+    """A chat cut at --max-length before its first assistant token has nothing to score: it is refused like
+    any invalid sample (line and reason, exit 2, nothing stored), skipped by --skip-invalid, and kept with
+    --all-positions (then its prompt is scored). It used to crash extract with a numpy traceback."""
+    short = [_chat(f"s{i}", ("user", "Hi"), ("assistant", "Hello.")) for i in range(3)]
+    long = _chat("long", ("user", "tell me " * 60), ("assistant", "Yes."))
+    data = write_jsonl(short + [long], tmp_path / "d.jsonl")
+    store = str(tmp_path / "store")
+    args = ("--teacher", str(teacher), "--dataset", str(data), "--store", store, "--max-length", "32")
+    line = _one_error_line(_extract(*args))
+    assert "line 4" in line and "'long'" in line and "cut at max_length=32" in line and "--skip-invalid" in line
+    assert list_logits(store) == []
+    ok = _extract(*args, "--skip-invalid")
+    assert ok.exit_code == 0, ok.output
+    (m,) = list_logits(store)
+    assert m.num_samples == 3 and m.complete
+    every = _extract(*args, "--all-positions")
+    assert every.exit_code == 0, every.output
+    stored = {m.logits_id: m for m in list_logits(store)}
+    (m,) = [m for m in stored.values() if m.num_samples == 4]
+    sample = LogitsReader(f"{store}/logits/{m.logits_id}").get("long")
+    assert sample.truncated and len(sample.positions) == 31
+
+
+def test_extract_options_out_of_range_and_a_store_that_is_a_file_fail_before_the_model_loads(tmp_path, teacher):
+    data = write_jsonl(_valid(2, seed=4), tmp_path / "d.jsonl")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept\n")
+    store = str(tmp_path / "store")
+    base = ("--teacher", str(teacher), "--dataset", str(data))
+    cases = [
+        (("--store", store, "--k", "1025"), "--k 1025: must be between 1 and 1024"),
+        (("--store", store, "--batch-tokens", "0"), "--batch-tokens 0: must be at least 1"),
+        (("--store", str(a_file)), f"store {a_file}: a file is there, not a directory"),
+        (("--store", str(a_file / "sub")), f"{a_file} is a file, not a directory"),
+    ]
+    for args, needle in cases:
+        result = CliRunner().invoke(app, ["extract", "--device", "cpu", *base, *args])
+        line = _one_error_line(result)
+        assert needle in line, line
+    assert not (tmp_path / "store").exists() and a_file.read_text() == "kept\n"
+
+
 # ------------------------------------------------------------------- item 6: {% generation %} marks
 
 
