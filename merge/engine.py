@@ -251,6 +251,11 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
             raise MergeError(f"--out {out} is one of the input models; choose a new directory")
     if out.exists() and not out.is_dir():  # --overwrite replaces a merge directory, never a file
         raise MergeError(f"--out {out} is a file, not a directory; choose a new or empty directory")
+    for parent in out.absolute().parents:  # a path under a file cannot be created either
+        if parent.exists():
+            if not parent.is_dir():
+                raise MergeError(f"--out {out}: {parent} is a file, not a directory; choose a new or empty directory")
+            break
     try:
         check_target(out, overwrite)
     except UserError as e:

@@ -115,6 +115,12 @@ def test_cli_bad_paths_exit_2(pivot_dir, targets_uri, tmp_path):
     assert r.exit_code == 2 and "no config.json" in r.output
     r = _cli(["--targets", str(tmp_path / "none"), "--model", pivot_dir, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no targets dataset" in r.output
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "a file is there, not a directory"), (a_file / "o", f"{a_file} is a file")):
+        r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(out)])
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert a_file.read_text() == "keep me"
 
 
 def test_cli_trains(pivot_dir, targets_uri, tmp_path):

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datastore.errors import UserError
-from datastore.fs import honour_umask
+from datastore.fs import check_local_directory, honour_umask
 from datastore.targets import TargetsMeta, TargetsReader
 from datastore.words import plural
 from trainer.data import DataConfig, StreamState, TargetStream, estimate_rows_per_epoch
@@ -285,6 +285,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     if "://" in cfg.out:
         raise UserError(f"--out {cfg.out}: must be a local directory")
+    check_local_directory(cfg.out, "--out")  # a file there (or above) fails now, not after the data loads
     accelerator = _accelerator(Accelerator, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (cfg.micro_batch_size * world):
