@@ -34,6 +34,7 @@ from pathlib import Path
 
 import typer
 
+from datastore.fs import check_local_directory
 from teacher_server.render import TEMPLATE_DIR
 
 K = 10
@@ -327,6 +328,7 @@ def run_demo(workdir: str | Path, seed: int = 0, quick: bool = False, log: Calla
     "pivot"); "prep": the `Prepared` stages 1-4; "seconds": wall seconds in all; "stage_seconds": per
     stage}`."""
     t_start = time.perf_counter()
+    check_local_directory(str(workdir), "--workdir")  # a file there (or above): one line, before any work
     small = QUICK if quick else {}
     prep = prepare(workdir, log, n_train=small.get("n_train", N_TRAIN), n_heldout=small.get("n_heldout", N_HELDOUT),
                    source_steps=small.get("source_steps", SOURCE_STEPS), smollm2=smollm2,

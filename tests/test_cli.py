@@ -190,3 +190,13 @@ def test_tokenizer_caches_are_never_a_fixed_path(tmp_path_factory, tmp_path, mon
     assert tm.tokenizer_cache_dir() == own  # one per process
     tm._process_cache.cleanup()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_workdir_under_a_file_is_one_line_before_any_work(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for workdir, message in ((a_file, "a file is there, not a directory"), (a_file / "w", f"{a_file} is a file")):
+        result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(workdir)])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert a_file.read_text() == "keep me"
