@@ -124,7 +124,8 @@ def score_records(backend, records: list[dict], k: int, template_spec: str, max_
 class _CancelWatch:
     """While a job runs: a thread that polls the job's state every `CANCEL_POLL_S` and, once the job is no
     longer `running` (cancelled), sets `cancelled`; forward pre-hooks on the backend's torch modules (when
-    it has any) raise `_Cancelled` from inside the forward pass once it is set. A context manager."""
+    it has any) raise `_Cancelled` from inside the forward pass once it is set, and so does the backend's
+    `before_chunk` between chunks of the LM head. A context manager."""
 
     def __init__(self, db: JobDB, job_id: str, backend):
         self.db, self.job_id, self.backend = db, job_id, backend
@@ -145,7 +146,7 @@ class _CancelWatch:
                 self.cancelled.set()
                 return
 
-    def _check(self, _module, _args) -> None:
+    def _check(self, _module=None, _args=None) -> None:
         if self.cancelled.is_set() and not self.paused:
             raise _Cancelled
 
@@ -153,6 +154,7 @@ class _CancelWatch:
         model = getattr(self.backend, "model", None)
         if model is not None and hasattr(model, "modules"):  # a torch.nn.Module (HF backend)
             self._hooks = [m.register_forward_pre_hook(self._check) for m in model.modules()]
+        self.backend.before_chunk = self._check  # the LM head runs outside the modules, chunk by chunk
         self._thread.start()
         return self
 
@@ -160,6 +162,7 @@ class _CancelWatch:
         self._done.set()
         for h in self._hooks:
             h.remove()
+        self.backend.before_chunk = None
         self._thread.join()
 
 

@@ -7,6 +7,7 @@ extraction driver (`teacher_server.extract`) forms the batches and writes the re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,9 @@ class Backend(ABC):
     #: True when a batch costs its real tokens only (the engine packs sequences without padding, as
     #: vLLM does): extraction then fills batches up to `batch_tokens` real tokens (`plan_batches`)
     packs_sequences: bool = False
+    #: called before each chunk of the LM head (`backends.head.head_topk`), or None: the service's cancel
+    #: watch sets it to raise once a job is cancelled, so a long head stops within one chunk
+    before_chunk: Callable[[], None] | None = None
 
     @abstractmethod
     def score(self, batch: list[TokenizedSample], k: int) -> list[TopK]:

@@ -26,13 +26,15 @@ def head_topk(
     k: int,
     chunk_positions: int = 1024,
     softcap: float | None = None,
+    before_chunk: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k of `log_softmax(head(hidden))` over the full vocabulary, and the gold token's log-probability.
 
     hidden: `[N, H]` final-norm hidden states (any float dtype, on the head's device), one row per
     scored position t; gold: int64 `[N]`, the token that followed (`input_ids[t + 1]`); head: a `[V, H]`
     weight matrix (logits `hidden @ head.T`) or a module mapping `[n, H]` to `[n, V]` logits; softcap:
-    Gemma-2's `final_logit_softcapping` (`tanh(z / c) * c`) or None. Log-probabilities are computed in
+    Gemma-2's `final_logit_softcapping` (`tanh(z / c) * c`) or None; before_chunk: called before each
+    chunk (`Backend.before_chunk`: a cancelled job raises from it). Log-probabilities are computed in
     fp32, in nats, as `z - (m + log Σ exp(z - m))` with m the row's largest logit (the log-sum-exp of
     `torch.log_softmax`).
 
@@ -55,6 +57,8 @@ def head_topk(
         buffer = torch.empty((min(n, chunk_positions), matrix.shape[0]), dtype=torch.float32, device=matrix.device)
     for start in range(0, n, chunk_positions):
         sl = slice(start, min(n, start + chunk_positions))
+        if before_chunk is not None:
+            before_chunk()
         if buffer is not None:
             logits = torch.matmul(hidden[sl].to(torch.float32), matrix.T, out=buffer[: sl.stop - sl.start])
         elif matrix is not None:

@@ -87,7 +87,7 @@ class HFBackend(Backend):
         lm_head = self.model.get_output_embeddings()
         plain = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None  # then its weight is the head
         out = head_topk(hidden[rows, cols], gold, lm_head.weight if plain else lm_head, k,
-                        self.chunk_positions, self._softcap)
+                        self.chunk_positions, self._softcap, self.before_chunk)
         return split_per_sample(batch, *out)
 
     def close(self) -> None:

@@ -196,7 +196,7 @@ class VLLMBackend(Backend):
                             for s, out in zip(batch, outputs, strict=True)]).to(self._head.device)
         gold = torch.from_numpy(np.concatenate([s.input_ids[s.positions + 1] for s in batch]).astype(np.int64))
         return split_per_sample(batch, *head_topk(hidden, gold.to(self._head.device), self._head, k,
-                                                  softcap=self._softcap))
+                                                  softcap=self._softcap, before_chunk=self.before_chunk))
 
     @staticmethod
     def _topk(sample: TokenizedSample, prompt_logprobs, k: int) -> TopK:
