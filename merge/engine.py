@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from datastore.errors import UserError
+from datastore.fs import check_local_directory
 from datastore.staging import check_target, staged_directory
 from merge.config import MergeConfig
 from merge.errors import MergeError
@@ -251,12 +252,8 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
             raise MergeError(f"--out {out} is one of the input models; choose a new directory")
     if out.exists() and not out.is_dir():  # --overwrite replaces a merge directory, never a file
         raise MergeError(f"--out {out} is a file, not a directory; choose a new or empty directory")
-    for parent in out.absolute().parents:  # a path under a file cannot be created either
-        if parent.exists():
-            if not parent.is_dir():
-                raise MergeError(f"--out {out}: {parent} is a file, not a directory; choose a new or empty directory")
-            break
     try:
+        check_local_directory(str(out), "--out")  # a path under a file cannot be created either
         check_target(out, overwrite)
     except UserError as e:
         raise MergeError(str(e)) from None

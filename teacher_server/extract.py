@@ -10,9 +10,10 @@ earlier dataset of the store scored with the same settings are copied, not score
 
 Before anything is opened in the store, every sample is rendered with the teacher's template and
 tokenised (`usable_samples`): a sample the template refuses or the tokenizer rejects, or one with no
-position left to score within `max_length`, is reported with its line and rejects the run, or is skipped with `skip_invalid`. A sample whose scores come back non-finite
-(fp16 overflow) is never stored; the others are, and the run then fails naming it (`NonFiniteScores`),
-or reports and leaves it out with `skip_invalid`.
+position left to score within `max_length`, is reported with its line and rejects the run, or is skipped
+with `skip_invalid`. A sample whose scores come back non-finite (fp16 overflow) is never stored; the
+others are, and the run then fails naming it (`NonFiniteScores`), or reports and leaves it out with
+`skip_invalid`.
 """
 
 from __future__ import annotations
@@ -317,8 +318,6 @@ def nonfinite_reason(ts: TokenizedSample, scores: TopK) -> str | None:
     masked token: vLLM returns it) and log-probabilities below the store's floor of -2**16 nats are not
     faults: `datastore.codec` stores them at the floor (probability 0 either way)."""
     n = len(ts.positions)
-    if not n:
-        return None
     lp = np.concatenate([scores.topk_logprobs.reshape(n, -1), scores.gold_logprob.reshape(n, 1)], axis=1)
     with np.errstate(invalid="ignore"):
         bad = (np.isnan(lp) | (lp > 0)).any(axis=1)
