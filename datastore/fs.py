@@ -146,6 +146,24 @@ def check_local_directory(uri: str, what: str) -> None:
         raise UserError(f"{what} {uri}: {what_is}, not a directory (give a directory, or a new path)")
 
 
+def check_dataset_directory(uri: str, what: str) -> None:
+    """Raise `UserError` when `uri`, a dataset to create or resume, is a directory that holds something
+    but no Delta log (``_delta_log/``): a store's ``targets/`` folder, say, where a dataset written at the
+    top would sit among the others and break their listing. Named `what` (e.g. "--out") in the message.
+    A missing or empty directory, or an existing dataset, passes (the writer checks the dataset's kind
+    and settings)."""
+    filesystem, path = resolve(uri)
+    info = filesystem.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        return
+    names = sorted(list_dirs(filesystem, path) + list_files(filesystem, path))
+    if not names or "_delta_log" in names or MANIFEST in names:  # MANIFEST: a 0.1 dataset, the writer says so
+        return
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise UserError(f"{what} {uri}: a directory that holds other things ({shown}) and no dataset; "
+                    "give a new or empty directory, e.g. a subdirectory of it")
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 

@@ -385,6 +385,8 @@ def fuse_logits(
         jobs = [(out_uri, [0])]
     else:
         jobs = [(fs.join(out_uri, s.logits_id), [j]) for j, s in enumerate(sources)]
+    for uri, _ in jobs:
+        fs.check_dataset_directory(uri, "--out")
     writers = []
     for uri, members in jobs:
         meta = TargetsMeta(

@@ -238,6 +238,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
          f"{a_file} is a file"),
         ([*base, "--source", str(partial)], "incomplete logits dataset (3 samples committed"),
         (["--pivot", str(partial), "--source", logits["source"], "--out", out], "--pivot"),
+        # one source writes its dataset at --out itself: a folder of other datasets (a store's targets/,
+        # where several sources put theirs) is refused, not filled with a dataset that breaks its listing
+        (["--pivot", logits["pivot"], "--source", logits["source"], "--out", str(tmp_path)],
+         "holds other things (a-file, other, partial)"),
     ]
     for args, needle in cases:
         result = _run(*args)
@@ -245,4 +249,5 @@ def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
         lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
     assert not Path(out).exists()  # nothing written by a rejected run
+    assert not (tmp_path / "_delta_log").exists() and not (tmp_path / "mapping_statistics").exists()
     assert a_file.read_text() == "kept\n"
