@@ -134,8 +134,9 @@ def _register_stages() -> None:
 
     from datastore.cli import store_app
 
-    app.add_typer(store_app, name="store", short_help="List, show and verify the datasets in a store.",
-                  help="List, show and verify logits and targets datasets in a store.")
+    app.add_typer(store_app, name="store", short_help="List, show, verify and manage the datasets in a store.",
+                  help="List, show and verify logits and targets datasets in a store; migrate, collect "
+                       "garbage (gc), remove (rm), export and import them.")
     for module, attr, name, short_help in _STAGE_COMMANDS:
         mod = importlib.import_module(module)
         app.command(name, short_help=short_help, cls=getattr(mod, "COMMAND_CLS", None))(getattr(mod, attr))

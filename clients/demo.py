@@ -251,7 +251,7 @@ def prepare(workdir: str | Path, log: Callable[[str], None] = _say, n_train: int
 
     t0 = time.perf_counter()
     sources = [SMOLLM2, TINY_SOURCE]
-    # pairwise: one targets dataset per source, STORE/targets/<source logits id>, where the catalog
+    # pairwise: one targets dataset per source, STORE/targets/<targets id>, where the catalog
     # (`store ls`, `store verify STORE`, the dashboard) finds them
     targets_root = f"{store}/targets"
     report = fuse_logits(logits[PIVOT], [logits[s] for s in sources], targets_root,
@@ -282,12 +282,13 @@ def train_models(prep: Prepared, seed: int = 0, lam: float = LAMBDA, out: Path |
     t0 = time.perf_counter()
     dirs: dict[str, Path] = {}
     for name, (uri, run_lambda) in runs.items():
-        result = train(TrainConfig.parse(targets=uri, model=str(pivot), out=str(out / name.replace(" ", "_")),
+        result = train(TrainConfig.parse(targets=uri, model=str(pivot), out=str(out / run_dir_name(name)),
                                          seed=seed, tensorboard=False, plot=False, **{"lambda": run_lambda},
                                          **settings))
         dirs[name] = Path(result.final_dir)
         first, last = result.losses[0], result.losses[-1]
-        parts = ", ".join(f"{key} {last[key]:.3f}" for key in ("sft", "fusion") if key in last)
+        parts = ", ".join(f"{key} {last[key]:.3f}" for key, weight in (("sft", run_lambda), ("fusion", 1 - run_lambda))
+                          if weight and key in last)
         log(f"[5/6] {name} (λ={run_lambda:g}): {result.steps} steps, loss {first['loss']:.3f} -> "
             f"{last['loss']:.3f} ({parts})")
     log(f"[5/6] training: {time.perf_counter() - t0:.1f}s")
@@ -303,10 +304,30 @@ def train_models(prep: Prepared, seed: int = 0, lam: float = LAMBDA, out: Path |
     return dirs
 
 
+def run_dir_name(name: str) -> str:
+    """The directory of one training run under ``runs/seed<N>/``: "target <- smollm2-135m-instruct" ->
+    "target-from-smollm2-135m-instruct", "SFT only" -> "sft-only" (no character a shell must quote)."""
+    return name.replace(" <- ", "-from-").replace(" ", "-").lower()
+
+
+def verdict_lines(figures: dict[str, dict[str, float]]) -> list[str]:
+    """One line per fused model: its held-out KL to SmolLM2 minus the SFT-only baseline's (nats per token;
+    negative = the fusion targets distilled SmolLM2 better than SFT alone), from `heldout_eval`'s figures."""
+    base = figures["SFT only"]["kl"]
+    out = []
+    for name, f in figures.items():
+        if name.startswith("target") or name.startswith("merged"):
+            delta = f["kl"] - base
+            word = "closer to" if delta < 0 else "no closer to"
+            out.append(f"{name}: KL {delta:+.4f} nats per token against SFT only ({word} SmolLM2 than SFT alone)")
+    return out
+
+
 def print_figures(figures: dict[str, dict[str, float]], log: Callable[[str], None] = _say) -> None:
     """The demo's table: KL to SmolLM2 and loss per model, lower is better."""
     n = next(iter(figures.values()))["positions"]
-    log(f"held-out chats, {n} assistant positions (nats per token, lower is better):")
+    log(f"held-out chats, {n} assistant positions (nats per token, lower is better; loss: negative "
+        "log-likelihood of SmolLM2's held-out replies):")
     log(f"      {'model':34s} {'KL(SmolLM2‖model)':>18s} {'loss':>8s}")
     for name, f in figures.items():
         kl = "-" if name == "teacher" else f"{f['kl']:.4f}"
@@ -342,6 +363,10 @@ def run_demo(workdir: str | Path, seed: int = 0, quick: bool = False, log: Calla
     prep.seconds["evaluate"] = time.perf_counter() - t0
     log(f"[6/6] held-out evaluation: {prep.seconds['evaluate']:.1f}s")
     print_figures(figures, log)
+    for line in verdict_lines(figures):
+        log(f"      {line}")
+    log("      (one seed; " + ("--quick: these figures only check that the pipeline runs)" if quick else
+                               "the README reports three, and the seed-to-seed spread)"))
     seconds = time.perf_counter() - t_start
     log(f"demo done in {seconds:.1f}s ({', '.join(f'{k} {v:.0f}s' for k, v in prep.seconds.items())}); store at "
         f"{prep.workdir / 'store'} (try: logitfuse store ls {prep.workdir / 'store'})")

@@ -66,7 +66,7 @@ def _entry_fields(kind: str, m) -> dict[str, Any]:
                 "tokenizer": meta.tokenizer_fingerprint, "template": meta.chat_template,
                 "dataset": meta.dataset_id, "max_length": meta.max_length, "all_positions": meta.all_positions}
     meta = m.meta
-    return {**common, "teacher": meta.pivot, "revision": "", "tokenizer": "", "template": "",
+    return {**common, "teacher": meta.pivot, "pivot": meta.pivot, "revision": "", "tokenizer": "", "template": "",
             "dataset": "", "sources": list(meta.sources), "fusion": meta.fusion, "align": meta.align}
 
 
@@ -107,13 +107,15 @@ def iter_datasets(store_uri: str, kind: str | None = None, missing_ok: bool = Fa
 def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None, dataset: str | None = None,
             with_manifest: bool = False, missing_ok: bool = False) -> list[dict[str, Any]]:
     """Every dataset of a store, one plain dict each (``kind``, ``id``, ``uri``, ``status`` "ok" or
-    "broken" with ``error``; for readable ones teacher (the pivot for targets), revision, tokenizer, k,
+    "broken" with ``error``; for readable ones teacher (for targets the pivot's teacher name when its
+    logits are in the store, else its logits id; the id also in ``pivot``), revision, tokenizer, k,
     template, dataset, samples, positions, tokens, bytes, bytes_per_entry, shards, version, team, teams,
     created, updated, complete).
 
     Args:
         kind: "logits" or "targets" only.
-        teacher: keep datasets whose teacher (or pivot) name contains this text.
+        teacher: keep datasets whose teacher name contains this text (for targets: the pivot's teacher
+            name, or its logits id).
         dataset: keep logits datasets whose input dataset id starts with this text.
         with_manifest: add the `Manifest` object under "manifest" (Python callers).
         missing_ok: a store root that does not exist yet lists nothing instead of raising.
@@ -121,10 +123,15 @@ def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None,
         UserError: the store does not exist, or a filter value is not accepted.
     """
     out = []
+    names: dict[str, str] = {}  # logits id -> teacher name
     for k, uri, name in iter_datasets(store_uri, kind, missing_ok):
         entry = describe(k, uri, name, with_manifest)
+        if entry["status"] == "ok" and k == "logits":
+            names[name] = entry["teacher"]
+        elif entry["status"] == "ok":
+            _name_pivot(store_uri, entry, names)
         if entry["status"] == "ok":
-            if teacher and teacher not in entry["teacher"]:
+            if teacher and teacher not in entry["teacher"] and teacher not in entry.get("pivot", ""):
                 continue
             if dataset and not entry["dataset"].startswith(dataset):
                 continue
@@ -132,6 +139,16 @@ def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None,
             pass  # a broken dataset stays visible: its teacher and dataset are unknown
         out.append(entry)
     return out
+
+
+def _name_pivot(store_uri: str, entry: dict[str, Any], names: dict[str, str]) -> None:
+    """A targets entry's ``teacher``: its pivot's teacher name when the pivot's logits dataset is in the
+    same store (else the pivot's logits id, kept in ``pivot`` either way)."""
+    pivot = entry["pivot"]
+    if pivot not in names:
+        found = describe("logits", fs.join(store_uri, _DIRS["logits"], pivot), pivot)
+        names[pivot] = found["teacher"] if found["status"] == "ok" else pivot
+    entry["teacher"] = names[pivot]
 
 
 def find(store_uri: str, dataset_id: str, kind: str = "logits") -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .words import plural
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -368,10 +369,10 @@ def _rejection(path: str | Path, problems: list[Problem], invalid: int, duplicat
     n = invalid + duplicates
     more = f" and {n - 5} more" if n > 5 else ""
     if duplicates:
-        what = f"{n} invalid sample(s) ({duplicates} duplicate id(s), which cannot be skipped)"
+        what = f"{plural(n, 'invalid sample')} ({plural(duplicates, 'duplicate id')}, which cannot be skipped)"
         hint = "fix them; --skip-invalid skips invalid samples but never picks between duplicates"
     else:
-        what, hint = f"{invalid} invalid sample(s)", "fix them or pass --skip-invalid"
+        what, hint = plural(invalid, "invalid sample"), "fix them or pass --skip-invalid"
     return InvalidDataset(f"{path}: {what}: {shown}{more} ({hint})", problems, n)
 
 

@@ -28,7 +28,7 @@ def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> Non
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}")
-        typer.echo(f"{len(problems)} problem(s) in {uri}")
+        typer.echo(f"{plural(len(problems), 'problem')} in {uri}")
         raise typer.Exit(1)
     typer.echo(f"OK {uri}: {summary}, {'complete' if complete else 'incomplete (writer not closed)'}")
 
@@ -42,7 +42,7 @@ def ls(
     uri: str = typer.Argument(..., metavar="STORE", help="store root: local directory or s3://bucket/prefix"),
     teacher: str = typer.Option("", help="Only datasets whose teacher (pivot, for targets) contains this."),
     dataset: str = typer.Option("", help="Only logits datasets of this input dataset id (or its prefix)."),
-    kind: str = typer.Option("", help="Only this kind: logits or targets."),
+    kind: str = typer.Option("", metavar="<logits|targets>", help="Only this kind: logits or targets."),
 ) -> None:
     """List the logits and targets datasets in a store (a broken dataset is one BROKEN line)."""
     from datastore.catalog import catalog
@@ -114,7 +114,7 @@ def _verify_targets(reader) -> tuple[list[str], str]:
             problems.append(f"{shard.file}: {len(arrays)} rows, the log says {shard.rows}")
         dup = seen.intersection(arrays.sample_ids)
         if dup:
-            problems.append(f"{shard.file}: duplicate sample id(s) {sorted(dup)[:3]}")
+            problems.append(f"{shard.file}: duplicate sample {'id' if len(dup) == 1 else 'ids'} {sorted(dup)[:3]}")
         seen.update(arrays.sample_ids)
         rows += len(arrays)
     return problems, f"targets, {plural(len(m.shards), 'shard')}, {plural(rows, 'sample')}, {plural(m.num_positions, 'position')}"
@@ -255,9 +255,9 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a datas
         else:
             typer.echo(f"OK {ds_uri}: {summary}, {'complete' if complete else 'incomplete'}")
     if failed:
-        typer.echo(f"{failed} of {checked} dataset(s) in {uri} have problems")
+        typer.echo(f"{failed} of {plural(checked, 'dataset')} in {uri} {'has' if failed == 1 else 'have'} problems")
         raise typer.Exit(1)
-    typer.echo(f"OK {uri}: {checked} dataset(s) verified")
+    typer.echo(f"OK {uri}: {plural(checked, 'dataset')} verified")
 
 
 @store_app.command("migrate")
@@ -301,7 +301,7 @@ def gc(
         for rel in gc_dataset(ds_uri, seconds, dry_run=dry_run):
             typer.echo(f"{'would delete' if dry_run else 'deleted'} {ds_uri}/{rel}")
             total += 1
-    typer.echo(f"{total} file(s) {'to delete' if dry_run else 'deleted'} in {len(datasets)} dataset(s)")
+    typer.echo(f"{plural(total, 'file')} {'to delete' if dry_run else 'deleted'} in {plural(len(datasets), 'dataset')}")
 
 
 @store_app.command("rm")
@@ -317,7 +317,7 @@ def rm(uri: str = typer.Argument(..., metavar="DATASET", help="dataset: STORE/lo
 
 def export_command(
     uri: str = typer.Argument(..., metavar="DATASET", help="logits dataset: STORE/logits/<logits_id>"),
-    format: str = typer.Option(..., "--format", help="axolotl | parquet | hf"),
+    format: str = typer.Option(..., "--format", metavar="<axolotl|parquet|hf>", help="axolotl | parquet | hf"),
     out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the export is complete."),
 ) -> None:
@@ -330,7 +330,7 @@ def export_command(
 
 def import_command(
     file: Path = typer.Argument(..., metavar="FILE", help="vLLM prompt_logprobs responses (.jsonl) or a parquet export file."),
-    format: str = typer.Option(..., "--format", help="vllm | parquet"),
+    format: str = typer.Option(..., "--format", metavar="<vllm|parquet>", help="vllm | parquet"),
     store: str = typer.Option(..., "--store", help="Store URI: a local directory or s3://bucket/prefix."),
     tokenizer: str | None = typer.Option(
         None, "--tokenizer", help="The teacher's tokenizer: a directory or a cached hub id (required for vllm)."

@@ -311,7 +311,7 @@ def _parquet_file_rows(path: Path) -> tuple[Iterator[_Row], dict | None]:
     needed = ["sample_id", "input_ids", "loss_mask", "positions", "topk_ids", "topk_logprobs", "gold_logprob"]
     missing = [c for c in needed if c not in pf.schema_arrow.names]
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (the `store export --format parquet` columns)")
+        raise UserError(f"{path}: missing {'column' if len(missing) == 1 else 'columns'} {', '.join(missing)} (the `store export --format parquet` columns)")
     optional = [c for c in ("text", "assistant_spans", "truncated") if c in pf.schema_arrow.names]
 
     def rows() -> Iterator[_Row]:

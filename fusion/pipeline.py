@@ -6,7 +6,8 @@ writes length-sorted order, which differs between tokenizers), aligns every sour
 then vocabulary), fuses (MinCE / AvgCE) and writes the targets through `datastore.targets`.
 
 - ``mode="pairwise"`` (FuseChat): one targets dataset per source, fusing the pivot and that source. With
-  one source it is written at ``out``; with several, at ``out/<source logits id>`` each.
+  one source it is written at ``out``; with several, at ``out/<targets id>`` each (the store's layout,
+  ``STORE/targets/<targets id>``, when ``out`` is ``STORE/targets``).
 - ``mode="multi"`` (FuseLLM): one targets dataset at ``out``, fusing the pivot and every source.
 
 With ``vocab_map="ms"`` a first pass aligns the whole dataset and counts the mapping statistics of each
@@ -35,7 +36,7 @@ from datastore import fs
 from datastore.errors import UserError
 from datastore.reader import LogitsReader
 from datastore.sample import ScoredSample
-from datastore.targets import TargetSample, TargetsMeta, TargetsWriter
+from datastore.targets import TargetSample, TargetsMeta, TargetsWriter, targets_id
 from datastore.words import plural
 from fusion._sparse import SparseDist
 from fusion.align import (
@@ -144,7 +145,7 @@ class FuseReport:
             return [f"nothing to fuse: the targets were already complete ({plural(t.already_done, 'sample')} in "
                     f"{t.uri})" for t in self.targets]
         out = [
-            f"fused {self.samples} sample(s) in {self.seconds:.1f}s ({self.statistics_seconds:.1f}s building "
+            f"fused {plural(self.samples, 'sample')} in {self.seconds:.1f}s ({self.statistics_seconds:.1f}s building "
             f"mapping statistics): align={self.align} vocab-map={self.vocab_map} fusion={self.fusion} "
             f"mode={self.mode} k={self.k}"
             + (f" avgce-weights={self.avgce_weights}" if self.fusion == "avgce" else "")
@@ -378,17 +379,10 @@ def fuse_logits(
     )
     report.sources = [SourceReport(s.name, s.reader.uri, s.logits_id) for s in sources]
 
-    # jobs: (targets uri, indices of the sources fused in it)
-    if mode == "multi":
-        jobs = [(out_uri, list(range(len(sources))))]
-    elif len(sources) == 1:
-        jobs = [(out_uri, [0])]
-    else:
-        jobs = [(fs.join(out_uri, s.logits_id), [j]) for j, s in enumerate(sources)]
-    for uri, _ in jobs:
-        fs.check_dataset_directory(uri, "--out")
-    writers = []
-    for uri, members in jobs:
+    # jobs: (indices of the sources fused in one targets dataset)
+    groups = [list(range(len(sources)))] if mode == "multi" else [[j] for j in range(len(sources))]
+    jobs = []
+    for members in groups:
         meta = TargetsMeta(
             pivot=pivot.logits_id,
             sources=[sources[j].logits_id for j in members],
@@ -401,8 +395,12 @@ def fuse_logits(
             pivot_tokenizer=pivot_reader.manifest.meta.tokenizer_fingerprint,  # the trainer checks --model
             pivot_vocab_size=pivot.table.vocab_size,
         )
-        writers.append(TargetsWriter(uri, meta, shard_rows=shard_rows))
-    for (uri, members), w in zip(jobs, writers, strict=True):
+        # one dataset: at --out itself; several: OUT/<targets id>, the store's layout (STORE/targets/<id>)
+        uri = out_uri if len(groups) == 1 else fs.join(out_uri, targets_id(meta))
+        fs.check_dataset_directory(uri, "--out")
+        jobs.append((uri, members, meta))
+    writers = [TargetsWriter(uri, meta, shard_rows=shard_rows) for uri, _, meta in jobs]
+    for (uri, members, _), w in zip(jobs, writers, strict=True):
         report.targets.append(
             TargetsReport(uri, w.manifest.targets_id, [names[0]] + [sources[j].name for j in members])
         )
@@ -424,7 +422,7 @@ def fuse_logits(
                 aligned.append(_align_one(p, s, j, src, pivot, maps[j], align, k, cache, report.sources[j]))
             own = _fit_k(SparseDist.from_topk(p.topk_ids, p.topk_logprobs), k)
             own_nll, mask = pivot_gold_nll(p), response_mask(p)
-            for (_uri, members), w, done_ids, tr in zip(jobs, writers, done, report.targets, strict=True):
+            for (_uri, members, _meta), w, done_ids, tr in zip(jobs, writers, done, report.targets, strict=True):
                 if p.sample_id in done_ids:
                     continue
                 present = [j for j in members if aligned[j] is not None]
@@ -457,7 +455,7 @@ def fuse_logits(
         w.close()
         tr.already_done = len(w.done_ids) - tr.written
     report.seconds = time.perf_counter() - t0
-    for (uri, _), _w in zip(jobs, writers, strict=True):
+    for (uri, _, _), _w in zip(jobs, writers, strict=True):
         fsys, root = fs.resolve(uri)
         fs.write_atomic(fsys, fs.join(root, REPORT_FILE), json.dumps(report.to_dict(), indent=2).encode())
     return report
@@ -521,7 +519,7 @@ def _vocab_maps(pivot, sources, jobs, writers, method, align, cache, report, pro
 
 def _stats_paths(jobs, writers, j, src) -> list[tuple]:
     out = []
-    for (uri, members), _w in zip(jobs, writers, strict=True):
+    for (uri, members, _), _w in zip(jobs, writers, strict=True):
         if j in members:
             fsys, root = fs.resolve(uri)
             out.append((fsys, fs.join(root, STATS_DIR, f"{src.logits_id}.npz")))

@@ -53,9 +53,8 @@ def merge_command(
     out: Path = typer.Option(..., "--out", help="Output directory (new or empty; see --overwrite)."),
     config: Path | None = typer.Option(None, "--config", help="mergekit-shaped YAML merge config."),
     method: str | None = typer.Option(
-        None, "--method",
-        help="sce | varm | linear | task_arithmetic | ties | dare | dare_linear | dare_ties; "
-        "other mergekit methods (slerp, ...) need a --config and the mergekit extra.",
+        None, "--method", metavar="<sce|varm|linear|task_arithmetic|ties|dare|dare_linear|dare_ties>",
+        help="Merge method; other mergekit methods (slerp, ...) need a --config and the mergekit extra.",
     ),
     base: Path | None = typer.Option(None, "--base", help="The pivot (base) model directory; optional for linear."),
     models: list[Path] | None = typer.Option(
@@ -70,11 +69,12 @@ def merge_command(
     select_topk: float = typer.Option(
         1.0, "--select-topk", help="SCE: fraction tau of elements selected (FuseChat used 0.1)."
     ),
-    sce_variant: str = typer.Option("fusechat", "--sce-variant", help="SCE: fusechat | mergekit."),
+    sce_variant: str = typer.Option("fusechat", "--sce-variant", metavar="<fusechat|mergekit>",
+                                    help="SCE: FuseChat's variant or mergekit's."),
     normalize: bool | None = typer.Option(None, "--normalize/--no-normalize", help="Override the method default."),
     seed: int = typer.Option(0, "--seed", help="DARE: seed of the drop masks."),
     dtype: str | None = typer.Option(
-        None, "--dtype", help="Output dtype: bfloat16 | float16 | float32 (the base model's when not given)."
+        None, "--dtype", metavar="<bfloat16|float16|float32>", help="Output dtype (the base model's when not given)."
     ),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out once the merge is complete."),

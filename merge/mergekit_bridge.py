@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from datastore.words import plural
 from merge.config import MergeConfig
 from merge.errors import MergeError
 
@@ -56,7 +57,7 @@ def run_with_mergekit(config: MergeConfig, out: Path, say: Callable[[str], None]
         run_merge(cfg, str(out), options=options)
     except Exception as e:  # mergekit raises RuntimeError, ValueError, KeyError, OSError for bad inputs
         raise MergeError(f"mergekit failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
-    say(f"mergekit wrote {sum(1 for _ in Path(out).glob('*.safetensors'))} shard(s)")
+    say(f"mergekit wrote {plural(sum(1 for _ in Path(out).glob('*.safetensors')), 'shard')}")
 
 
 def _version() -> str:

@@ -36,6 +36,7 @@ from datastore.fs import check_local_directory, is_local, resolve, save_tokenize
 from datastore.manifest import LogitsMeta, logits_id
 from datastore.reuse import ReuseIndex, ReusePlan, sample_key, scoring_key
 from datastore.sample import ScoredSample
+from datastore.words import plural
 from datastore.writer import LogitsWriter
 from teacher_server.backends.base import Backend, TopK
 from teacher_server.batching import plan_batches
@@ -306,7 +307,7 @@ class NonFiniteScores(UserError):
         shown = "; ".join(str(p) for p in problems[:3])
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         super().__init__(
-            f"{len(problems)} sample(s) scored non-finite log-probabilities and were not stored: {shown}{more} "
+            f"{plural(len(problems), 'sample')} scored non-finite log-probabilities and were not stored: {shown}{more} "
             f"(numeric overflow: with --dtype float16 rerun with --dtype bfloat16 or float32, which scores "
             f"only these; or pass --skip-invalid to leave them out)"
         )
@@ -368,7 +369,7 @@ def refuse_or_skip(dataset: Dataset, problems: list[Problem], any_usable: bool, 
         shown = "; ".join(str(p) for p in problems[:3])
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise UserError(
-            f"{dataset.source or 'dataset'}: {len(problems)} sample(s) the teacher's chat template, tokenizer or "
+            f"{dataset.source or 'dataset'}: {plural(len(problems), 'sample')} the teacher's chat template, tokenizer or "
             f"max_length refuses: {shown}{more} (fix them or pass --skip-invalid)"
         )
     if not any_usable:

@@ -105,7 +105,7 @@ def test_pathological_json_is_one_invalid_line(tmp_path, bad, reason):
     with pytest.raises(UserError) as e:
         load_dataset(path)
     msg = str(e.value)
-    assert "1 invalid sample(s): line 2: " in msg and reason in msg and "\n" not in msg, msg
+    assert "1 invalid sample: line 2: " in msg and reason in msg and "\n" not in msg, msg
     ds = load_dataset(path, skip_invalid=True)  # --skip-invalid skips it and keeps the rest
     assert [s.id for s in ds.samples] == ["ok", "ok2"] and [p.where for p in ds.skipped] == ["line 2"]
 
@@ -136,7 +136,7 @@ def test_duplicate_id_is_reported_with_every_other_invalid_line(tmp_path):
                 check(path, skip)
             assert [str(p).split(":")[0] for p in e.value.problems] == ["line 2", "line 3", "line 4", "line 6"]
             msg = str(e.value)
-            assert "4 invalid sample(s) (2 duplicate id(s)" in msg and "\n" not in msg
+            assert "4 invalid samples (2 duplicate ids" in msg and "\n" not in msg
             assert "line 3: duplicate id 'a' (first at line 1)" in msg and "line 2: invalid JSON" in msg
 
 

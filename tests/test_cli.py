@@ -169,7 +169,7 @@ def test_a_fusion_rerun_reports_complete_targets():
     report.targets = [TargetsReport("store/targets/t", "t", ["pivot", "src"], written=0, already_done=96)]
     assert report.lines() == ["nothing to fuse: the targets were already complete (96 samples in store/targets/t)"]
     report.samples, report.targets[0].written, report.targets[0].already_done = 4, 4, 92
-    assert report.lines()[0].startswith("fused 4 sample(s)")
+    assert report.lines()[0].startswith("fused 4 samples")
 
 
 def test_tokenizer_caches_are_never_a_fixed_path(tmp_path_factory, tmp_path, monkeypatch):

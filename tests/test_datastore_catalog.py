@@ -76,6 +76,15 @@ def test_catalog_lists_logits_and_targets_with_their_facts(store):
     res = runner.invoke(app, ["store", "ls", store, "--teacher", "qwen"])
     assert res.exit_code == 0 and len(res.output.strip().splitlines()) == 2 and "tiny-qwen" in res.output
 
+    # targets whose pivot's logits are in the store are listed and found under the pivot's teacher name
+    qwen = logits_id(meta(teacher_name="tiny-qwen", dataset_id="ds-2"))
+    fused = tmeta(pivot=qwen, sources=[logits_id(meta())])
+    with TargetsWriter(targets_uri(store, targets_id(fused)), fused, shard_rows=4) as w:
+        w.write(tsample(0))
+    found = catalog(store, teacher="qwen", kind="targets")
+    assert [(e["id"], e["teacher"], e["pivot"]) for e in found] == [(targets_id(fused), "tiny-qwen", qwen)]
+    assert [e["id"] for e in catalog(store, teacher=qwen[:6], kind="targets")] == [targets_id(fused)]
+
 
 def test_broken_datasets_are_one_line_and_wrong_paths_exit_2(store, tmp_path):
     # a truncated 0.1 manifest and a Delta log with a garbage commit, next to healthy datasets
@@ -103,7 +112,7 @@ def test_broken_datasets_are_one_line_and_wrong_paths_exit_2(store, tmp_path):
 
 def test_store_verify_checks_every_dataset_and_tokenizer_files(store):
     res = runner.invoke(app, ["store", "verify", store])
-    assert res.exit_code == 0 and "3 dataset(s) verified" in res.output, res.output
+    assert res.exit_code == 0 and "3 datasets verified" in res.output, res.output
     uri = logits_uri(store, logits_id(meta()))
     tok = os.path.join(uri, "tokenizer", "tokenizer.json")
     open(tok, "ab").write(b" ")

@@ -167,8 +167,11 @@ def test_several_sources_pairwise_and_multi(logits, tmp_path):
     sources = [logits["source"], logits["pivot"]]
     ids = [LogitsReader(u).manifest.logits_id for u in sources]
     pair = fuse_logits(logits["pivot"], sources, str(tmp_path / "pair"), vocab_map="mined", progress=False)
-    assert [t.uri for t in pair.targets] == [str(tmp_path / "pair" / i) for i in ids]
+    # one dataset per source at OUT/<targets id>: the id `store show` prints, as in a store's targets/
     assert [TargetsReader(t.uri).manifest.meta.sources for t in pair.targets] == [[i] for i in ids]
+    assert [t.uri for t in pair.targets] == [str(tmp_path / "pair" / TargetsReader(t.uri).manifest.targets_id)
+                                             for t in pair.targets]
+    assert len({t.uri for t in pair.targets}) == 2
 
     multi = fuse_logits(
         logits["pivot"], sources, str(tmp_path / "multi"), mode="multi", align="dtw", progress=False

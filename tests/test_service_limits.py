@@ -290,7 +290,7 @@ def test_pathological_uploads_are_invalid_lines_never_500(api):
              '{"id": "s", "text": "\\ud800"}', '{"id": "ok", "text": "again"}', '{"id": 2, "text": NaN}']
     body = "\n".join(lines).encode() + b"\n\xff\xfe\n"
     r = httpx.post(f"{url}/v1/datasets", headers=_auth("a-write"), content=body, timeout=120)
-    out = _err(r, 400, "6 invalid sample(s) (1 duplicate id(s)")
+    out = _err(r, 400, "6 invalid samples (1 duplicate id,")
     assert [p.split(":")[0] for p in out["problems"]] == [f"line {i}" for i in range(2, 8)]
     assert out["problems"][3] == "line 5: duplicate id 'ok' (first at line 1); ids must be unique"
     assert out["problems"][5] == "line 7: invalid JSON (not UTF-8: byte 0xff at offset 0)"

@@ -342,6 +342,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         start_step = int(state["step"])
 
     log_dir = out / "logs"
+    lam = cfg.lambda_
     log_path = log_dir / "train.jsonl"
     history = _load_history(log_path, start_step)
     reporters: list = []
@@ -350,12 +351,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         (out / "train_config.json").write_text(json.dumps(_config_record(cfg), indent=2))
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         reporters = _reporters(log_dir, cfg)
-        accelerator.print(f"training {plural(total_steps, 'step')} ({plural(accum, 'micro-batch', 'micro-batches')} "
-                          f"x {cfg.micro_batch_size} x {plural(world, 'process', 'processes')} per step) "
-                          f"from step {start_step}")
+        accelerator.print(f"training {out} (lambda {lam:g}): {plural(total_steps, 'step')} "
+                          f"({plural(accum, 'micro-batch', 'micro-batches')} x {cfg.micro_batch_size} x "
+                          f"{plural(world, 'process', 'processes')} per step) from step {start_step}")
 
     batches = iter(stream)
-    lam = cfg.lambda_
     step = start_step
     ran = 0
     t_start = time.perf_counter()
@@ -403,8 +403,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 for report in reporters:
                     report.log({f"train/{key}": record[key] for key in ("loss", "sft", "fusion", "lr", "tokens_per_s")},
                                step)
-                accelerator.print(f"step {step}/{total_steps} loss {record['loss']:.4f} sft {sft:.4f} "
-                                  f"fusion {fus:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
+                # a term with weight 0 is not computed: "-", not a loss of 0
+                parts = " ".join(f"{key} {value:.4f}" if weight else f"{key} -"
+                                 for key, value, weight in (("sft", sft, lam), ("fusion", fus, 1 - lam)))
+                accelerator.print(f"step {step}/{total_steps} loss {record['loss']:.4f} {parts} "
+                                  f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
         if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or (
             cfg.stop_after and ran >= cfg.stop_after
         ):
