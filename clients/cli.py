@@ -340,15 +340,17 @@ def _extract_on_ray(teacher: str, name: str, backend: str, dtype: str, device: s
 
 @app.command(short_help="Distil SmolLM2-135M-Instruct into a tiny pivot, end to end.")
 def demo(
-    workdir: Path = typer.Option(Path("demo_work"), help="Where models, datasets and the store are written."),
-    seed: int = typer.Option(0, help="Training seed of the SFT-only baseline and the targets."),
+    workdir: str = typer.Option("demo_work", help="Where models, datasets and the store are written."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Training seed of the SFT-only baseline and the targets."),
     quick: bool = typer.Option(False, help="A few chats and steps: checks the pipeline runs; figures meaningless."),
 ) -> None:
     """Distil SmolLM2-135M-Instruct into a tiny pivot end to end (service, fusion, training, merge) and
     print KL to SmolLM2 on held-out chats for the pivot, an SFT-only baseline, each target and the merge."""
     from clients.demo import run_demo
 
-    run_demo(workdir, seed=seed, quick=quick)
+    if not workdir.strip():
+        raise UserError("--workdir '': give a directory (new, or one an earlier demo wrote)")
+    run_demo(Path(workdir), seed=seed, quick=quick)
 
 
 _register_stages()

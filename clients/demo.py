@@ -34,6 +34,7 @@ from pathlib import Path
 
 import typer
 
+from datastore.errors import UserError
 from datastore.fs import check_local_directory
 from teacher_server.render import TEMPLATE_DIR
 
@@ -350,6 +351,8 @@ def run_demo(workdir: str | Path, seed: int = 0, quick: bool = False, log: Calla
     stage}`."""
     t_start = time.perf_counter()
     check_local_directory(str(workdir), "--workdir")  # a file there (or above): one line, before any work
+    if not 0 <= seed <= 2**32 - 1:  # the trainer's bound (numpy and torch seeds), checked before any work
+        raise UserError(f"--seed {seed}: must be between 0 and {2**32 - 1}")
     small = QUICK if quick else {}
     prep = prepare(workdir, log, n_train=small.get("n_train", N_TRAIN), n_heldout=small.get("n_heldout", N_HELDOUT),
                    source_steps=small.get("source_steps", SOURCE_STEPS), smollm2=smollm2,

@@ -102,6 +102,17 @@ def _cli(args):
         (["--lambda", "1.5"], "--lambda"),
         (["--batch-size", "3", "--micro-batch-size", "2"], "multiple of --micro-batch-size"),
         (["--preset", "llama"], "--preset"),
+        # non-finite and out-of-range numbers: one line before any work, never a traceback or NaN weights
+        (["--lambda", "nan"], "--lambda: Input should be a finite number"),
+        (["--epochs", "inf"], "--epochs: Input should be a finite number"),
+        (["--lr", "inf"], "--lr: Input should be a finite number"),
+        (["--weight-decay", "inf"], "--weight-decay: Input should be a finite number"),
+        (["--temperature", "inf"], "--temperature: Input should be a finite number"),
+        (["--temperature", "1e-30"], "--temperature: Input should be greater than or equal to 0.01"),
+        (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
+        (["--seed", "99999999999999999999999"], "--seed"),
+        (["--max-length", "100000000000"], "--max-length: Input should be less than or equal to 1048576"),
+        (["--report-to", "wandb,foo"], "--report-to: foo is not one of"),
     ],
 )
 def test_cli_bad_options_exit_2(pivot_dir, targets_uri, tmp_path, extra, message):
@@ -111,7 +122,8 @@ def test_cli_bad_options_exit_2(pivot_dir, targets_uri, tmp_path, extra, message
 
 
 def test_cli_bad_paths_exit_2(pivot_dir, targets_uri, tmp_path):
-    r = _cli(["--targets", targets_uri, "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    r = _cli(["--targets", targets_uri, "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no config.json" in r.output
     r = _cli(["--targets", str(tmp_path / "none"), "--model", pivot_dir, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no targets dataset" in r.output
@@ -121,6 +133,48 @@ def test_cli_bad_paths_exit_2(pivot_dir, targets_uri, tmp_path):
         r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(out)])
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert a_file.read_text() == "keep me"
+
+
+def test_bad_inputs_with_no_resume_delete_nothing_and_out_stays_apart_from_inputs(pivot_dir, targets_uri, tmp_path):
+    """--no-resume starts over only once the inputs are checked: a mistyped --targets or --model is an error
+    that leaves the earlier run whole. --out may not be, hold or lie inside --model or --targets."""
+    run = tmp_path / "run"
+    train(config(pivot_dir, targets_uri, run, max_steps=1, plot=False))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for bad in (["--targets", str(tmp_path / "typo"), "--model", pivot_dir],
+                ["--targets", targets_uri, "--model", str(tmp_path / "typo")]):
+        r = _cli([*bad, "--out", str(run), "--no-resume", "--max-steps", "1"])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    for out, words in ((pivot_dir, "is the --model directory"), (Path(pivot_dir) / "runs", "lies inside the --model"),
+                       (targets_uri, "is the --targets directory"), (Path(pivot_dir).parent, "holds the --model")):
+        r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(out), "--max-steps", "1"])
+        assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (Path(pivot_dir) / "runs").exists() and not (Path(targets_uri) / "logs").exists()
+
+
+def test_weights_that_become_non_finite_are_not_saved(pivot_dir, targets_uri, tmp_path):
+    """A learning rate that blows the weights up ends the run with one line and no checkpoint: the loss of
+    the next step is not finite (and the weights are checked before any checkpoint is saved)."""
+    r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "o"), "--max-steps", "3",
+              "--batch-size", "1", "--max-length", "32", "--lr", "1e30", "--warmup-ratio", "0"])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error: ")]
+    assert r.exit_code == 2 and len(errors) == 1 and "the loss is nan" in errors[0], r.output
+    assert "lower --lr" in errors[0]
+    assert not list((tmp_path / "o").glob("checkpoints/step-*"))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused():
+    from accelerate import Accelerator
+
+    from trainer.train import _check_finite_weights
+
+    cfg = TrainConfig.parse(targets="t", model="m", out="o", lr=1e-3)
+    layer = torch.nn.Linear(2, 2)
+    _check_finite_weights(Accelerator(cpu=True), layer, 1, cfg)  # finite: passes
+    layer.weight.data[0, 1] = float("inf")
+    with pytest.raises(UserError, match="step 4: the weights became NaN or infinite; no checkpoint is saved"):
+        _check_finite_weights(Accelerator(cpu=True), layer, 4, cfg)
 
 
 def test_cli_trains(pivot_dir, targets_uri, tmp_path):
@@ -220,7 +274,7 @@ def test_report_to_tensorboard_and_wandb_offline(pivot_dir, targets_uri, tmp_pat
     events = EventAccumulator(str(tmp_path / "o" / "logs" / "tensorboard")).Reload()
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
     bad = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(tmp_path / "p"), "--report-to", "mlflow"])
-    assert bad.exit_code == 2 and "--report-to: Value error, mlflow is not one of tensorboard, wandb, none" in bad.output
+    assert bad.exit_code == 2 and "--report-to: mlflow is not one of tensorboard, wandb, none" in bad.output
 
 
 def test_a_checkpoint_of_the_earlier_layout_is_refused(pivot_dir, targets_uri, tmp_path):

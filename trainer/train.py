@@ -60,7 +60,7 @@ _PATH_FIELDS = ("targets", "model")
 class TrainConfig(BaseModel):
     """Everything a training run needs; validated here, trusted below."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     targets: str = Field(description="targets dataset URI (local directory or s3://)")
     model: str = Field(description="pivot model directory: config, weights, tokenizer")
@@ -68,7 +68,7 @@ class TrainConfig(BaseModel):
     preset: Literal["fusechat"] | None = None
     lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0)
     loss: Literal["ce", "kl", "rkl", "jsd"] = "ce"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0.01, le=100)
     tail: Literal["renormalise", "bucket"] = "renormalise"
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     lr: float = Field(1e-5, gt=0)
@@ -77,11 +77,11 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(0, ge=0, description="optimizer steps; 0: from epochs")
     batch_size: int = Field(8, ge=1, description="packed sequences per optimizer step, all ranks together")
     micro_batch_size: int = Field(1, ge=1, description="packed sequences per forward, per rank")
-    max_length: int = Field(2048, ge=2)
+    max_length: int = Field(2048, ge=2, le=1 << 20)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = Field(1.0, ge=0, description="0: no clipping")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     shuffle_buffer: int = Field(1024, ge=1)
     chunk_rows: int = Field(1024, ge=1, description="loss rows whose logits are built at once")
     bf16: bool = False
@@ -127,7 +127,8 @@ class TrainConfig(BaseModel):
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"]) or "config"
-            raise UserError(f"--{where.replace('_', '-').rstrip('-')}: {err['msg']}") from None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise UserError(f"--{where.replace('_', '-').rstrip('-')}: {msg}") from None
 
     def loss_config(self) -> LossConfig:
         return LossConfig(loss=self.loss, temperature=self.temperature, tail=self.tail, jsd_beta=self.jsd_beta)
@@ -277,6 +278,30 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
             )
 
 
+def _check_out_apart(cfg: TrainConfig) -> None:
+    """Raise `UserError` when --out is, lies inside or holds the --model directory or a local --targets
+    dataset: checkpoints and logs written there would mix with (and, rotated or restarted, delete) inputs."""
+    out = Path(cfg.out).resolve()
+    for option, value in (("--model", cfg.model), ("--targets", cfg.targets)):
+        if "://" in value or not Path(value).exists():
+            continue
+        path = Path(value).resolve()
+        if out == path or path in out.parents or out in path.parents:
+            relation = "is" if out == path else ("lies inside" if path in out.parents else "holds")
+            raise UserError(f"--out {cfg.out}: {relation} the {option} directory {value}; give a directory of "
+                            "its own for the run's checkpoints and logs")
+
+
+def _check_finite_weights(accelerator, wrapped, step: int, cfg: TrainConfig) -> None:
+    """Raise `UserError` (on every rank) when any weight is NaN or infinite after `step`: such a checkpoint
+    would load and produce NaN, so none is saved."""
+    bad = any(not bool(torch.isfinite(p).all()) for p in wrapped.parameters())
+    flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
+    if float(flag[0]) > 0:
+        raise UserError(f"step {step}: the weights became NaN or infinite; no checkpoint is saved: lower --lr "
+                        f"({cfg.lr:g}) or --weight-decay ({cfg.weight_decay:g})")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) one training job. Returns the final checkpoint directory and the logged losses."""
     from accelerate import Accelerator
@@ -286,6 +311,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if "://" in cfg.out:
         raise UserError(f"--out {cfg.out}: must be a local directory")
     check_local_directory(cfg.out, "--out")  # a file there (or above) fails now, not after the data loads
+    _check_out_apart(cfg)
     accelerator = _accelerator(Accelerator, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -298,9 +324,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpoints = _checkpoints(out) if cfg.resume else []
     if checkpoints:
         _check_resume_config(out, cfg)
-    elif accelerator.is_main_process and out.exists() and cfg.resume is False:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "logs", ignore_errors=True)
     resume_dir = checkpoints[-1] if checkpoints else None
 
     targets_meta = TargetsReader(cfg.targets).manifest.meta
@@ -323,6 +346,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                           seed=cfg.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_token_id or 0)
     stream = TargetStream(cfg.targets, data_cfg, stream_state)
     stream.check_vocab(vocab)
+    if accelerator.is_main_process and out.exists() and cfg.resume is False:
+        # --no-resume starts over, but only once every input has been read and checked: a typo in
+        # --targets or --model is an error that deletes nothing
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "logs", ignore_errors=True)
+    accelerator.wait_for_everyone()
     rows_per_epoch = estimate_rows_per_epoch(cfg.targets, cfg.max_length)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * rows_per_epoch / cfg.batch_size))
     warnings = data_warnings(rows_per_epoch, cfg, total_steps)
@@ -391,6 +420,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         sft = float(sums[0]) / n_sft if n_sft else 0.0
         fus = float(sums[1]) / n_fus if n_fus else 0.0
         seconds = time.perf_counter() - t0
+        if not math.isfinite(lam * sft + (1 - lam) * fus):
+            raise UserError(f"step {step}: the loss is {lam * sft + (1 - lam) * fus} (sft {sft}, fusion {fus}); "
+                            f"nothing of this step is saved: lower --lr ({cfg.lr:g}) or check --temperature")
         record = {"step": step, "loss": lam * sft + (1 - lam) * fus, "sft": sft, "fusion": fus,
                   "lr": scheduler.get_last_lr()[0], "tokens": tokens, "targets": int(n_fus),
                   "seconds": round(seconds, 4), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
@@ -411,6 +443,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or (
             cfg.stop_after and ran >= cfg.stop_after
         ):
+            _check_finite_weights(accelerator, wrapped, step, cfg)
             _save_checkpoint(accelerator, wrapped, tokenizer, optimizer, scheduler, stream, step, out,
                              cfg.keep_checkpoints)
 
