@@ -100,6 +100,8 @@ def _version_line(m) -> str:
 
 
 def _verify_targets(reader) -> tuple[list[str], str]:
+    from datastore.table import CorruptShard
+
     m = reader.manifest
     problems: list[str] = []
     seen: set[str] = set()
@@ -107,6 +109,9 @@ def _verify_targets(reader) -> tuple[list[str], str]:
     for shard in m.shards:
         try:
             arrays = reader.read_shard(shard)
+        except CorruptShard as e:
+            problems.append(f"{shard.file}: {e.problem}")
+            continue
         except Exception as e:  # noqa: BLE001 - any failure to read or decode is a finding
             problems.append(f"{shard.file}: {type(e).__name__}: {e}")
             continue
@@ -241,6 +246,13 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a datas
         problems, summary, complete = verify_dataset(uri)
         _verdict(uri, problems, complete, summary)
         return
+    from datastore import fs
+
+    filesystem, root = fs.resolve(uri)
+    if filesystem.get_file_info(root).type == fs.pafs.FileType.Directory and not (
+            {"logits", "targets"} & set(fs.list_dirs(filesystem, root))):
+        raise UserError(f"{uri}: neither a dataset (no {fs.DELTA_LOG}/ nor {fs.MANIFEST}) nor a store (no logits/ "
+                        "or targets/): nothing to verify")
     failed = checked = 0
     for _kind, ds_uri, _name in iter_datasets(uri):
         checked += 1

@@ -8,6 +8,7 @@ in the dataset directory for a moment between its write and its commit, and must
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -17,6 +18,7 @@ from datastore import fs
 from datastore.errors import UserError
 from datastore.leases import LEASES_DIR
 from datastore.table import DeltaDataset
+from datastore.words import plural
 
 GRACE_SECONDS = 3600.0
 _SHARD_RE = re.compile(r"^shard-.*\.parquet$")
@@ -67,11 +69,19 @@ def rm_dataset(uri: str) -> str:
     """Delete a whole dataset directory (log, shards, tokenizer, leases). Raises UserError when `uri` is
     not a dataset (a store root or any other directory is never removed)."""
     from datastore.catalog import dataset_kind
+    from datastore.table import CorruptDataset
 
-    kind = dataset_kind(uri)
+    filesystem, root = fs.resolve(uri)
+    try:
+        kind, broken = dataset_kind(uri), ""
+    except CorruptDataset as e:
+        # a dataset whose log cannot be read is what a user most wants gone: removed when it sits where
+        # a store keeps datasets (STORE/logits/<id>, STORE/targets/<id>), never anywhere else
+        kind, broken = os.path.basename(os.path.dirname(root.rstrip("/"))), "broken "
+        if kind not in ("logits", "targets"):
+            raise UserError(f"{e} (not under a store's logits/ or targets/: not removed)") from None
     if kind is None:
         raise UserError(f"{uri}: not a dataset (expected STORE/logits/<id> or STORE/targets/<id>)")
-    filesystem, root = fs.resolve(uri)
     n = len(_files(filesystem, root))
     filesystem.delete_dir(root)
-    return f"removed {kind} dataset {uri} ({n} files)"
+    return f"removed {broken}{kind} dataset {uri} ({plural(n, 'file')})"

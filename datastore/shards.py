@@ -41,7 +41,7 @@ from datastore.manifest import (
     id_bloom,
     meta_differences,
 )
-from datastore.table import CorruptDataset, DeltaDataset, Snapshot, shard_file
+from datastore.table import CorruptDataset, CorruptShard, DeltaDataset, Snapshot, shard_file
 
 if TYPE_CHECKING:
     from datastore.reuse import ShardCopy
@@ -57,12 +57,15 @@ def _stamp(filesystem, path: str, sha256: str) -> tuple:
 
 
 def read_verified(filesystem, root: str, shard: ShardInfo) -> bytes:
-    """A shard's bytes after checking them against the log's sha256. Raises ValueError naming the shard
-    when they differ (corrupt or replaced file), FileNotFoundError when it is missing."""
+    """A shard's bytes after checking them against the log's sha256. Raises `CorruptShard` (a UserError)
+    naming the shard when they differ (corrupt or replaced file) or it cannot be read (missing)."""
     path = fs.join(root, shard.file)
-    data = fs.read_bytes(filesystem, path)
+    try:
+        data = fs.read_bytes(filesystem, path)
+    except OSError as e:
+        raise CorruptShard(path, f"shard listed in the dataset log cannot be read ({_missing_or(e)})") from None
     if not shard.sha256 or hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise ValueError(f"{path}: sha256 does not match the dataset log (corrupt shard)")
+        raise CorruptShard(path, "sha256 does not match the dataset log (corrupt shard)")
     _VERIFIED.add(_stamp(filesystem, path, shard.sha256))
     return data
 
@@ -74,9 +77,26 @@ def ensure_verified(filesystem, root: str, shards: list[ShardInfo]) -> None:
         path = fs.join(root, s.file)
         info = filesystem.get_file_info(path)
         if info.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{path}: shard listed in the dataset log is missing")
+            raise CorruptShard(path, "shard listed in the dataset log is missing")
         if (path, s.sha256, info.size, info.mtime_ns) not in _VERIFIED:
             read_verified(filesystem, root, s)
+
+
+def _missing_or(e: OSError) -> str:
+    return "missing" if isinstance(e, FileNotFoundError) else str(e).splitlines()[0]
+
+
+def read_columns(filesystem, root: str, shard: ShardInfo, columns: list[str]) -> pa.Table:
+    """Some columns of a shard, read without hashing the whole file (the small ones an index needs).
+    Raises `CorruptShard` when the file is missing or not readable Parquet."""
+    path = fs.join(root, shard.file)
+    try:
+        with filesystem.open_input_file(path) as f:
+            return pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        raise CorruptShard(path, "shard listed in the dataset log is missing") from None
+    except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError), ArrowIOError (an OSError)
+        raise CorruptShard(path, f"shard is not readable Parquet ({str(e).splitlines()[0][:200]})") from None
 
 
 def sample_ids_of(data: bytes) -> list[str]:

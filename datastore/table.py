@@ -52,6 +52,16 @@ class CorruptDataset(UserError):
     """A dataset's log (or 0.1 manifest) cannot be read or does not describe a logitfuse dataset."""
 
 
+class CorruptShard(CorruptDataset):
+    """A shard the dataset's log lists is missing, unreadable, or not the bytes whose sha256 the log
+    recorded. The message names the file and points to ``logitfuse store verify``."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem} (`logitfuse store verify` lists every problem of the dataset; "
+                         "re-run the command that wrote it, or `store rm` it)")
+
+
 def shard_file(sha256: str) -> str:
     """The content-addressed file name of a shard."""
     return f"shard-{sha256}.parquet"
@@ -242,6 +252,9 @@ class DeltaDataset:
         return True
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """The error's type and first line, cut to `limit` characters (delta-rs puts whole Rust debug
+    structs of the log's paths in some messages)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    line = text[0] if text else ""
+    return f"{type(e).__name__}: {line if len(line) <= limit else line[:limit] + ' ...'}"

@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from datastore import fs
 from datastore.errors import UserError
 from datastore.reader import LogitsReader
 from datastore.sample import ScoredSample
+from datastore.shards import read_columns
 from datastore.targets import TargetSample, TargetsMeta, TargetsWriter, targets_id
 from datastore.words import plural
 from fusion._sparse import SparseDist
@@ -221,8 +221,7 @@ def _sample_index(reader: LogitsReader) -> dict[str, tuple[int, int]]:
     fsys, root = fs.resolve(reader.uri)
     index: dict[str, tuple[int, int]] = {}
     for number, shard in enumerate(reader.manifest.shards):
-        with fsys.open_input_file(fs.join(root, shard.file)) as f:
-            ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()
+        ids = read_columns(fsys, root, shard, ["sample_id"]).column("sample_id").to_pylist()
         index.update((sid, (number, row)) for row, sid in enumerate(ids))
     return index
 

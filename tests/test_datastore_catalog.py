@@ -17,7 +17,7 @@ from datastore.catalog import catalog
 from datastore.fs import save_tokenizer
 from datastore.manifest import Manifest, ShardInfo, id_bloom
 from datastore.retention import gc_dataset
-from datastore.targets import TargetsWriter, targets_id, targets_uri
+from datastore.targets import TargetsReader, TargetsWriter, targets_id, targets_uri
 from tests.test_datastore import check, meta, sample
 from tests.test_targets import meta as tmeta
 from tests.test_targets import sample as tsample
@@ -201,6 +201,59 @@ def test_rm_and_gc(store):
     res = runner.invoke(app, ["store", "rm", uri])
     assert res.exit_code == 0 and not os.path.exists(uri)
     assert len(catalog(store)) == 2
+
+
+def test_a_broken_dataset_can_be_removed_and_verify_needs_a_dataset_or_store(store, tmp_path):
+    uri = logits_uri(store, logits_id(meta()))
+    log = os.path.join(uri, "_delta_log")
+    newest = sorted(n for n in os.listdir(log) if n.endswith(".json"))[-1]
+    open(os.path.join(log, newest), "w").write("{garbage")
+    res = runner.invoke(app, ["store", "rm", uri])  # its log is unreadable: still removable from the store
+    assert res.exit_code == 0 and "removed broken logits dataset" in res.output and not os.path.exists(uri)
+    # outside a store's logits/ or targets/ a broken dataset is not removed
+    elsewhere = tmp_path / "loose"
+    shutil.copytree(logits_uri(store, logits_id(meta(teacher_name="tiny-qwen", dataset_id="ds-2"))), elsewhere)
+    newest = sorted(n for n in os.listdir(elsewhere / "_delta_log") if n.endswith(".json"))[-1]
+    (elsewhere / "_delta_log" / newest).write_text("{garbage")
+    _one_line_exit_2(runner.invoke(app, ["store", "rm", str(elsewhere)]), "not removed")
+    assert elsewhere.exists()
+    # a directory that is neither a dataset nor a store is not "OK: 0 datasets verified"
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", elsewhere / "_delta_log"):
+        _one_line_exit_2(runner.invoke(app, ["store", "verify", str(path)]), "neither a dataset", "nor a store")
+
+
+def test_a_missing_or_corrupt_shard_is_one_line_naming_it(store, tmp_path):
+    """Every reader of shards (decode, the id index fusion builds, the trainer's length scan, export) says
+    which shard is missing or damaged and points to `store verify`, instead of a pyarrow traceback."""
+    from datastore.shards import read_columns
+    from datastore.table import CorruptShard
+    from fusion.pipeline import _sample_index
+    from trainer.data import estimate_rows_per_epoch
+
+    logits = logits_uri(store, logits_id(meta()))
+    shards = LogitsReader(logits).manifest.shards
+    first, second = (os.path.join(logits, s.file) for s in shards[:2])
+    data = open(second, "rb").read()
+    open(second, "wb").write(data[:40])  # truncated
+    with pytest.raises(CorruptShard, match="not readable Parquet.*store verify"):
+        _sample_index(LogitsReader(logits))
+    with pytest.raises(CorruptShard, match="sha256 does not match"):
+        LogitsReader(logits).read_shard(shards[1])
+    os.remove(first)
+    with pytest.raises(CorruptShard, match="missing.*store verify"):
+        read_columns(LogitsReader(logits)._fs, LogitsReader(logits)._root, shards[0], ["sample_id"])
+    res = runner.invoke(app, ["store", "export", logits, "--format", "parquet", "--out", str(tmp_path / "x")])
+    _one_line_exit_2(res, os.path.basename(first), "missing", "store verify")
+    assert not (tmp_path / "x").exists()
+
+    targets = targets_uri(store, targets_id(tmeta()))
+    tshard = os.path.join(targets, TargetsReader(targets).manifest.shards[0].file)
+    os.remove(tshard)
+    with pytest.raises(CorruptShard, match="missing"):
+        estimate_rows_per_epoch(targets, 64)
+    res = runner.invoke(app, ["store", "verify", targets])  # verify lists it, without the hint to itself
+    assert res.exit_code == 1 and "missing" in res.output and "store verify" not in res.output, res.output
 
 
 def test_service_serves_the_catalog_and_samples(store, tmp_path):

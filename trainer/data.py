@@ -309,15 +309,12 @@ class TargetStream:
 def estimate_rows_per_epoch(uri: str, seq_len: int) -> int:
     """Packed rows of one epoch over all ranks, from the stored lengths alone (greedy packing in stored
     order; the shuffled order packs within a few percent of it). Used to turn epochs into steps."""
-    import pyarrow.parquet as pq
-
-    from datastore import fs
+    from datastore.shards import read_columns
 
     reader = TargetsReader(uri)
     rows, used = 0, 0
     for shard in reader.manifest.shards:
-        with reader._fs.open_input_file(fs.join(reader._root, shard.file)) as f:
-            lengths = pq.read_table(f, columns=["num_tokens"]).column("num_tokens").to_numpy()
+        lengths = read_columns(reader._fs, reader._root, shard, ["num_tokens"]).column("num_tokens").to_numpy()
         for n in np.minimum(lengths, seq_len):
             if used and used + n > seq_len:
                 rows, used = rows + 1, 0
