@@ -184,6 +184,8 @@ def load_config(path: Path | str) -> MergeConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
+    except RecursionError:
+        raise MergeError(f"{path}: nested too deeply to be a merge config") from None
     except OSError as e:
         raise MergeError(f"{path}: cannot read merge config ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -191,6 +193,32 @@ def load_config(path: Path | str) -> MergeConfig:
             from None
     except yaml.YAMLError as e:
         raise MergeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    _check_size(data, str(path))
     if isinstance(data, dict):
         data = _resolve_paths(data, path.parent)
     return parse_config(data, str(path))
+
+
+#: a merge config's values after YAML aliases are expanded, and its nesting: far above any real config
+#: (mergekit's largest examples hold a few hundred values), far below what makes checking it slow
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 32
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Raise `MergeError` when the config, its aliases (``&a`` / ``*a``) expanded, holds more than
+    `MAX_CONFIG_VALUES` values or nests deeper than `MAX_CONFIG_DEPTH`: a 1 KB file of aliases that
+    reference aliases expands to billions of values (checking it would never finish)."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise MergeError(f"{source}: more than {MAX_CONFIG_VALUES:,} values once YAML aliases are expanded; "
+                             "a merge config holds a few hundred")
+        if depth > MAX_CONFIG_DEPTH:
+            raise MergeError(f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels; not a merge config")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)

@@ -177,6 +177,13 @@ def test_linear_needs_no_base_and_overwrite_replaces_the_output(tmp_path, family
         ({"merge_method": "sce", "base_model": "{pivot}", "models": [{"model": "{t}"}],
           "parameters": {"select_topk": 2}}, "select_topk: Input should be less than or equal to 1"),
         ("merge_method: [unclosed", "not valid YAML"),
+        # a 1 KB alias bomb (each anchor lists the previous one 10 times: 10^8 values once expanded) and a
+        # config nested 5,000 levels deep: one line at once, not minutes of checking or a RecursionError
+        ("merge_method: linear\nmodels:\n  - model: A\n    parameters:\n      weight:\n"
+         "        - &a0 {filter: zz, value: 1}\n"
+         + "".join(f"        - &a{i} {{filter: zz, value: [{', '.join([f'*a{i - 1}'] * 10)}]}}\n" for i in range(1, 9)),
+         "more than 100,000 values once YAML aliases are expanded"),
+        ("merge_method: linear\nparameters: {weight: " + "[" * 5000 + "]" * 5000 + "}\n", "nested"),
     ],
 )
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, family, content, message):
@@ -201,6 +208,9 @@ def test_cli_rejects_config_mixed_with_flags_and_missing_inputs(tmp_path, family
     result = runner.invoke(make_app(), ["merge", "--method", "sce", "--base", str(pivot), "--models", *map(str, targets),
                                         "--weight", "1", "--weight", "2", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--weight: give one value or one per model (3), not 2" in result.output
+    result = runner.invoke(make_app(), ["merge", "--method", "Linear", "--models", *map(str, targets),
+                                        "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown merge_method 'Linear': did you mean 'linear'?" in result.output
 
 
 def test_cli_bad_inputs_found_by_review_exit_2_and_write_nothing(tmp_path, family):
