@@ -242,6 +242,12 @@ def validate(sample: ScoredSample, k: int) -> None:
     spans = np.asarray(sample.assistant_spans)
     if spans.size and spans.reshape(-1, 2).shape[1] != 2:
         raise ValueError(f"{sid}: assistant_spans must be [S, 2]")
+    if spans.size:
+        s = spans.reshape(-1, 2)
+        end = len(sample.text) if sample.text is not None else np.iinfo(np.int64).max
+        if (s[:, 0] < 0).any() or (s[:, 1] < s[:, 0]).any() or int(s[:, 1].max()) > end:
+            raise ValueError(f"{sid}: assistant_spans must be character spans [start, end) with 0 <= start <= "
+                             f"end <= len(text) = {end}")
 
 
 # ---------------------------------------------------------------- quantisation and truncation

@@ -401,6 +401,8 @@ def import_dataset(
             try:
                 if k is not None:
                     validate(s, k)
+                if tokenizer is not None:
+                    _check_ids_fit(s, len(tokenizer))
             except ValueError as e:
                 error = str(e)
             if error is None and s.sample_id in ids_seen:
@@ -446,6 +448,22 @@ def import_dataset(
     if tokenizer is not None:
         fs.save_tokenizer(uri, tokenizer)
     return report
+
+
+#: how far top-k ids may run past the tokenizer's length: output heads are padded to a round size
+#: (Qwen2's 152,064 rows over 151,665 tokens: +399), and fusion counts such ids as unmapped mass
+HEAD_PADDING = 1024
+
+
+def _check_ids_fit(sample: ScoredSample, vocab: int) -> None:
+    """ValueError when an input id is not a token of the tokenizer (`vocab` = its length) or a top-k id lies
+    more than `HEAD_PADDING` past it."""
+    if sample.input_ids.size and int(sample.input_ids.max()) >= vocab:
+        raise ValueError(f"input id {int(sample.input_ids.max())} >= the tokenizer's {vocab} tokens")
+    top = int(sample.topk_ids.max(initial=-1))
+    if top >= vocab + HEAD_PADDING:
+        raise ValueError(f"top-k id {top} >= the tokenizer's {vocab} tokens + {HEAD_PADDING} (a padded output "
+                         "head's rows): not this tokenizer's model")
 
 
 def _import_meta(fmt: str, path: Path, stored: dict | None, k: int, tokenizer, teacher_name: str | None,

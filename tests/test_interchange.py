@@ -23,7 +23,7 @@ def stored(tmp_path_factory) -> tuple[str, list[ScoredSample]]:
     """Five samples (one with assistant spans, one with no scored position) in a local store."""
     uri = logits_uri(str(tmp_path_factory.mktemp("store")), logits_id(meta()))
     samples = [sample(i) for i in range(4)]
-    samples[1].assistant_spans = np.array([[3, 9], [12, 20]], dtype=np.int32)
+    samples[1].assistant_spans = np.array([[1, 3], [4, 6]], dtype=np.int32)
     samples[2].truncated = True
     empty = sample(9, n_tokens=6)
     empty.loss_mask[:] = False
@@ -244,3 +244,25 @@ def test_review_cases_directory_import_binary_lines_and_file_out(stored, tmp_pat
     with pytest.raises(UserError, match="is a file, not a directory"):
         export_dataset(uri, "parquet", plain, overwrite=True)
     assert plain.read_text() == "keep me"
+
+
+def test_import_refuses_ids_past_the_tokenizer_and_spans_outside_the_text(stored, tmp_path, spm_tokenizer):
+    """A parquet row whose top-k id is far past the tokenizer (10^9), or whose assistant span lies outside
+    its text, is refused by row at import instead of reaching fusion or the trainer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri, _ = stored
+    export_dataset(uri, "parquet", tmp_path / "pq", rows_per_file=10)
+    (file,) = (tmp_path / "pq").glob("*.parquet")
+    table = pq.read_table(file)
+    rows = table.to_pylist()
+    assert max(max(map(max, r["topk_ids"])) for r in rows if r["topk_ids"]) < len(spm_tokenizer)
+    rows[0]["topk_ids"][0][0] = 10**9
+    rows[1]["assistant_spans"] = [[1_000_000, 5]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "bad.parquet")
+    report = import_dataset(tmp_path / "bad.parquet", "parquet", str(tmp_path / "s"), tokenizer=spm_tokenizer)
+    assert report.uri is None and not (tmp_path / "s").exists()
+    assert len(report.problems) == 2
+    assert "row 1: top-k id 1000000000 >= the tokenizer's" in report.problems[0]
+    assert "row 2:" in report.problems[1] and "assistant_spans must be character spans" in report.problems[1]
