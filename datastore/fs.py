@@ -367,7 +367,8 @@ def load_tokenizer(dataset_uri: str):
         recorded = table.snapshot().tokenizer
         problems = tokenizer_problems(filesystem, root, recorded)
         if problems:
-            raise UserError(f"{dataset_uri}: {problems[0]}: re-run extract to store it again")
+            raise UserError(f"{dataset_uri}: {problems[0]}: re-run the extract (or the `store import ... "
+                            "--tokenizer T`) that wrote it to store it again")
         names = sorted(recorded)
     else:  # a 0.1 dataset: files as they are
         names = list_files(filesystem, source)
