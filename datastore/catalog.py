@@ -191,6 +191,8 @@ def dataset_kind(uri: str) -> str | None:
         table.table(refresh=False)
         kind = table.info().get("kind")
         return kind if kind in KINDS else None
+    if table.fs.get_file_info(fs.join(table.root, fs.DELTA_LOG)).type == pafs.FileType.Directory:
+        raise CorruptDataset(f"{uri}: its Delta log ({fs.DELTA_LOG}/) holds no readable first commit")
     path = fs.join(table.root, fs.MANIFEST)
     if fs.exists(table.fs, path):
         data = fs.read_bytes(table.fs, path)

@@ -402,7 +402,7 @@ def import_dataset(
                 if k is not None:
                     validate(s, k)
                 if tokenizer is not None:
-                    _check_ids_fit(s, len(tokenizer))
+                    _check_ids_fit(s, len(tokenizer))  # input ids: its tokens; top-k: + HEAD_PADDING
             except ValueError as e:
                 error = str(e)
             if error is None and s.sample_id in ids_seen:
@@ -451,8 +451,9 @@ def import_dataset(
 
 
 #: how far top-k ids may run past the tokenizer's length: output heads are padded to a round size
-#: (Qwen2's 152,064 rows over 151,665 tokens: +399), and fusion counts such ids as unmapped mass
-HEAD_PADDING = 1024
+#: (Qwen2's 152,064 rows over 151,665 tokens: +399; DeepSeek's 102,400 over ~100,015: +2,385), and fusion
+#: counts such ids as unmapped mass
+HEAD_PADDING = 4096
 
 
 def _check_ids_fit(sample: ScoredSample, vocab: int) -> None:

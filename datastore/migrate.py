@@ -41,8 +41,8 @@ def migrate_dataset(uri: str) -> str:
         try:
             read_verified(table.fs, table.root, shard)
         except (ValueError, OSError) as e:
-            raise UserError(f"{uri}: shard {shard.file} fails verification ({str(e).splitlines()[0]}); "
-                            f"nothing migrated") from None
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"{uri}: shard {shard.file} fails verification ({why}); nothing migrated") from None
     if not table.exists():
         info = {"kind": "targets" if is_targets else "logits",
                 "id": m.targets_id if is_targets else m.logits_id,

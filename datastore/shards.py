@@ -62,8 +62,10 @@ def read_verified(filesystem, root: str, shard: ShardInfo) -> bytes:
     path = fs.join(root, shard.file)
     try:
         data = fs.read_bytes(filesystem, path)
-    except OSError as e:
-        raise CorruptShard(path, f"shard listed in the dataset log cannot be read ({_missing_or(e)})") from None
+    except FileNotFoundError:
+        raise CorruptShard(path, "shard listed in the dataset log is missing") from None
+    except OSError as e:  # a timeout, throttling, a permission: the shard may be fine
+        raise UserError(f"{path}: cannot read the shard now ({str(e).splitlines()[0][:200]})") from None
     if not shard.sha256 or hashlib.sha256(data).hexdigest() != shard.sha256:
         raise CorruptShard(path, "sha256 does not match the dataset log (corrupt shard)")
     _VERIFIED.add(_stamp(filesystem, path, shard.sha256))
@@ -82,10 +84,6 @@ def ensure_verified(filesystem, root: str, shards: list[ShardInfo]) -> None:
             read_verified(filesystem, root, s)
 
 
-def _missing_or(e: OSError) -> str:
-    return "missing" if isinstance(e, FileNotFoundError) else str(e).splitlines()[0]
-
-
 def read_columns(filesystem, root: str, shard: ShardInfo, columns: list[str]) -> pa.Table:
     """Some columns of a shard, read without hashing the whole file (the small ones an index needs).
     Raises `CorruptShard` when the file is missing or not readable Parquet."""
@@ -95,8 +93,10 @@ def read_columns(filesystem, root: str, shard: ShardInfo, columns: list[str]) ->
             return pq.read_table(f, columns=columns)
     except FileNotFoundError:
         raise CorruptShard(path, "shard listed in the dataset log is missing") from None
-    except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError), ArrowIOError (an OSError)
+    except ValueError as e:  # pyarrow's ArrowInvalid: not Parquet (truncated, overwritten)
         raise CorruptShard(path, f"shard is not readable Parquet ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:  # a timeout, throttling, a permission: the shard may be fine
+        raise UserError(f"{path}: cannot read the shard now ({str(e).splitlines()[0][:200]})") from None
 
 
 def sample_ids_of(data: bytes) -> list[str]:
@@ -258,8 +258,9 @@ class ShardedWriter(ABC):
                 try:
                     data = read_verified(self._fs, self._root, shard)
                 except (ValueError, OSError) as e:
+                    why = e.problem if isinstance(e, CorruptShard) else str(e).splitlines()[0]
                     raise CorruptDataset(f"{self.uri}: committed shard {shard.file} fails verification "
-                                         f"({str(e).splitlines()[0]}): run `logitfuse store verify`") from None
+                                         f"({why}): run `logitfuse store verify`") from None
                 ids = sample_ids_of(data)
                 self._ids_by_shard[shard.file] = ids
                 self._done.update(ids)

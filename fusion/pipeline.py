@@ -226,6 +226,20 @@ def _sample_index(reader: LogitsReader) -> dict[str, tuple[int, int]]:
     return index
 
 
+def _holds_targets(uri: str, meta: TargetsMeta | None) -> bool:
+    """True when `uri` holds a targets dataset (with `meta`'s settings, when given)."""
+    from datastore.targets import load_targets_manifest
+
+    filesystem, root = fs.resolve(uri)
+    if filesystem.get_file_info(fs.join(root, fs.DELTA_LOG)).type == fs.pafs.FileType.NotFound:
+        return False
+    try:
+        stored = load_targets_manifest(uri).meta
+    except UserError:
+        return meta is None  # some dataset is there, unreadable or of another kind
+    return meta is None or targets_id(stored) == targets_id(meta)
+
+
 def _unique_names(names: list[str]) -> list[str]:
     """Candidate names as the targets record them (`winner`, `ce`): teacher names, ``#2``... on repeats."""
     seen: Counter = Counter()
@@ -380,6 +394,9 @@ def fuse_logits(
 
     # jobs: (indices of the sources fused in one targets dataset)
     groups = [list(range(len(sources)))] if mode == "multi" else [[j] for j in range(len(sources))]
+    if len(groups) > 1 and _holds_targets(out_uri, None):
+        raise UserError(f"--out {out_uri}: a dataset ({fs.DELTA_LOG}/); with several sources --out is the folder that "
+                        "gets one dataset per source (e.g. STORE/targets)")
     jobs = []
     for members in groups:
         meta = TargetsMeta(
@@ -396,6 +413,10 @@ def fuse_logits(
         )
         # one dataset: at --out itself; several: OUT/<targets id>, the store's layout (STORE/targets/<id>)
         uri = out_uri if len(groups) == 1 else fs.join(out_uri, targets_id(meta))
+        if len(groups) > 1:
+            older = fs.join(out_uri, sources[members[0]].logits_id)  # the layout before 2026-11-30
+            if _holds_targets(older, meta):
+                uri = older  # resume it where it is
         fs.check_dataset_directory(uri, "--out")
         jobs.append((uri, members, meta))
     writers = [TargetsWriter(uri, meta, shard_rows=shard_rows) for uri, _, meta in jobs]

@@ -105,9 +105,10 @@ def merge_command(
         cfg = load_config(config)
     else:
         if method:
-            from merge.registry import get_method
+            from merge.registry import MERGEKIT_METHODS, get_method
 
-            get_method(method)  # an unknown name: one line with the closest known one
+            if method not in MERGEKIT_METHODS:  # those go to mergekit itself
+                get_method(method)  # an unknown name: one line with the closest known one
         if not (method and targets and (base or method == "linear")):
             raise MergeError("give --config FILE, or --method, --base and --models DIR [DIR ...] (--base is optional "
                              "for linear)")

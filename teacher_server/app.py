@@ -16,6 +16,7 @@ queue limit, 504 a `/v1/topk` that the teacher did not answer in time, 503 a tea
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from datastore.chat import DecodedTooLarge, InvalidDataset
 from datastore.errors import UserError
+from datastore.table import CorruptShard
 from teacher_server import metrics
 from teacher_server.auth import Authenticator, AuthError, Principal
 from teacher_server.config import ServiceConfig
@@ -286,6 +288,9 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def _user_error(_req: Request, exc: UserError):
+        if isinstance(exc, CorruptShard):  # the store is damaged, not the request: the operators' to fix
+            return _error(500, f"stored shard {os.path.basename(exc.path)}: {exc.problem} (the service's operators: "
+                               "`logitfuse store verify`)")
         return _error(400, str(exc))
 
     @app.exception_handler(LookupError)

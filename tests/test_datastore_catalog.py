@@ -217,6 +217,13 @@ def test_a_broken_dataset_can_be_removed_and_verify_needs_a_dataset_or_store(sto
     (elsewhere / "_delta_log" / newest).write_text("{garbage")
     _one_line_exit_2(runner.invoke(app, ["store", "rm", str(elsewhere)]), "not removed")
     assert elsewhere.exists()
+    # a dataset whose _delta_log/ is empty (its first commit lost) is broken, not "not a dataset"
+    emptied = logits_uri(store, logits_id(meta(teacher_name="tiny-qwen", dataset_id="ds-2")))
+    for name in os.listdir(os.path.join(emptied, "_delta_log")):
+        os.remove(os.path.join(emptied, "_delta_log", name))
+    _one_line_exit_2(runner.invoke(app, ["store", "verify", emptied]), "holds no readable first commit")
+    res = runner.invoke(app, ["store", "rm", emptied])
+    assert res.exit_code == 0 and "removed broken logits dataset" in res.output and not os.path.exists(emptied)
     # a directory that is neither a dataset nor a store is not "OK: 0 datasets verified"
     (tmp_path / "empty").mkdir()
     for path in (tmp_path / "empty", elsewhere / "_delta_log"):
@@ -287,3 +294,12 @@ def test_service_serves_the_catalog_and_samples(store, tmp_path):
         assert max(abs(a - b) for ra, rb in zip(s3["topk_logprobs"], want.topk_logprobs.tolist(), strict=True)
                    for a, b in zip(ra, rb, strict=True)) <= 5 / 256 + 1e-6
         assert client.get(f"/v1/logits/{lid}/samples/nope", headers=h).status_code == 404
+        # a damaged shard is the store's fault, not the request's: 500 naming the shard, not 400
+        uri = logits_uri(store, lid)
+        shard = LogitsReader(uri).manifest.shards[1]  # holds sample-003 (3 rows per shard)
+        path = os.path.join(uri, shard.file)
+        data = bytearray(open(path, "rb").read())
+        data[100] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+        r = client.get(f"/v1/logits/{lid}/samples/sample-003", headers=h)
+        assert r.status_code == 500 and shard.file in r.json()["error"] and "sha256" in r.json()["error"], r.text

@@ -15,6 +15,7 @@ from clients.cli import app
 from clients.corpus import chat_samples, write_jsonl
 from clients.tiny_models import make_teacher
 from datastore.chat import load_dataset
+from datastore.errors import UserError
 from datastore.reader import LogitsReader
 from datastore.targets import TargetsReader
 from fusion.pipeline import STATS_DIR, fuse_logits
@@ -172,6 +173,14 @@ def test_several_sources_pairwise_and_multi(logits, tmp_path):
     assert [t.uri for t in pair.targets] == [str(tmp_path / "pair" / TargetsReader(t.uri).manifest.targets_id)
                                              for t in pair.targets]
     assert len({t.uri for t in pair.targets}) == 2
+    # a run begun in the earlier layout (OUT/<source logits id>) is resumed where it is, not started anew
+    older = tmp_path / "pair" / ids[0]
+    Path(pair.targets[0].uri).rename(older)
+    again = fuse_logits(logits["pivot"], sources, str(tmp_path / "pair"), vocab_map="mined", progress=False)
+    assert [t.uri for t in again.targets] == [str(older), pair.targets[1].uri]
+    assert [(t.written, t.already_done) for t in again.targets] == [(0, 8), (0, 8)]
+    with pytest.raises(UserError, match="a dataset .* with several sources --out is the folder"):
+        fuse_logits(logits["pivot"], sources, str(older), vocab_map="mined", progress=False)
 
     multi = fuse_logits(
         logits["pivot"], sources, str(tmp_path / "multi"), mode="multi", align="dtw", progress=False

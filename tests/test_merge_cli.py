@@ -211,6 +211,10 @@ def test_cli_rejects_config_mixed_with_flags_and_missing_inputs(tmp_path, family
     result = runner.invoke(make_app(), ["merge", "--method", "Linear", "--models", *map(str, targets),
                                         "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "unknown merge_method 'Linear': did you mean 'linear'?" in result.output
+    # a mergekit-only method named on the command line still goes to mergekit (not "unknown")
+    result = runner.invoke(make_app(), ["merge", "--method", "model_stock", "--base", str(pivot), "--models",
+                                        *map(str, targets[:2]), "--out", str(tmp_path / "ms")])
+    assert "unknown merge_method" not in result.output and "mergekit" in result.output, result.output
 
 
 def test_cli_bad_inputs_found_by_review_exit_2_and_write_nothing(tmp_path, family):

@@ -4,6 +4,8 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,16 +143,29 @@ def test_bad_inputs_with_no_resume_delete_nothing_and_out_stays_apart_from_input
     run = tmp_path / "run"
     train(config(pivot_dir, targets_uri, run, max_steps=1, plot=False))
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    damaged = tmp_path / "damaged"  # the targets with one shard gone: found only when the shards are read
+    shutil.copytree(targets_uri, damaged)
+    os.remove(next(damaged.glob("shard-*.parquet")))
     for bad in (["--targets", str(tmp_path / "typo"), "--model", pivot_dir],
-                ["--targets", targets_uri, "--model", str(tmp_path / "typo")]):
+                ["--targets", targets_uri, "--model", str(tmp_path / "typo")],
+                ["--targets", str(damaged), "--model", pivot_dir]):
         r = _cli([*bad, "--out", str(run), "--no-resume", "--max-steps", "1"])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     for out, words in ((pivot_dir, "is the --model directory"), (Path(pivot_dir) / "runs", "lies inside the --model"),
-                       (targets_uri, "is the --targets directory"), (Path(pivot_dir).parent, "holds the --model")):
+                       (targets_uri, "is the --targets directory")):
         r = _cli(["--targets", targets_uri, "--model", pivot_dir, "--out", str(out), "--max-steps", "1"])
         assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (Path(pivot_dir) / "runs").exists() and not (Path(targets_uri) / "logs").exists()
+    # a model where the run rotates checkpoints is refused; one elsewhere under --out is fine
+    shutil.copytree(pivot_dir, tmp_path / "exp" / "checkpoints" / "pivot")
+    r = _cli(["--targets", targets_uri, "--model", str(tmp_path / "exp" / "checkpoints" / "pivot"),
+              "--out", str(tmp_path / "exp"), "--max-steps", "1"])
+    assert r.exit_code == 2 and "holds the --model directory" in r.output, r.output
+    shutil.copytree(pivot_dir, tmp_path / "exp2" / "pivot")
+    r = _cli(["--targets", targets_uri, "--model", str(tmp_path / "exp2" / "pivot"), "--out", str(tmp_path / "exp2"),
+              "--max-steps", "1", "--batch-size", "1", "--max-length", "32", "--report-to", "none"])
+    assert r.exit_code == 0 and (tmp_path / "exp2" / "pivot" / "config.json").exists(), r.output
 
 
 def test_weights_that_become_non_finite_are_not_saved(pivot_dir, targets_uri, tmp_path):

@@ -279,14 +279,17 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
 
 
 def _check_out_apart(cfg: TrainConfig) -> None:
-    """Raise `UserError` when --out is, lies inside or holds the --model directory or a local --targets
-    dataset: checkpoints and logs written there would mix with (and, rotated or restarted, delete) inputs."""
+    """Raise `UserError` when --out is or lies inside the --model directory or a local --targets dataset, or
+    when an input lies where the run writes and deletes (``OUT/checkpoints``, ``OUT/logs``): checkpoints
+    rotate and --no-resume clears those two folders, and they must never touch an input. An input elsewhere
+    under --out (``--out exp --model exp/pivot``) is fine."""
     out = Path(cfg.out).resolve()
     for option, value in (("--model", cfg.model), ("--targets", cfg.targets)):
         if "://" in value or not Path(value).exists():
             continue
         path = Path(value).resolve()
-        if out == path or path in out.parents or out in path.parents:
+        owned = (out / "checkpoints", out / "logs")
+        if out == path or path in out.parents or any(path == o or o in path.parents for o in owned):
             relation = "is" if out == path else ("lies inside" if path in out.parents else "holds")
             raise UserError(f"--out {cfg.out}: {relation} the {option} directory {value}; give a directory of "
                             "its own for the run's checkpoints and logs")
@@ -346,13 +349,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                           seed=cfg.seed, rank=rank, world_size=world, pad_id=tokenizer.pad_token_id or 0)
     stream = TargetStream(cfg.targets, data_cfg, stream_state)
     stream.check_vocab(vocab)
+    rows_per_epoch = estimate_rows_per_epoch(cfg.targets, cfg.max_length)  # reads every shard's lengths
     if accelerator.is_main_process and out.exists() and cfg.resume is False:
         # --no-resume starts over, but only once every input has been read and checked: a typo in
-        # --targets or --model is an error that deletes nothing
+        # --targets or --model, or a missing shard, is an error that deletes nothing
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         shutil.rmtree(out / "logs", ignore_errors=True)
     accelerator.wait_for_everyone()
-    rows_per_epoch = estimate_rows_per_epoch(cfg.targets, cfg.max_length)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * rows_per_epoch / cfg.batch_size))
     warnings = data_warnings(rows_per_epoch, cfg, total_steps)
     if accelerator.is_main_process:
