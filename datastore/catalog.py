@@ -7,6 +7,7 @@ it never fails the listing. A store root that does not exist is a `UserError`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,19 @@ def _entry_fields(kind: str, m) -> dict[str, Any]:
             "dataset": "", "sources": list(meta.sources), "fusion": meta.fusion, "align": meta.align}
 
 
+def has_store_layout(store_uri: str) -> bool:
+    """True when `store_uri` is a directory holding a store's ``logits/`` or ``targets/`` folder."""
+    filesystem, root = fs.resolve(store_uri)
+    return bool(set(_DIRS.values()) & set(fs.list_dirs(filesystem, root)))
+
+
+def store_kind_of(dataset_uri: str) -> str | None:
+    """"logits" or "targets" when `dataset_uri` sits where a store keeps datasets of that kind
+    (``STORE/logits/<id>``, ``STORE/targets/<id>``), else None: its layout, not its content."""
+    parent = os.path.basename(os.path.dirname(fs.resolve(dataset_uri)[1].rstrip("/")))
+    return next((k for k, d in _DIRS.items() if d == parent), None)
+
+
 def describe(kind: str, uri: str, name: str, with_manifest: bool = False) -> dict[str, Any]:
     """The catalog entry of one dataset directory (never raises for a broken dataset)."""
     from datastore.reader import load_logits_manifest
@@ -126,11 +140,11 @@ def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None,
     names: dict[str, str] = {}  # logits id -> teacher name
     for k, uri, name in iter_datasets(store_uri, kind, missing_ok):
         entry = describe(k, uri, name, with_manifest)
-        if entry["status"] == "ok" and k == "logits":
-            names[name] = entry["teacher"]
-        elif entry["status"] == "ok":
-            _name_pivot(store_uri, entry, names)
         if entry["status"] == "ok":
+            if k == "logits":
+                names[name] = entry["teacher"]
+            else:
+                _name_pivot(store_uri, entry, names)
             if teacher and teacher not in entry["teacher"] and teacher not in entry.get("pivot", ""):
                 continue
             if dataset and not entry["dataset"].startswith(dataset):

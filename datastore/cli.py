@@ -247,10 +247,10 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a datas
         _verdict(uri, problems, complete, summary)
         return
     from datastore import fs
+    from datastore.catalog import has_store_layout
 
     filesystem, root = fs.resolve(uri)
-    if filesystem.get_file_info(root).type == fs.pafs.FileType.Directory and not (
-            {"logits", "targets"} & set(fs.list_dirs(filesystem, root))):
+    if filesystem.get_file_info(root).type == fs.pafs.FileType.Directory and not has_store_layout(uri):
         raise UserError(f"{uri}: neither a dataset (no {fs.DELTA_LOG}/ nor {fs.MANIFEST}) nor a store (no logits/ "
                         "or targets/): nothing to verify")
     failed = checked = 0

@@ -8,7 +8,6 @@ in the dataset directory for a moment between its write and its commit, and must
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -68,7 +67,7 @@ def gc_dataset(uri: str, older_than_s: float = GRACE_SECONDS, dry_run: bool = Fa
 def rm_dataset(uri: str) -> str:
     """Delete a whole dataset directory (log, shards, tokenizer, leases). Raises UserError when `uri` is
     not a dataset (a store root or any other directory is never removed)."""
-    from datastore.catalog import dataset_kind
+    from datastore.catalog import dataset_kind, store_kind_of
     from datastore.table import CorruptDataset
 
     filesystem, root = fs.resolve(uri)
@@ -77,8 +76,8 @@ def rm_dataset(uri: str) -> str:
     except CorruptDataset as e:
         # a dataset whose log cannot be read is what a user most wants gone: removed when it sits where
         # a store keeps datasets (STORE/logits/<id>, STORE/targets/<id>), never anywhere else
-        kind, broken = os.path.basename(os.path.dirname(root.rstrip("/"))), "broken "
-        if kind not in ("logits", "targets"):
+        kind, broken = store_kind_of(uri), "broken "
+        if kind is None:
             raise UserError(f"{e} (not under a store's logits/ or targets/: not removed)") from None
     if kind is None:
         raise UserError(f"{uri}: not a dataset (expected STORE/logits/<id> or STORE/targets/<id>)")

@@ -64,8 +64,8 @@ def read_verified(filesystem, root: str, shard: ShardInfo) -> bytes:
         data = fs.read_bytes(filesystem, path)
     except FileNotFoundError:
         raise CorruptShard(path, "shard listed in the dataset log is missing") from None
-    except OSError as e:  # a timeout, throttling, a permission: the shard may be fine
-        raise UserError(f"{path}: cannot read the shard now ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if not shard.sha256 or hashlib.sha256(data).hexdigest() != shard.sha256:
         raise CorruptShard(path, "sha256 does not match the dataset log (corrupt shard)")
     _VERIFIED.add(_stamp(filesystem, path, shard.sha256))
@@ -95,8 +95,14 @@ def read_columns(filesystem, root: str, shard: ShardInfo, columns: list[str]) ->
         raise CorruptShard(path, "shard listed in the dataset log is missing") from None
     except ValueError as e:  # pyarrow's ArrowInvalid: not Parquet (truncated, overwritten)
         raise CorruptShard(path, f"shard is not readable Parquet ({str(e).splitlines()[0][:200]})") from None
-    except OSError as e:  # a timeout, throttling, a permission: the shard may be fine
-        raise UserError(f"{path}: cannot read the shard now ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: OSError) -> UserError:
+    """A read that failed for another reason than a missing file (a timeout, throttling, a permission):
+    the shard may be fine, so no `CorruptShard`."""
+    return UserError(f"{path}: cannot read the shard now ({str(e).splitlines()[0][:200]})")
 
 
 def sample_ids_of(data: bytes) -> list[str]:

@@ -226,18 +226,21 @@ def _sample_index(reader: LogitsReader) -> dict[str, tuple[int, int]]:
     return index
 
 
-def _holds_targets(uri: str, meta: TargetsMeta | None) -> bool:
-    """True when `uri` holds a targets dataset (with `meta`'s settings, when given)."""
+def _is_dataset_dir(uri: str) -> bool:
+    """True when `uri` holds a Delta log (a dataset of any kind, readable or not)."""
+    return fs.DELTA_LOG in fs.list_dirs(*fs.resolve(uri))
+
+
+def _holds_targets(uri: str, meta: TargetsMeta) -> bool:
+    """True when `uri` holds a targets dataset with `meta`'s settings."""
     from datastore.targets import load_targets_manifest
 
-    filesystem, root = fs.resolve(uri)
-    if filesystem.get_file_info(fs.join(root, fs.DELTA_LOG)).type == fs.pafs.FileType.NotFound:
+    if not _is_dataset_dir(uri):
         return False
     try:
-        stored = load_targets_manifest(uri).meta
-    except UserError:
-        return meta is None  # some dataset is there, unreadable or of another kind
-    return meta is None or targets_id(stored) == targets_id(meta)
+        return targets_id(load_targets_manifest(uri).meta) == targets_id(meta)
+    except UserError:  # unreadable, or another kind
+        return False
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -394,7 +397,7 @@ def fuse_logits(
 
     # jobs: (indices of the sources fused in one targets dataset)
     groups = [list(range(len(sources)))] if mode == "multi" else [[j] for j in range(len(sources))]
-    if len(groups) > 1 and _holds_targets(out_uri, None):
+    if len(groups) > 1 and _is_dataset_dir(out_uri):
         raise UserError(f"--out {out_uri}: a dataset ({fs.DELTA_LOG}/); with several sources --out is the folder that "
                         "gets one dataset per source (e.g. STORE/targets)")
     jobs = []
