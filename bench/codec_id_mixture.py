@@ -1,7 +1,7 @@
 """How far a stronger id model could take the codec: ideal code lengths of SmolLM2's top-10 ids under a
 mixture of context models with a dataset-level prior (an estimate: nothing is encoded).
 
-    python bench/codec_id_mixture.py [--positions 150000] [--k 10]
+    python bench/codec_id_mixture.py [--positions 150000] [--k 10] [--floor]
 
 The samples are `bench_codec.py`'s (SmolLM2-135M-Instruct's top-64 over the project's prose, code and
 sampled chats, cached under ``bench_out/`` by `bench_codec.py --positions 150000`), cut to the top-k. Every
@@ -23,6 +23,13 @@ the models m:
 all updated as the coded samples are read (a decoder could do the same), and V = 49,152. The cost of an
 id is -log2 P(id) bits; B/entry = bits / 8 / (positions x k). Compare with `bench_codec.py`'s breakdown
 of encoding v3 (list codes, escapes, copies, recency and their table) on the same kind of shard.
+
+``--floor`` adds every saving found so far to one figure for the coded samples, a floor for any
+format that keeps v3's other parts: v3's breakdown of one shard of the coded samples, with the ids, their
+escapes, copies, recency and every table and class model replaced by the mixture's cost with the free
+prior (so the logprob gaps, top-1, gold and text keep the shard's own ideal static costs, their models
+free), and the text column dropped for every sample whose text the teacher tokenizer's ``decode`` of its
+input ids gives back (a reader would decode the text with the dataset's stored tokenizer).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import math
 import time
 from collections import Counter, defaultdict
 
-from bench_codec import load_smollm2_samples
+from bench_codec import breakdown, first_k, load_smollm2_samples
 
 V = 49_152
 WEIGHTS = {"cur": 1.0, "gold": 1.0, "copy": 1.5, "rec": 0.3, "uni": 0.3, "floor": 0.01}
@@ -72,8 +79,10 @@ def _prob(x: int, models: list, norm: float) -> float:
     return (WEIGHTS["floor"] / V + sum(a * d.get(x, 0) / n for a, d, n in models)) / norm
 
 
-def code(samples, counts: Counts, k: int, use: tuple[str, ...]) -> tuple[float, int]:
-    """Total bits and number of coded ids (every non-gold entry) for `samples` under the models in `use`."""
+def code(samples, counts: Counts, k: int, use: tuple[str, ...], gold_too: bool = False) -> tuple[float, int]:
+    """Total bits and number of coded ids (every non-gold entry) for `samples` under the models in `use`.
+    With `gold_too` the gold's entry is coded as well (in its rank's turn, the gold unknown before it),
+    so that the input ids need not hold a gold token that the top-k holds."""
     total, coded = 0.0, 0
     w = WEIGHTS
     for s in samples:
@@ -98,9 +107,9 @@ def code(samples, counts: Counts, k: int, use: tuple[str, ...]) -> tuple[float, 
             if "uni" in use and counts.n_uni:
                 models.append((w["uni"], counts.uni, counts.n_uni))
             norm = sum(a for a, _, _ in models) + w["floor"]
-            used = {gold}
+            used = set() if gold_too and gold in ids else {gold}
             for i in ids:
-                if i == gold:
+                if i == gold and not gold_too:
                     continue  # the gold's id is known from the input ids
                 total -= math.log2(_prob(i, models, norm) / (1.0 - sum(_prob(e, models, norm) for e in used)))
                 coded += 1
@@ -114,6 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--positions", type=int, default=150_000, help="the bench_codec sample set to use")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--floor", action="store_true", help="only the full mixture with the prior, then the floor")
     args = ap.parse_args()
     samples, _ = load_smollm2_samples(args.positions)
     coded_samples = [s for i, s in enumerate(samples) if i % 5 == 0]
@@ -125,12 +135,53 @@ def main() -> None:
             prior.add(cur, gold, ids)
     print(f"SmolLM2 top-{args.k}: coding {len(coded_samples)} samples ({positions:,} positions); prior from "
           f"{len(prior_samples)} others ({sum(len(s.positions) for s in prior_samples):,} positions)")
+    if args.floor:
+        print_floor(coded_samples, prior, args.k, positions)
+        return
     for name, start in (("with the prior", prior), ("each shard alone (no prior)", Counts())):
         for use in (("cur", "gold", "copy", "rec", "uni"), ("cur", "copy", "rec", "uni"), ("gold", "copy", "rec", "uni")):
             t0 = time.perf_counter()
             bits, n = code(coded_samples, copy.deepcopy(start), args.k, use)
             print(f"  {name:28s} {'+'.join(use):22s} {n / positions:.2f} ids/position  {bits / n:.2f} bits/id  "
                   f"{bits / 8 / (positions * args.k):.3f} B/entry for the ids  ({time.perf_counter() - t0:.0f} s)")
+
+
+ID_PARTS = ("ans: id", "ans: escape", "ans: copy", "ans: recent", "context table + models")
+
+
+def print_floor(coded_samples, prior: Counts, k: int, positions: int) -> None:
+    """v3's breakdown of the coded samples beside the floor (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    from clients.smollm2 import smollm2_dir
+    from datastore.codec import CodecConfig
+
+    entries = positions * k
+    bits, _n = code(coded_samples, copy.deepcopy(prior), k, ("cur", "gold", "copy", "rec", "uni"))
+    parts = breakdown(first_k(coded_samples, k), k, CodecConfig())
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    chars = sum(len(s.text or "") for s in coded_samples)
+    same = sum(len(s.text) for s in coded_samples if s.text and tok.decode(
+        [int(x) for x in s.input_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False) == s.text)
+    v3 = sum(parts.values()) / entries
+    ids_v3 = sum(parts[p] for p in ID_PARTS) / entries
+    text = parts["text"] / entries * same / max(chars, 1)  # the text bytes of the decodable samples
+    floor = v3 - ids_v3 + bits / 8 / entries - text
+    bits_g, _n = code(coded_samples, copy.deepcopy(prior), k, ("cur", "gold", "copy", "rec", "uni"), gold_too=True)
+    tokens = sum(len(s.input_ids) for s in coded_samples)
+    held = sum(int((s.topk_ids[:, :k] == s.input_ids[s.positions + 1][:, None]).any(axis=1).sum()) for s in coded_samples)
+    inp = parts["input_ids"] / entries * held / tokens  # zstd's bytes for those tokens, pro rata
+    print(f"  v3, one shard of the coded samples:           {v3:.3f} B/entry")
+    print(f"    ids, escapes, copies, recency, every table:  {ids_v3:.3f}  -> mixture with the free prior "
+          f"{bits / 8 / entries:.3f}")
+    print(f"    text column: {parts['text'] / entries:.3f}; decodable from the input ids: {same / max(chars, 1):.1%} "
+          f"of its characters -> {text:.3f} saved")
+    for name in ("ans: gap", "ans: top1", "ans: below", "ans: gold", "input_ids"):
+        print(f"    kept: {name:12s} {parts[name] / entries:.3f}")
+    print(f"  floor (all of the above together):           {floor:.3f} B/entry (goal 1.5)")
+    print(f"  and the gold's id coded in the top-k (+{(bits_g - bits) / 8 / entries:.3f}) instead of in the "
+          f"input ids ({held / tokens:.1%} of the tokens, -{inp:.3f} pro rata): "
+          f"{floor + (bits_g - bits) / 8 / entries - inp:.3f} B/entry")
 
 
 if __name__ == "__main__":
