@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from datastore import fs
 from datastore.errors import UserError
@@ -231,6 +232,12 @@ def _is_dataset_dir(uri: str) -> bool:
     return fs.DELTA_LOG in fs.list_dirs(*fs.resolve(uri))
 
 
+def _is_there(uri: str) -> bool:
+    """True when `uri` is a directory (a prefix holding objects, on S3) or a file."""
+    fsys, root = fs.resolve(uri)
+    return fsys.get_file_info(root).type != pafs.FileType.NotFound
+
+
 def _holds_targets(uri: str, meta: TargetsMeta) -> bool:
     """True when `uri` holds a targets dataset with `meta`'s settings."""
     from datastore.targets import load_targets_manifest
@@ -422,7 +429,44 @@ def fuse_logits(
                 uri = older  # resume it where it is
         fs.check_dataset_directory(uri, "--out")
         jobs.append((uri, members, meta))
-    writers = [TargetsWriter(uri, meta, shard_rows=shard_rows) for uri, _, meta in jobs]
+    # (directory there before, dataset there before) per job: what a failed run may remove
+    before = [(_is_there(uri), _is_dataset_dir(uri)) for uri, _, _ in jobs]
+    writers = []
+    try:
+        for uri, _, meta in jobs:
+            writers.append(TargetsWriter(uri, meta, shard_rows=shard_rows))
+        report = _fuse_into(pivot, sources, names, jobs, writers, report, vocab_map, align, fusion, k,
+                            avgce_weights, progress, align_cache_bytes)
+    except BaseException:
+        for (uri, _, _), w, (dir_there, dataset_there) in zip(jobs, writers, before, strict=False):
+            if not dataset_there:
+                _discard_if_empty(uri, w, dir_there)
+        raise
+    report.seconds = time.perf_counter() - t0
+    for (uri, _, _), _w in zip(jobs, writers, strict=True):
+        fsys, root = fs.resolve(uri)
+        fs.write_atomic(fsys, fs.join(root, REPORT_FILE), json.dumps(report.to_dict(), indent=2).encode())
+    return report
+
+
+def _discard_if_empty(uri: str, writer: TargetsWriter, existed: bool) -> None:
+    """After a failed run (a damaged input shard, an interrupt), for a targets dataset this run created:
+    removed when nothing was committed to it (the directory too, unless it was there before, empty), so a
+    run that fails on bad input leaves nothing stored. A dataset with committed samples stays, to be
+    resumed."""
+    if writer.done_ids:
+        return
+    fsys, root = fs.resolve(uri)
+    if existed:
+        fsys.delete_dir_contents(root)
+    else:
+        fsys.delete_dir(root)
+
+
+def _fuse_into(pivot, sources, names, jobs, writers, report, vocab_map, align, fusion, k, avgce_weights,
+               progress, align_cache_bytes) -> FuseReport:
+    """Passes 1 and 2 of `fuse_logits` into its open writers; closes them."""
+    pivot_reader = pivot.reader
     for (uri, members, _), w in zip(jobs, writers, strict=True):
         report.targets.append(
             TargetsReport(uri, w.manifest.targets_id, [names[0]] + [sources[j].name for j in members])
@@ -477,10 +521,6 @@ def fuse_logits(
     for w, tr in zip(writers, report.targets, strict=True):
         w.close()
         tr.already_done = len(w.done_ids) - tr.written
-    report.seconds = time.perf_counter() - t0
-    for (uri, _, _), _w in zip(jobs, writers, strict=True):
-        fsys, root = fs.resolve(uri)
-        fs.write_atomic(fsys, fs.join(root, REPORT_FILE), json.dumps(report.to_dict(), indent=2).encode())
     return report
 
 

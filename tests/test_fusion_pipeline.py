@@ -263,3 +263,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
     assert not Path(out).exists()  # nothing written by a rejected run
     assert not (tmp_path / "_delta_log").exists() and not (tmp_path / "mapping_statistics").exists()
     assert a_file.read_text() == "kept\n"
+
+
+def test_damaged_input_shard_fails_in_one_line_and_stores_nothing(logits, tmp_path):
+    """A pivot whose shard was altered after its commit: the run stops naming the shard, and the targets
+    dataset it had begun is gone (a fresh --out is removed, an empty existing one left empty), so a
+    listing shows no empty dataset; a run over the intact pivot then fuses every sample."""
+    import shutil
+
+    damaged = tmp_path / "pivot-copy"
+    shutil.copytree(logits["pivot"], damaged)
+    shard = sorted(damaged.rglob("*.parquet"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "fresh", empty):
+        result = _run("--pivot", str(damaged), "--source", logits["source"], "--out", str(out), "--quiet")
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and shard.name in lines[0] and "sha256" in lines[0], result.output
+    assert not (tmp_path / "fresh").exists() and list(empty.iterdir()) == []
+    result = _run("--pivot", logits["pivot"], "--source", logits["source"], "--out", str(empty), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(TargetsReader(str(empty))) == len(LogitsReader(logits["pivot"]))
+
