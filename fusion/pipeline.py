@@ -453,10 +453,11 @@ def _discard_if_empty(uri: str, writer: TargetsWriter, existed: bool) -> None:
     """After a failed run (a damaged input shard, an interrupt), for a targets dataset this run created:
     removed when nothing was committed to it (the directory too, unless it was there before, empty), so a
     run that fails on bad input leaves nothing stored. A dataset with committed samples stays, to be
-    resumed."""
-    if writer.done_ids:
-        return
+    resumed, and so does one holding the mapping statistics of a finished first pass (hours of work on a
+    large dataset)."""
     fsys, root = fs.resolve(uri)
+    if writer.done_ids or fs.list_files(fsys, fs.join(root, STATS_DIR)):
+        return
     if existed:
         fsys.delete_dir_contents(root)
     else:
