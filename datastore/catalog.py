@@ -166,14 +166,18 @@ def _name_pivot(store_uri: str, entry: dict[str, Any], names: dict[str, str]) ->
 
 
 def find(store_uri: str, dataset_id: str, kind: str = "logits") -> dict[str, Any]:
-    """The catalog entry of one dataset by id. Raises LookupError when the store has none."""
+    """The catalog entry of one dataset by id, as `catalog` lists it (a targets entry's ``teacher`` is its
+    pivot's teacher name). Raises LookupError when the store has none, UserError for a malformed id."""
     if not dataset_id or "/" in dataset_id or dataset_id.startswith("."):
         raise UserError(f"dataset id {dataset_id!r}: expected the 16-hex id from the catalog")
     filesystem, root = check_store(store_uri)
     path = fs.join(root, _DIRS[kind], dataset_id)
     if filesystem.get_file_info(path).type != pafs.FileType.Directory:
         raise LookupError(f"no {kind} dataset {dataset_id} in the store")
-    return describe(kind, fs.join(store_uri, _DIRS[kind], dataset_id), dataset_id)
+    entry = describe(kind, fs.join(store_uri, _DIRS[kind], dataset_id), dataset_id)
+    if kind == "targets" and entry["status"] == "ok":
+        _name_pivot(store_uri, entry, {})
+    return entry
 
 
 def sample_to_json(sample) -> dict[str, Any]:

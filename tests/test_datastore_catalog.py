@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from clients.cli import app
 from datastore import LogitsReader, LogitsWriter, codec, logits_id, logits_uri
-from datastore.catalog import catalog
+from datastore.catalog import catalog, find
 from datastore.fs import save_tokenizer
 from datastore.manifest import Manifest, ShardInfo, id_bloom
 from datastore.retention import gc_dataset
@@ -84,6 +84,8 @@ def test_catalog_lists_logits_and_targets_with_their_facts(store):
     found = catalog(store, teacher="qwen", kind="targets")
     assert [(e["id"], e["teacher"], e["pivot"]) for e in found] == [(targets_id(fused), "tiny-qwen", qwen)]
     assert [e["id"] for e in catalog(store, teacher=qwen[:6], kind="targets")] == [targets_id(fused)]
+    one = find(store, targets_id(fused), "targets")  # one entry by id: the same names as the listing
+    assert (one["teacher"], one["pivot"]) == ("tiny-qwen", qwen)
 
 
 def test_broken_datasets_are_one_line_and_wrong_paths_exit_2(store, tmp_path):
