@@ -345,7 +345,8 @@ def import_command(
     format: str = typer.Option(..., "--format", metavar="<vllm|parquet>", help="vllm | parquet"),
     store: str = typer.Option(..., "--store", help="Store URI: a local directory or s3://bucket/prefix."),
     tokenizer: str | None = typer.Option(
-        None, "--tokenizer", help="The teacher's tokenizer: a directory or a cached hub id (required for vllm)."
+        None, "--tokenizer", help="The teacher's tokenizer: a directory or a cached hub id (required for vllm; for "
+        "parquet, default: the export's tokenizer/)."
     ),
     teacher_name: str | None = typer.Option(None, "--teacher-name", help="Teacher name (default: the responses' model)."),
     dataset_id: str | None = typer.Option(None, "--dataset-id", help="Dataset id (default: the file name and digest)."),

@@ -14,14 +14,18 @@ Export (`logitfuse store export URI --format F --out DIR`), through `LogitsReade
            target_mask ([T][k]: row t is the distribution of input_ids[t + 1]; rows with no stored
            distribution, and the last row, hold ids 0..k-1, logprob PAD_LOGPROB and mask 0), plus
            sample_id and text. Files as for parquet.
-  hf       a `datasets.Dataset` saved with `save_to_disk` (the parquet columns; `datasets.load_from_disk`).
+  hf       a `datasets.Dataset` saved with `save_to_disk` (the parquet columns; `datasets.load_from_disk`):
+           ``data-0000i-of-0000n.arrow``, ``dataset_info.json``, ``state.json``.
+Every format also gets the dataset's stored tokenizer in ``tokenizer/`` (`AutoTokenizer.from_pretrained`).
 Import (`logitfuse store import FILE --format F --store STORE`), through `LogitsWriter` only:
   vllm     JSONL of vLLM OpenAI-compatible completion responses made with `prompt_logprobs: k` and
            `return_token_ids: true` (a `CompletionResponse` per line, or a `vllm run-batch` output line
            whose `response.body` is one); the line's `custom_id` (else the response `id`) is the sample id.
            prompt_logprobs[i] (i >= 1) is the distribution of prompt token i, stored at position i - 1;
            k is the largest rank vLLM returned; the prompt token's own entry gives gold_logprob.
-  parquet  the parquet export above (or the same columns written by other tools, with --teacher-name etc.).
+  parquet  the parquet export above (or the same columns written by other tools, with --teacher-name etc.);
+           the tokenizer is the export's ``tokenizer/`` unless --tokenizer is given (one of the two is needed:
+           fusion and the trainer read the tokenizer stored with the dataset).
 Invalid lines (rows) are reported by line number; nothing is written unless every line is valid or
 `skip_invalid` is set. The whole export is written into a staging directory renamed into place at the end.
 """
@@ -167,7 +171,22 @@ def export_dataset(uri: str, fmt: str, out: Path | str, *, overwrite: bool = Fal
             for item in (stage / "dataset").iterdir():
                 item.rename(stage / item.name)
             (stage / "dataset").rmdir()
+        _export_tokenizer(uri, stage)
     return count
+
+
+def _export_tokenizer(uri: str, stage: Path) -> None:
+    """The dataset's stored tokenizer (checked against its log) into ``tokenizer/`` of the export, where
+    `import_dataset` finds it and a trainer reading the export can load it; nothing when the dataset
+    stores none (one written through the Python API without `fs.save_tokenizer`). Raises UserError when
+    the stored files are damaged."""
+    from datastore.table import DeltaDataset
+
+    table = DeltaDataset(uri)
+    stores_one = (bool(table.snapshot().tokenizer) if table.exists()
+                  else bool(fs.list_files(table.fs, fs.join(table.root, fs.TOKENIZER_DIR))))  # a 0.1 dataset
+    if stores_one:
+        fs.load_tokenizer(uri).save_pretrained(str(stage / fs.TOKENIZER_DIR))
 
 
 # ------------------------------------------------------------------ import
@@ -368,8 +387,8 @@ def import_dataset(
     """Imports teacher distributions from `path` into a logits dataset in `store` (module docstring).
 
     `tokenizer` (a transformers tokenizer) is required for `vllm` (its fingerprint goes into the meta and it
-    is stored with the dataset, so fusion can align the source) and optional for `parquet`, whose export
-    carries its meta. Every invalid line is passed to `on_problem` and listed in the report; unless
+    is stored with the dataset, so fusion can align the source); for `parquet` the export's
+    ``tokenizer/`` is used when it is None (its export also carries the meta). Every invalid line is passed to `on_problem` and listed in the report; unless
     `skip_invalid`, any invalid line means nothing is written (`report.uri` is None). Raises UserError for
     an unreadable file, an unknown format, missing options, or samples whose k differs."""
     from datastore.codec import validate
@@ -377,10 +396,16 @@ def import_dataset(
     path = Path(path)
     if fmt not in IMPORT_FORMATS:
         raise UserError(f"unknown import format {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
-    if not (path.is_file() or (fmt == "parquet" and path.is_dir())):
-        raise UserError(f"{path}: no such file" + (" (a directory: give the file)" if path.is_dir() else ""))
     if fmt == "vllm" and tokenizer is None:
         raise UserError("--format vllm needs --tokenizer (the teacher's tokenizer: a directory or a cached hub id)")
+    if fmt == "vllm" and path.is_dir():
+        raise UserError(f"{path}: a directory; --format vllm reads one JSONL file of completion responses")
+    if not (path.is_file() or (fmt == "parquet" and path.is_dir())):
+        raise UserError(f"{path}: no such file")
+    if fmt == "vllm" and _starts_with(path, b"PAR1"):
+        raise UserError(f"{path}: a Parquet file, not JSONL: use --format parquet (a `store export` file)")
+    if tokenizer is None:  # parquet: the export's own copy (`store export` writes it beside its files)
+        tokenizer = _exported_tokenizer(path)
 
     def rows() -> tuple[Iterator[_Row], dict | None]:
         return (_vllm_rows(path), None) if fmt == "vllm" else _parquet_rows(path)
@@ -448,6 +473,24 @@ def import_dataset(
     if tokenizer is not None:
         fs.save_tokenizer(uri, tokenizer)
     return report
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _exported_tokenizer(path: Path):
+    """The tokenizer a `store export` wrote in ``tokenizer/`` of the export directory (`path` or the folder
+    of the file `path`). Raises UserError when there is none: a logits dataset without its tokenizer is
+    one that fusion and the trainer cannot use."""
+    folder = (path if path.is_dir() else path.parent) / fs.TOKENIZER_DIR
+    if not folder.is_dir():
+        raise UserError(f"{path}: give --tokenizer (the teacher's tokenizer: a directory or a cached hub id); no "
+                        f"{fs.TOKENIZER_DIR}/ beside it, and fusion and the trainer need it stored with the dataset")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 #: how far top-k ids may run past the tokenizer's length: output heads are padded to a round size

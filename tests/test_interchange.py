@@ -12,16 +12,23 @@ from typer.testing import CliRunner
 
 from clients.cli import app
 from datastore import LogitsReader, LogitsWriter, UserError, logits_id, logits_uri
+from datastore.fs import save_tokenizer
 from datastore.interchange import PAD_LOGPROB, export_dataset, import_dataset
 from datastore.sample import ScoredSample
 from datastore.tokenizers import tokenizer_fingerprint
 from tests.test_datastore import BOUND, K, meta, sample
 
 
+def stored_meta(tokenizer):
+    return meta(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+
+
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory) -> tuple[str, list[ScoredSample]]:
-    """Five samples (one with assistant spans, one with no scored position) in a local store."""
-    uri = logits_uri(str(tmp_path_factory.mktemp("store")), logits_id(meta()))
+def stored(tmp_path_factory, spm_tokenizer) -> tuple[str, list[ScoredSample]]:
+    """Five samples (one with assistant spans, one with no scored position) in a local store, with their
+    tokenizer stored as an extract stores it."""
+    m = stored_meta(spm_tokenizer)
+    uri = logits_uri(str(tmp_path_factory.mktemp("store")), logits_id(m))
     samples = [sample(i) for i in range(4)]
     samples[1].assistant_spans = np.array([[1, 3], [4, 6]], dtype=np.int32)
     samples[2].truncated = True
@@ -31,9 +38,10 @@ def stored(tmp_path_factory) -> tuple[str, list[ScoredSample]]:
     empty.topk_ids, empty.topk_logprobs = np.zeros((0, K), np.int32), np.zeros((0, K), np.float32)
     empty.gold_logprob = np.zeros(0, np.float32)
     samples.append(empty)
-    with LogitsWriter(uri, meta(), shard_rows=2) as w:
+    with LogitsWriter(uri, m, shard_rows=2) as w:
         for s in samples:
             w.write(s)
+    save_tokenizer(uri, spm_tokenizer)
     return uri, list(LogitsReader(uri).iter_samples())  # the stored (dequantised) values
 
 
@@ -109,12 +117,15 @@ def test_export_errors_and_overwrite(stored, tmp_path):
     assert not (tmp_path / "busy" / "f").exists() and list((tmp_path / "busy").glob("*.parquet"))
 
 
-def test_parquet_export_imports_back_into_the_same_dataset(stored, tmp_path):
+def test_parquet_export_imports_back_into_the_same_dataset(stored, tmp_path, spm_tokenizer):
     uri, samples = stored
     export_dataset(uri, "parquet", tmp_path / "pq", rows_per_file=10)
     (file,) = (tmp_path / "pq").glob("*.parquet")
     report = import_dataset(file, "parquet", str(tmp_path / "store2"))
-    assert report.uri == logits_uri(str(tmp_path / "store2"), logits_id(meta())) and report.written == 5
+    assert report.uri == logits_uri(str(tmp_path / "store2"), logits_id(stored_meta(spm_tokenizer)))
+    assert report.written == 5
+    # the export's tokenizer/ came along: the imported dataset is usable by fusion and the trainer
+    assert tokenizer_fingerprint(LogitsReader(report.uri).tokenizer()) == tokenizer_fingerprint(spm_tokenizer)
     back = list(LogitsReader(report.uri).iter_samples())
     for a, b in zip(back, samples, strict=True):
         assert a.sample_id == b.sample_id
@@ -219,6 +230,32 @@ def test_import_needs_a_tokenizer_and_one_k(tmp_path, spm_tokenizer):
         import_dataset(path, "vllm", str(tmp_path / "store"))
     with pytest.raises(UserError, match="unknown import format 'csv'"):
         import_dataset(path, "csv", str(tmp_path / "store"))
+
+
+def test_import_errors_name_the_missing_tokenizer_and_the_wrong_format(stored, tmp_path, spm_tokenizer):
+    """Found by a new user: an export whose tokenizer/ is gone, imported without --tokenizer, used to give
+    a dataset that `fuse` refused later; a directory or a Parquet file given as --format vllm was 'no such
+    file' or one invalid line per row. Each is now one line naming what to give, and nothing is stored."""
+    import shutil
+
+    uri, _ = stored
+    export_dataset(uri, "parquet", tmp_path / "pq")
+    (file,) = (tmp_path / "pq").glob("*.parquet")
+    assert (tmp_path / "pq" / "tokenizer").is_dir()
+    shutil.rmtree(tmp_path / "pq" / "tokenizer")
+    store = str(tmp_path / "store")
+    for path, fmt, tok, needle in [
+        (tmp_path / "pq", "parquet", None, "give --tokenizer"),
+        (file, "parquet", None, "no tokenizer/ beside it"),
+        (tmp_path / "pq", "vllm", None, "--format vllm needs --tokenizer"),
+        (tmp_path / "pq", "vllm", spm_tokenizer, "a directory; --format vllm reads one JSONL file"),
+        (file, "vllm", spm_tokenizer, "a Parquet file, not JSONL: use --format parquet"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            import_dataset(path, fmt, store, tokenizer=tok)
+    assert not Path(store).exists()
+    report = import_dataset(file, "parquet", store, tokenizer=spm_tokenizer)  # --tokenizer: as good as tokenizer/
+    assert report.written == 5 and LogitsReader(report.uri).tokenizer() is not None
 
 
 def test_review_cases_directory_import_binary_lines_and_file_out(stored, tmp_path, spm_tokenizer):
