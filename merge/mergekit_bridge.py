@@ -56,7 +56,12 @@ def run_with_mergekit(config: MergeConfig, out: Path, say: Callable[[str], None]
     try:
         run_merge(cfg, str(out), options=options)
     except Exception as e:  # mergekit raises RuntimeError, ValueError, KeyError, OSError for bad inputs
-        raise MergeError(f"mergekit failed: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        message = " ".join(str(e).split())
+        hint = ""
+        if config.source == "flags" and "Missing required parameter" in message:
+            hint = (f"; flags set only weight and density: give {config.merge_method}'s parameters in a "
+                    "mergekit YAML with --config (docs/merge.md)")
+        raise MergeError(f"mergekit failed: {type(e).__name__}: {message}{hint}") from None
     say(f"mergekit wrote {plural(sum(1 for _ in Path(out).glob('*.safetensors')), 'shard')}")
 
 

@@ -201,6 +201,12 @@ def test_methods_and_features_only_mergekit_has_run_through_mergekit(family, tmp
     slerp = cfg("slerp", pivot, [pivot, targets[0]], {"t": [0.0, 0.5, 1.0]})
     run_merge(load_config(_write(tmp_path / "slerp.yaml", slerp)), tmp_path / "ours")
     assert_same(load_dir(tmp_path / "ours"), run_mergekit(slerp, tmp_path / "mk"), atol=0.0)
+    # `--method slerp` on the command line has no flag for t: the error says where it goes
+    flags = parse_config(cfg("slerp", pivot, [pivot, targets[0]]), "flags")
+    with pytest.raises(MergeError, match=r"Missing required parameter t .*give slerp's parameters in a mergekit "
+                                         r"YAML with --config"):
+        run_merge(flags, tmp_path / "flags")
+    assert not (tmp_path / "flags").exists()
     # A mergekit-only feature (slices) with one of our methods also goes to mergekit.
     sliced = {"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
         {"model": targets[0], "layer_range": [0, 2], "parameters": {"weight": 0.5}},
