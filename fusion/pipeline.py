@@ -23,6 +23,7 @@ shard, its source rows and the alignments cached between the passes (bounded, se
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -232,6 +233,14 @@ def _is_dataset_dir(uri: str) -> bool:
     return fs.DELTA_LOG in fs.list_dirs(*fs.resolve(uri))
 
 
+def _is_store_targets(uri: str) -> bool:
+    """True when `uri` is a store's ``targets/`` folder (``STORE/targets`` beside ``STORE/logits``)."""
+    path = uri.rstrip("/")
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    return (os.path.basename(path) == "targets" and not _is_dataset_dir(uri)
+            and "logits" in fs.list_dirs(*fs.resolve(parent)))
+
+
 def _is_there(uri: str) -> bool:
     """True when `uri` is a directory (a prefix holding objects, on S3) or a file."""
     fsys, root = fs.resolve(uri)
@@ -404,6 +413,8 @@ def fuse_logits(
 
     # jobs: (indices of the sources fused in one targets dataset)
     groups = [list(range(len(sources)))] if mode == "multi" else [[j] for j in range(len(sources))]
+    # several datasets, or --out a store's targets/ folder: each at OUT/<targets id> (the store's layout)
+    by_id = len(groups) > 1 or _is_store_targets(out_uri)
     if len(groups) > 1 and _is_dataset_dir(out_uri):
         raise UserError(f"--out {out_uri}: a dataset ({fs.DELTA_LOG}/); with several sources --out is the folder that "
                         "gets one dataset per source (e.g. STORE/targets)")
@@ -422,7 +433,7 @@ def fuse_logits(
             pivot_vocab_size=pivot.table.vocab_size,
         )
         # one dataset: at --out itself; several: OUT/<targets id>, the store's layout (STORE/targets/<id>)
-        uri = out_uri if len(groups) == 1 else fs.join(out_uri, targets_id(meta))
+        uri = fs.join(out_uri, targets_id(meta)) if by_id else out_uri
         if len(groups) > 1:
             older = fs.join(out_uri, sources[members[0]].logits_id)  # the layout before 2026-11-30
             if _holds_targets(older, meta):

@@ -209,6 +209,16 @@ def test_cli_fuses_and_reports(logits, tmp_path):
     assert "winners:" in result.output and "chars aligned" in result.output
     t = next(TargetsReader(out).iter_samples())
     assert t.k == 3
+    # one source with --out a store's targets/ folder (other targets already there): the dataset goes to
+    # STORE/targets/<targets id>, the id `store show` prints, as with several sources
+    store = tmp_path / "store"
+    (store / "logits").mkdir(parents=True)
+    (store / "targets" / "0123456789abcdef").mkdir(parents=True)
+    result = _run("--pivot", logits["pivot"], "--source", logits["source"], "--out", str(store / "targets"),
+                  "--quiet", "--k", "3")
+    assert result.exit_code == 0, result.output
+    (made,) = [p for p in (store / "targets").iterdir() if p.name != "0123456789abcdef"]
+    assert TargetsReader(str(made)).manifest.targets_id == made.name and str(made) in result.output
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(logits, tmp_path):
