@@ -20,7 +20,8 @@ def fuse_command(
     out: str = typer.Option(
         ...,
         help="Targets URI (local directory or s3://bucket/prefix). Pairwise with several sources: one "
-        "targets dataset per source under OUT/<targets id> (the store layout with OUT = STORE/targets).",
+        "targets dataset per source under OUT/<targets id>; a store's STORE/targets folder always gets "
+        "STORE/targets/<targets id>.",
     ),
     align: Literal["offsets", "dtw", "dtw2"] = typer.Option(
         "offsets",
