@@ -67,8 +67,10 @@ def _entry_fields(kind: str, m) -> dict[str, Any]:
                 "tokenizer": meta.tokenizer_fingerprint, "template": meta.chat_template,
                 "dataset": meta.dataset_id, "max_length": meta.max_length, "all_positions": meta.all_positions}
     meta = m.meta
-    return {**common, "teacher": meta.pivot, "pivot": meta.pivot, "revision": "", "tokenizer": "", "template": "",
-            "dataset": "", "sources": list(meta.sources), "fusion": meta.fusion, "align": meta.align}
+    return {**common, "teacher": meta.pivot, "pivot": meta.pivot, "revision": "", "tokenizer": meta.pivot_tokenizer,
+            "template": "", "dataset": str(meta.extra.get("dataset_id", "")), "sources": list(meta.sources),
+            "source_teachers": list(meta.sources), "fusion": meta.fusion, "align": meta.align,
+            "vocab_map": meta.vocab_map, "mode": str(meta.extra.get("mode", ""))}
 
 
 def has_store_layout(store_uri: str) -> bool:
@@ -123,14 +125,15 @@ def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None,
     """Every dataset of a store, one plain dict each (``kind``, ``id``, ``uri``, ``status`` "ok" or
     "broken" with ``error``; for readable ones teacher (for targets the pivot's teacher name when its
     logits are in the store, else its logits id; the id also in ``pivot``), revision, tokenizer, k,
-    template, dataset, samples, positions, tokens, bytes, bytes_per_entry, shards, version, team, teams,
+    template, dataset, samples, for targets also sources / source_teachers (named the same way), fusion,
+    align, vocab_map and mode, positions, tokens, bytes, bytes_per_entry, shards, version, team, teams,
     created, updated, complete).
 
     Args:
         kind: "logits" or "targets" only.
         teacher: keep datasets whose teacher name contains this text (for targets: the pivot's teacher
             name, or its logits id).
-        dataset: keep logits datasets whose input dataset id starts with this text.
+        dataset: keep datasets whose input dataset id starts with this text (targets: their pivot's).
         with_manifest: add the `Manifest` object under "manifest" (Python callers).
         missing_ok: a store root that does not exist yet lists nothing instead of raising.
     Raises:
@@ -156,13 +159,15 @@ def catalog(store_uri: str, kind: str | None = None, teacher: str | None = None,
 
 
 def _name_pivot(store_uri: str, entry: dict[str, Any], names: dict[str, str]) -> None:
-    """A targets entry's ``teacher``: its pivot's teacher name when the pivot's logits dataset is in the
-    same store (else the pivot's logits id, kept in ``pivot`` either way)."""
-    pivot = entry["pivot"]
-    if pivot not in names:
-        found = describe("logits", fs.join(store_uri, _DIRS["logits"], pivot), pivot)
-        names[pivot] = found["teacher"] if found["status"] == "ok" else pivot
-    entry["teacher"] = names[pivot]
+    """A targets entry's ``teacher`` and ``source_teachers``: the teacher names of its pivot's and its
+    sources' logits datasets when they are in the same store (else their logits ids, kept in ``pivot`` and
+    ``sources`` either way)."""
+    for logits in [entry["pivot"], *entry["sources"]]:
+        if logits not in names:
+            found = describe("logits", fs.join(store_uri, _DIRS["logits"], logits), logits)
+            names[logits] = found["teacher"] if found["status"] == "ok" else logits
+    entry["teacher"] = names[entry["pivot"]]
+    entry["source_teachers"] = [names[s] for s in entry["sources"]]
 
 
 def find(store_uri: str, dataset_id: str, kind: str = "logits") -> dict[str, Any]:

@@ -34,14 +34,14 @@ def _verdict(uri: str, problems: list[str], complete: bool, summary: str) -> Non
 
 
 LS_COLUMNS = ("kind", "id", "teacher", "revision", "tokenizer", "k", "template", "dataset", "samples", "bytes",
-              "B/entry", "version", "team", "updated")
+              "B/entry", "version", "team", "updated", "fused from")
 
 
 @store_app.command("ls")
 def ls(
     uri: str = typer.Argument(..., metavar="STORE", help="store root: local directory or s3://bucket/prefix"),
     teacher: str = typer.Option("", help="Only datasets whose teacher (pivot, for targets) contains this."),
-    dataset: str = typer.Option("", help="Only logits datasets of this input dataset id (or its prefix)."),
+    dataset: str = typer.Option("", help="Only datasets of this input dataset id (or its prefix)."),
     kind: str = typer.Option("", metavar="<logits|targets>", help="Only this kind: logits or targets."),
 ) -> None:
     """List the logits and targets datasets in a store (a broken dataset is one BROKEN line)."""
@@ -60,7 +60,7 @@ def ls(
         rows.append([e["kind"], e["id"], e["teacher"][:24], e["revision"][:12], e["tokenizer"][:12], str(e["k"]),
                      e["template"][:10], e["dataset"][:16], str(e["samples"]), _size(e["bytes"]),
                      f"{bpe:.3f}" if bpe is not None else "-", str(e["version"]), e["team"] or "-",
-                     (e["updated"] or "")[:19] + ("" if e["complete"] else " (incomplete)")])
+                     (e["updated"] or "")[:19] + ("" if e["complete"] else " (incomplete)"), _recipe(e)])
     widths = [max([len(c)] + [len(r[i]) for r in rows if r]) for i, c in enumerate(LS_COLUMNS)]
     typer.echo("  ".join(c.ljust(w) for c, w in zip(LS_COLUMNS, widths, strict=True)).rstrip())
     for e, r in zip(entries, rows, strict=True):
@@ -68,6 +68,15 @@ def ls(
             typer.echo(f"BROKEN {e['kind']} {e['id']}: {e['error']}")
         else:
             typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _recipe(entry: dict) -> str:
+    """What made a targets dataset, for its `store ls` row: fusion, alignment, vocabulary map and the
+    sources' teacher names (``-`` for logits)."""
+    if entry["kind"] != "targets":
+        return "-"
+    return (f"{entry['fusion']} {entry['align']} {entry['vocab_map']}"
+            f"{' ' + entry['mode'] if entry['mode'] == 'multi' else ''}: {', '.join(entry['source_teachers'])}")
 
 
 def _targets_reader(uri: str):

@@ -86,6 +86,12 @@ def test_catalog_lists_logits_and_targets_with_their_facts(store):
     assert [e["id"] for e in catalog(store, teacher=qwen[:6], kind="targets")] == [targets_id(fused)]
     one = find(store, targets_id(fused), "targets")  # one entry by id: the same names as the listing
     assert (one["teacher"], one["pivot"]) == ("tiny-qwen", qwen)
+    # what made each targets dataset is in its row: fusion, alignment, vocabulary map, sources' teachers
+    assert one["source_teachers"] == ["tiny-llama"] and one["dataset"] == tmeta().extra.get("dataset_id", "")
+    res = runner.invoke(app, ["store", "ls", store, "--kind", "targets"])
+    assert res.exit_code == 0, res.output
+    row = [r for r in res.output.splitlines() if targets_id(fused) in r][0]
+    assert row.endswith(f"{fused.fusion} {fused.align} {fused.vocab_map}: tiny-llama"), row
 
 
 def test_broken_datasets_are_one_line_and_wrong_paths_exit_2(store, tmp_path):
