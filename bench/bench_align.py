@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clients import corpus  # noqa: E402
 from clients.tiny_models import load_tokenizer  # noqa: E402
 from datastore.sample import ScoredSample  # noqa: E402
+from datastore.words import plural  # noqa: E402
 from fusion import (  # noqa: E402
     MappingStatistics,
     TokenTable,
@@ -292,8 +293,8 @@ def reference_agreement(samples, aligned, ptok, stok) -> None:
             rows[kind].setdefault(name, []).append(len(ours & ref) / len(ref))
     names = list(next(r for r in rows.values() if r))
     print(
-        f"\nagreement with the reference DTWs (full matrix, their strings / cost / ties) on {len(samples)} "
-        f"sample(s), {time.process_time() - c0:.0f} s CPU: share of the second's groups the first reproduces"
+        f"\nagreement with the reference DTWs (full matrix, their strings / cost / ties) on "
+        f"{plural(len(samples), 'sample')}, {time.process_time() - c0:.0f} s CPU: share of the second's groups the first reproduces"
     )
     print("  " + " " * 24 + "".join(f"{k:>11s}" for k in KINDS) + "        all")
     for name in names:
@@ -430,7 +431,8 @@ def main() -> None:
     reference_agreement(samples[: args.reference_samples], aligned, ptok, stok)
 
     print(
-        f"\nplain-Python DTW (full matrix, Python Levenshtein per cell) on {args.python_samples} full sample(s):"
+        f"\nplain-Python DTW (full matrix, Python Levenshtein per cell) on "
+        f"{plural(args.python_samples, 'full sample')}:"
     )
     ref_cpu = []
     for i in range(args.python_samples):

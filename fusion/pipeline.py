@@ -147,8 +147,9 @@ class FuseReport:
             return [f"nothing to fuse: the targets were already complete ({plural(t.already_done, 'sample')} in "
                     f"{t.uri})" for t in self.targets]
         out = [
-            f"fused {plural(self.samples, 'sample')} in {self.seconds:.1f}s ({self.statistics_seconds:.1f}s building "
-            f"mapping statistics): align={self.align} vocab-map={self.vocab_map} fusion={self.fusion} "
+            f"fused {plural(self.samples, 'sample')} in {self.seconds:.1f}s"
+            + (f" ({self.statistics_seconds:.1f}s building mapping statistics)" if self.vocab_map == "ms" else "")
+            + f": align={self.align} vocab-map={self.vocab_map} fusion={self.fusion} "
             f"mode={self.mode} k={self.k}"
             + (f" avgce-weights={self.avgce_weights}" if self.fusion == "avgce" else "")
         ]

@@ -25,6 +25,7 @@ import torch
 from datastore.errors import UserError
 from datastore.fs import check_local_directory
 from datastore.staging import check_target, staged_directory
+from datastore.words import plural
 from merge.config import MergeConfig
 from merge.errors import MergeError
 from merge.parameters import ParameterPlan, count_layers
@@ -84,12 +85,12 @@ def _check(base: Checkpoint, targets: list[Checkpoint]) -> list[dict[str, Tensor
             else:
                 missing.append(name)
         if missing:
-            raise MergeError(f"{who} lacks {len(missing)} tensor(s) the base has, e.g. {missing[0]}")
+            raise MergeError(f"{who} lacks {plural(len(missing), 'tensor')} the base has, e.g. {missing[0]}")
         extra = [n for n in t.tensors if n not in base.tensors]
         if _ties_embeddings(base):  # a saver may write the tied head anyway
             extra = [n for n in extra if not n.endswith(_TIED_HEAD)]
         if extra:
-            raise MergeError(f"{who} has {len(extra)} tensor(s) the base lacks, e.g. {extra[0]}")
+            raise MergeError(f"{who} has {plural(len(extra), 'tensor')} the base lacks, e.g. {extra[0]}")
         for name, info in base.tensors.items():
             other = mapping[name]
             if other.shape != info.shape:
@@ -184,7 +185,7 @@ def run_merge(
         compute = _compute_dtype(base)
         out_dtype = config.output_dtype
         plan = [(n, base.tensors[n].shape, out_dtype or base.tensors[n].torch_dtype) for n in names]
-        say(f"merging {len(entries)} model(s) onto {base_path} with {method.name}: {len(names)} tensors, "
+        say(f"merging {plural(len(entries), 'model')} onto {base_path} with {method.name}: {len(names)} tensors, "
             f"computing in {str(compute).removeprefix('torch.')}{' (in memory)' if in_memory else ''}")
         with staged_directory(out, overwrite) as stage:
             writer = _merge_tensors(base, targets, mapping, names, kwargs, method, plan, compute, stage, say,
@@ -193,8 +194,8 @@ def run_merge(
     finally:
         for ckpt in {id(c): c for c in (base, *targets)}.values():
             ckpt.close()
-    say(f"wrote {writer.n_shards} shard(s), {writer.total_size / 1e9:.2f} GB, and {len(copied)} file(s) "
-        f"from the base to {out}")
+    say(f"wrote {plural(writer.n_shards, 'shard')}, {writer.total_size / 1e9:.2f} GB, and "
+        f"{plural(len(copied), 'file')} from the base to {out}")
     return out
 
 
@@ -240,7 +241,7 @@ def _check_finite(name: str, values: torch.Tensor, start: int, dtype: torch.dtyp
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise MergeError(
-            f"merged tensor {name} has {int(bad.sum())} non-finite value(s) in {str(dtype).removeprefix('torch.')} "
+            f"merged tensor {name} has {plural(int(bad.sum()), 'non-finite value')} in {str(dtype).removeprefix('torch.')} "
             f"(first: element {start + i} = {values[i].item()}); an overflow of the output dtype or NaN inputs? "
             "Check the weights, choose dtype: float32 or bfloat16, or pass --allow-nonfinite to write it anyway"
         )

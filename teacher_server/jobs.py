@@ -29,6 +29,7 @@ from pathlib import Path
 
 from datastore.chat import InvalidDataset, Limits, ScanResult, scan_dataset
 from datastore.errors import UserError
+from datastore.words import plural
 from teacher_server.auth import AuthError, Principal
 from teacher_server.config import ServiceConfig
 from teacher_server.render import shared_templates
@@ -220,7 +221,7 @@ class JobDB:
             if max_queued is not None:
                 queued = db.execute("SELECT COUNT(*) FROM jobs WHERE team=? AND state='queued'", (team,)).fetchone()[0]
                 if queued >= max_queued:
-                    raise QueueFull(f"team {team!r} already has {queued} queued job(s), the limit is {max_queued}; "
+                    raise QueueFull(f"team {team!r} already has {plural(queued, 'queued job')}, the limit is {max_queued}; "
                                     f"wait for some to start or cancel them")
             jid = secrets.token_hex(8)
             db.execute(

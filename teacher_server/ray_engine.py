@@ -38,6 +38,7 @@ from datastore.errors import UserError
 from datastore.fs import save_tokenizer
 from datastore.manifest import LogitsMeta
 from datastore.reuse import ReuseIndex, scoring_key
+from datastore.words import plural
 from teacher_server.config import RayConfig, TeacherConfig
 from teacher_server.extract import (
     ExtractResult,
@@ -103,14 +104,14 @@ def check_fits(resources: dict, options: RayConfig) -> None:
     have_cpus = float(resources.get("CPU", 0))
     if cpus > have_cpus + 1e-9:
         raise UserError(
-            f"ray: {options.replicas} replica(s) x {options.num_cpus:g} CPU + {options.tokenize_cpus:g} CPU for "
+            f"ray: {plural(options.replicas, 'replica')} x {options.num_cpus:g} CPU + {options.tokenize_cpus:g} CPU for "
             f"tokenising = {cpus:g} CPUs, but the cluster has {have_cpus:g}: give each replica fewer CPUs "
             f"(fractions are fine, e.g. num_cpus 0.5 / --replica-cpus 0.5) or fewer replicas"
         )
     gpus = options.replicas * options.num_gpus
     have_gpus = float(resources.get("GPU", 0))
     if gpus > have_gpus + 1e-9:
-        raise UserError(f"ray: {options.replicas} replica(s) x {options.num_gpus:g} GPU = {gpus:g} GPUs, but the "
+        raise UserError(f"ray: {plural(options.replicas, 'replica')} x {options.num_gpus:g} GPU = {gpus:g} GPUs, but the "
                         f"cluster has {have_gpus:g}")
 
 

@@ -31,6 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from datastore.errors import UserError
+from datastore.words import plural
 from teacher_server.config import ServiceConfig, TeacherConfig
 from teacher_server.jobs import JobDB, die_with_parent
 
@@ -363,7 +364,7 @@ class Supervisor:
             kill_group(w.get("pid"))
         n = self.db.requeue_running()
         if n:
-            print(f"resuming {n} job(s) left running by a previous server", file=sys.stderr)
+            print(f"resuming {plural(n, 'job')} left running by a previous server", file=sys.stderr)
         for t in self.config.teachers:
             self.db.set_worker(t.name, None, "stopped")
         self._thread = threading.Thread(target=self._loop, name="teacher-supervisor", daemon=True)

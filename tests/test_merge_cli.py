@@ -125,7 +125,7 @@ def test_cli_with_flags(tmp_path, family):
             "--max-shard-size", "20KB"]
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 0, result.output
-    assert "merging 3 model(s)" in result.output
+    assert "merging 3 models" in result.output
     assert_loads_with_finite_logits(tmp_path / "out", "qwen2")
     # The same merge from a config with per-model weights: byte-identical shards.
     cfg = parse_config({"merge_method": "ties", "base_model": str(pivot), "parameters": {"density": 0.5},

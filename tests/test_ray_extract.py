@@ -267,7 +267,7 @@ def test_a_pool_the_cluster_cannot_hold_is_refused_in_one_line():
     from teacher_server.ray_engine import check_fits
 
     two_cpus = {"CPU": 2.0}
-    with pytest.raises(UserError, match=r"2 replica\(s\) x 1 CPU \+ 0.5 CPU for tokenising = 2.5 CPUs, but the "
+    with pytest.raises(UserError, match=r"2 replicas x 1 CPU \+ 0.5 CPU for tokenising = 2.5 CPUs, but the "
                                         r"cluster has 2: .*fractions"):
         check_fits(two_cpus, RayConfig(replicas=2, num_cpus=1))
     check_fits(two_cpus, RayConfig(replicas=2, num_cpus=0.75))

@@ -269,7 +269,7 @@ def test_teams_own_their_jobs_and_queue_limits(api, tmp_path):
     # team A may have 2 queued jobs (team_queue_limits), team B the default
     assert call("a-write", "POST", "/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 2}).status_code == 201
     full = call("a-write", "POST", "/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 3})
-    _err(full, 429, "team 'team-a' already has 2 queued job(s), the limit is 2")
+    _err(full, 429, "team 'team-a' already has 2 queued jobs, the limit is 2")
     again = call("a-write", "POST", "/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 1})
     assert again.status_code == 200 and again.json()["existing"] and again.json()["id"] == job
     assert call("b-write", "POST", "/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 3}).status_code == 201
