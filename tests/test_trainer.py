@@ -56,6 +56,16 @@ def test_resume_continues_exactly(pivot_dir, targets_uri, tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
     assert any((tmp_path / "b" / "logs" / "tensorboard").iterdir())
+    # the same command once more: it says there is nothing to train and changes nothing
+    import contextlib
+    import io
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        again = train(config(pivot_dir, targets_uri, tmp_path / "b"))
+    assert f"nothing to train: {tmp_path / 'b'} is already at step 6 of 6" in said.getvalue(), said.getvalue()
+    assert again.final_dir == resumed.final_dir and again.steps == 6
+    assert load_file(f"{again.final_dir}/model.safetensors").keys() == wb.keys()
 
 
 def test_checkpoint_loads_with_transformers(pivot_dir, targets_uri, tmp_path):

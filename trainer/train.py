@@ -457,7 +457,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             report.close()
         if cfg.plot and history:
             plot_path = str(plot_losses(history, out / "loss.png"))
-        accelerator.print(f"done: {plural(step, 'step')} in {time.perf_counter() - t_start:.1f}s; checkpoint {final}")
+        if ran:
+            accelerator.print(f"done: {plural(ran, 'step')} in {time.perf_counter() - t_start:.1f}s (step {step} of "
+                              f"{total_steps}); checkpoint {final}")
+        else:
+            accelerator.print(f"nothing to train: {out} is already at step {step} of {total_steps}; checkpoint {final}")
     accelerator.wait_for_everyone()
     return TrainResult(final_dir=str(final) if final else "", steps=step, losses=history, log_path=str(log_path),
                        plot_path=plot_path, warnings=warnings)
