@@ -245,8 +245,10 @@ def prepare(workdir: str | Path, log: Callable[[str], None] = _say, n_train: int
                 raise RuntimeError(f"demo: job for {name} ended {job['state']}: {job['errors']}")
             logits[name] = job["uri"]
             m = LogitsReader(job["uri"]).manifest
+            stored = job["samples_done"] - job["samples_scored"]
             log(f"[3/6] {name}: {m.num_samples} samples, {m.num_tokens} tokens, {m.num_positions} scored "
-                f"positions, {m.num_bytes / 1024:.1f} KiB = {m.bytes_per_entry:.2f} B/entry at k={K}")
+                f"positions, {m.num_bytes / 1024:.1f} KiB = {m.bytes_per_entry:.2f} B/entry at k={K}"
+                + (f" ({stored} already in the store, not scored again)" if stored else ""))
     seconds["extract"] = time.perf_counter() - t0
     log(f"[3/6] extraction through the service: {seconds['extract']:.1f}s")
 

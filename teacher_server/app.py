@@ -90,6 +90,7 @@ class JobOut(BaseModel):
     max_length: int
     all_positions: bool
     samples_done: int
+    samples_scored: int  # of samples_done, those this job's last run scored (the rest were already stored)
     samples_total: int
     tokens: int
     tokens_per_s: float

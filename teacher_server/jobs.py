@@ -107,6 +107,7 @@ class Job:
             "max_length": self.max_length,
             "all_positions": self.all_positions,
             "samples_done": self.samples_done,
+            "samples_scored": self.samples_scored,
             "samples_total": self.samples_total,
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),

@@ -199,7 +199,7 @@ def test_job_end_to_end_and_resubmission(server, good_dataset):
         job = client.submit(ds["id"], "tiny", k=5)
         done = client.wait(job["id"], progress=False, timeout=300)
         assert done["state"] == "done", done
-        assert done["samples_done"] == done["samples_total"] == 24 and done["errors"] == []
+        assert done["samples_done"] == done["samples_total"] == done["samples_scored"] == 24 and done["errors"] == []
         again = client.submit(ds["id"], "tiny", k=5)
         assert again["id"] == job["id"] and again["existing"] is True
         manifest = client.manifest(job["id"])
