@@ -141,7 +141,9 @@ def export_dataset(uri: str, fmt: str, out: Path | str, *, overwrite: bool = Fal
     k = reader.manifest.meta.k
     n_files = max(1, math.ceil(len(reader) / rows_per_file))
     count = 0
-    with staged_directory(out, overwrite) as stage:
+    filesystem, root = fs.resolve(uri)
+    inputs = [root] if fs.is_local(filesystem) else []  # --out must not be, hold or lie in the dataset
+    with staged_directory(out, overwrite, inputs=inputs) as stage:
         parquet_dir = stage / "_parquet" if fmt == "hf" else stage
         parquet_dir.mkdir(exist_ok=True)
         files = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from datastore.errors import UserError
@@ -27,9 +27,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check_target(out: Path, overwrite: bool, flag: str = "--out") -> None:
+def check_target(out: Path, overwrite: bool, flag: str = "--out", inputs: Sequence[Path | str] = ()) -> None:
     """Raises UserError when `out` exists and is not an empty directory, unless `overwrite` (which never
-    replaces a plain file: only a directory of an earlier run)."""
+    replaces a plain file: only a directory of an earlier run), and, with or without `overwrite`, when
+    `out` is one of the `inputs` (local paths the run reads), holds one of them or lies inside one: an
+    overwrite would delete what it reads (a store holding the exported dataset, the folder of the models
+    merged), and a result written inside an input would change it."""
+    target = Path(out).resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if target == path or target in path.parents or path in target.parents:
+            how = "is" if target == path else "holds" if target in path.parents else "lies inside"
+            raise UserError(f"{flag} {out} {how} the input {given}; give a directory apart from the inputs")
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file, not a directory; give a new or empty directory")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -37,12 +46,13 @@ def check_target(out: Path, overwrite: bool, flag: str = "--out") -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
+def staged_directory(out: Path | str, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> Iterator[Path]:
     """Yields a fresh hidden directory `.NAME.staging-PID` beside `out`; when the block completes it becomes
     `out` (an existing `out` is replaced only with `overwrite`, and only now, so the old one survives a
-    failed run); when the block raises, it is removed."""
+    failed run); when the block raises, it is removed. `out` is checked by `check_target` (with
+    `inputs`) first."""
     out = Path(out).absolute()
-    check_target(out, overwrite)
+    check_target(out, overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{out.name}.staging-"
     for stale in out.parent.glob(prefix + "*"):

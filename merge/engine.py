@@ -255,7 +255,8 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise MergeError(f"--out {out} is a file, not a directory; choose a new or empty directory")
     try:
         check_local_directory(str(out), "--out")  # a path under a file cannot be created either
-        check_target(out, overwrite)
+        # nor a folder that holds an input model, or a place inside one (hub ids are not local paths)
+        check_target(out, overwrite, inputs=[p for p in inputs if Path(p).exists()])
     except UserError as e:
         raise MergeError(str(e)) from None
 

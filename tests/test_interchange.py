@@ -115,6 +115,15 @@ def test_export_errors_and_overwrite(stored, tmp_path):
         export_dataset(uri, "parquet", tmp_path / "busy")
     export_dataset(uri, "parquet", tmp_path / "busy", overwrite=True)
     assert not (tmp_path / "busy" / "f").exists() and list((tmp_path / "busy").glob("*.parquet"))
+    # --overwrite never deletes what it reads: not the store holding the dataset, not the dataset itself,
+    # and nothing is written inside the dataset (found by a tester: the whole store was replaced)
+    store = Path(uri).parent.parent
+    before = sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+    for out, how in [(store, "holds the input"), (Path(uri), "is the input"), (Path(uri) / "x", "lies inside the input")]:
+        with pytest.raises(UserError, match=f"--out {re.escape(str(out))} {how} {re.escape(str(Path(uri)))};"):
+            export_dataset(uri, "parquet", out, overwrite=True)
+    assert sorted(str(p.relative_to(store)) for p in store.rglob("*")) == before
+    assert len(list(LogitsReader(uri).iter_samples())) == 5
 
 
 def test_parquet_export_imports_back_into_the_same_dataset(stored, tmp_path, spm_tokenizer):

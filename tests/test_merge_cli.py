@@ -168,6 +168,14 @@ def test_linear_needs_no_base_and_overwrite_replaces_the_output(tmp_path, family
     assert result.exit_code == 0, result.output
     assert not (out / "marker").exists() and (out / "model.safetensors.index.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # --overwrite of the folder holding the input models (found by a tester: it deleted them), or a place
+    # inside one of them, is refused and deletes nothing
+    parent = targets[0].parent
+    before = sorted(p.name for p in parent.iterdir())
+    for bad, how in [(parent, "holds the input"), (targets[1] / "merged", "lies inside the input")]:
+        result = CliRunner().invoke(make_app(), [*args[:-1], str(bad), "--overwrite"])
+        assert result.exit_code == 2 and f"--out {bad} {how}" in result.output, result.output
+    assert sorted(p.name for p in parent.iterdir()) == before and not (targets[1] / "merged").exists()
 
 
 @pytest.mark.parametrize(
