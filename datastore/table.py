@@ -110,10 +110,20 @@ class DeltaDataset:
     # ------------------------------------------------------------ existence and creation
 
     def exists(self) -> bool:
-        """True when a Delta log is at the URI."""
+        """True when a Delta log is at the URI. Raises UserError, one line, when the URI is a file (not a
+        dataset directory) or its store cannot be read (an unreachable S3 endpoint, a missing permission)."""
         from deltalake import DeltaTable
 
-        return DeltaTable.is_deltatable(self.table_uri, storage_options=self.options or None)
+        try:
+            return DeltaTable.is_deltatable(self.table_uri, storage_options=self.options or None)
+        except OSError as e:
+            try:
+                is_file = self.fs.get_file_info(self.root).type == fs.pafs.FileType.File
+            except OSError:
+                is_file = False
+            if is_file:
+                raise UserError(f"{self.uri}: a file, not a dataset directory") from None
+            raise UserError(f"{self.uri}: cannot read the store ({_first_line(e)})") from None
 
     def create(self, schema: pa.Schema, info: dict) -> bool:
         """Create the table (version 0: schema + description, no files). False when another process

@@ -120,7 +120,10 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     for key in data:
         if key not in accepted:
             raise MergeError(f"{source}: unknown key {key!r}{closest(str(key), accepted)}")
-    for i, entry in enumerate(data.get("models") or []):
+    models = data.get("models")
+    if models is not None and not isinstance(models, list):
+        raise MergeError(f"{source}: models: expected a list of entries like {{model: DIR}}, got {models!r:.60}")
+    for i, entry in enumerate(models or []):
         if isinstance(entry, dict):
             for key in entry:
                 if key not in ModelEntry.model_fields:

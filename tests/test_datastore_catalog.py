@@ -114,6 +114,14 @@ def test_broken_datasets_are_one_line_and_wrong_paths_exit_2(store, tmp_path):
     _one_line_exit_2(runner.invoke(app, ["store", "ls", logits_uri(store, logits_id(meta()))]), "not a store")
     _one_line_exit_2(runner.invoke(app, ["store", "verify", legacy]), "corrupt manifest.json")
     _one_line_exit_2(runner.invoke(app, ["store", "show", damaged]), "Delta log")
+    afile = tmp_path / "afile"  # a file where a dataset or store is expected: one line, not an OSError
+    afile.write_text("x")
+    for command in ("gc", "verify", "rm", "show", "migrate"):
+        _one_line_exit_2(runner.invoke(app, ["store", command, str(afile)]), f"{afile}: a file, not a dataset directory")
+    (tmp_path / "model").mkdir()
+    _one_line_exit_2(runner.invoke(app, ["train", "--targets", str(afile), "--model", str(tmp_path / "model"),
+                                         "--out", str(tmp_path / "run")]), "a file, not a dataset directory")
+    assert afile.read_text() == "x" and not (tmp_path / "run").exists()
     res = runner.invoke(app, ["store", "verify", store])  # the store: every dataset, broken ones FAIL
     assert res.exit_code == 1 and res.output.count("FAIL") == 2 and res.output.count("OK ") == 2, res.output
 

@@ -192,6 +192,9 @@ def test_linear_needs_no_base_and_overwrite_replaces_the_output(tmp_path, family
          + "".join(f"        - &a{i} {{filter: zz, value: [{', '.join([f'*a{i - 1}'] * 10)}]}}\n" for i in range(1, 9)),
          "more than 100,000 values once YAML aliases are expanded"),
         ("merge_method: linear\nparameters: {weight: " + "[" * 5000 + "]" * 5000 + "}\n", "nested"),
+        # models that is not a list (a tester's `models: 5` was a TypeError traceback)
+        ("merge_method: linear\nmodels: 5\n", "models: expected a list of entries like {model: DIR}, got 5"),
+        ("merge_method: linear\nmodels: true\n", "models: expected a list"),
     ],
 )
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, family, content, message):
