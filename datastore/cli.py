@@ -8,6 +8,7 @@ a corrupt log raise `UserError` (one line, exit 2); `verify` exits 1 when it fin
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -249,22 +250,15 @@ def verify_dataset(uri: str) -> tuple[list[str], str, bool]:
 def verify(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a dataset (STORE/logits/<id>, STORE/targets/<id>) or a store root")) -> None:
     """Re-read every shard (sha256, size, rows, full decode) and the tokenizer files, of one dataset or
     of every dataset under a store root. Exit 1 on any problem."""
-    from datastore.catalog import dataset_kind, iter_datasets
+    from datastore.catalog import dataset_kind
 
     if dataset_kind(uri) is not None:
         problems, summary, complete = verify_dataset(uri)
         _verdict(uri, problems, complete, summary)
         return
-    from datastore import fs
-    from datastore.catalog import has_store_layout
-
-    filesystem, root = fs.resolve(uri)
-    if filesystem.get_file_info(root).type == fs.pafs.FileType.Directory and not has_store_layout(uri):
-        raise UserError(f"{uri}: neither a dataset (no {fs.DELTA_LOG}/ nor {fs.MANIFEST}) nor a store (no logits/ "
-                        "or targets/): nothing to verify")
-    failed = checked = 0
-    for _kind, ds_uri, _name in iter_datasets(uri):
-        checked += 1
+    failed = 0
+    datasets = _store_datasets(uri, "verify")
+    for ds_uri in datasets:
         try:
             problems, summary, complete = verify_dataset(ds_uri)
         except UserError as e:
@@ -275,10 +269,8 @@ def verify(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a datas
                 typer.echo(f"FAIL {ds_uri}: {p}")
         else:
             typer.echo(f"OK {ds_uri}: {summary}, {'complete' if complete else 'incomplete'}")
-    if failed:
-        typer.echo(f"{failed} of {plural(checked, 'dataset')} in {uri} {'has' if failed == 1 else 'have'} problems")
-        raise typer.Exit(1)
-    typer.echo(f"OK {uri}: {plural(checked, 'dataset')} verified")
+    _end(failed, datasets, uri)
+    typer.echo(f"OK {uri}: {plural(len(datasets), 'dataset')} verified")
 
 
 @store_app.command("migrate")
@@ -286,21 +278,59 @@ def migrate(uri: str = typer.Argument(..., metavar="DATASET|STORE", help="a 0.1 
     """Convert datasets written by logitfuse 0.1 (manifest.json) into Delta tables, in place: the shard
     files stay, one commit adds them with their recorded facts; manifest.json is then renamed
     manifest.json.migrated. Datasets already on Delta are left alone."""
-    from datastore.catalog import dataset_kind, iter_datasets
+    from datastore.catalog import dataset_kind
     from datastore.migrate import migrate_dataset
 
-    targets = [uri] if dataset_kind(uri) is not None else [d for _k, d, _n in iter_datasets(uri)]
-    for ds_uri in targets:
-        typer.echo(migrate_dataset(ds_uri))
+    single = dataset_kind(uri) is not None
+    datasets = [uri] if single else _store_datasets(uri, "migrate")
+    _end(_each(datasets, lambda ds_uri: typer.echo(migrate_dataset(ds_uri)), single), datasets, uri)
+
+
+def _store_datasets(uri: str, what: str) -> list[str]:
+    """Every dataset URI under the store root `uri`. Raises UserError when `uri` is a directory that is
+    neither a dataset nor a store (no logits/ or targets/)."""
+    from datastore import fs
+    from datastore.catalog import has_store_layout, iter_datasets
+
+    filesystem, root = fs.resolve(uri)
+    if filesystem.get_file_info(root).type == fs.pafs.FileType.Directory and not has_store_layout(uri):
+        raise UserError(f"{uri}: neither a dataset (no {fs.DELTA_LOG}/ nor {fs.MANIFEST}) nor a store (no logits/ "
+                        f"or targets/): nothing to {what}")
+    return [d for _k, d, _n in iter_datasets(uri)]
+
+
+def _each(datasets: list[str], run, single: bool) -> int:
+    """`run` on each dataset of a store; a dataset that fails (a stray folder, a broken log) is one FAIL
+    line and the others still run. One dataset given by itself fails as usual (one line, exit 2).
+    Returns the number that failed."""
+    failed = 0
+    for ds_uri in datasets:
+        try:
+            run(ds_uri)
+        except UserError as e:
+            if single:
+                raise
+            failed += 1
+            typer.echo(f"FAIL {ds_uri}: {str(e).splitlines()[0]}")
+    return failed
+
+
+def _end(failed: int, datasets: list[str], uri: str) -> None:
+    if failed:
+        typer.echo(f"{failed} of {plural(len(datasets), 'dataset')} in {uri} {'has' if failed == 1 else 'have'} problems")
+        raise typer.Exit(1)
 
 
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip().lower()
     try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise UserError(f"--older-than {text!r}: expected seconds or a number with s, m, h or d (e.g. 2h)") from None
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):  # nan would pass every age test: no grace at all
+        raise UserError(f"--older-than {text!r}: expected seconds or a number with s, m, h or d (e.g. 2h), >= 0")
+    return value
 
 
 @store_app.command("gc")
@@ -312,17 +342,23 @@ def gc(
 ) -> None:
     """Delete files no version of a dataset references (uncommitted shards, temp files, leases of committed
     ranges), in one dataset or every dataset of a store."""
-    from datastore.catalog import dataset_kind, iter_datasets
+    from datastore.catalog import dataset_kind
     from datastore.retention import gc_dataset
 
     seconds = _duration(older_than)
-    datasets = [uri] if dataset_kind(uri) is not None else [d for _k, d, _n in iter_datasets(uri)]
+    single = dataset_kind(uri) is not None
+    datasets = [uri] if single else _store_datasets(uri, "collect")
     total = 0
-    for ds_uri in datasets:
+
+    def collect(ds_uri: str) -> None:
+        nonlocal total
         for rel in gc_dataset(ds_uri, seconds, dry_run=dry_run):
             typer.echo(f"{'would delete' if dry_run else 'deleted'} {ds_uri}/{rel}")
             total += 1
+
+    failed = _each(datasets, collect, single)
     typer.echo(f"{plural(total, 'file')} {'to delete' if dry_run else 'deleted'} in {plural(len(datasets), 'dataset')}")
+    _end(failed, datasets, uri)
 
 
 @store_app.command("rm")

@@ -34,7 +34,7 @@ def gc_dataset(uri: str, older_than_s: float = GRACE_SECONDS, dry_run: bool = Fa
     and lease files (a live holder rewrites its lease every third of the lease, so an old one is released
     or its holder dead). Returns their paths relative to the dataset.
     Raises UserError when `uri` is not a Delta dataset."""
-    if older_than_s < 0:
+    if not older_than_s >= 0:  # nan too: it would pass every age test
         raise UserError(f"--older-than {older_than_s}: must be >= 0 seconds")
     table = DeltaDataset(uri)
     if not table.exists():

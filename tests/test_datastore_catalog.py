@@ -205,12 +205,25 @@ def test_0_1_datasets_stay_readable_and_migrate(tmp_path):
     assert len(LogitsReader(uri)) == 8
 
 
-def test_rm_and_gc(store):
+def test_rm_and_gc(store, tmp_path):
     uri = logits_uri(store, logits_id(meta()))
     orphan = os.path.join(uri, "shard-" + "0" * 64 + ".parquet")
     shutil.copy(os.path.join(uri, LogitsReader(uri).manifest.shards[0].file), orphan)
+    # --older-than must be a finite age >= 0: nan would pass every age test and skip the grace period
+    for bad in ("nan", "inf", "-1", "2x"):
+        _one_line_exit_2(runner.invoke(app, ["store", "gc", store, "--older-than", bad]), f"--older-than '{bad}'")
+    assert os.path.exists(orphan)
+    # a stray folder under logits/ is one FAIL line; gc and migrate still do the other datasets, then exit 1
+    stray = os.path.join(store, "logits", "emptydir")
+    os.makedirs(stray)
     res = runner.invoke(app, ["store", "gc", store, "--older-than", "0"])
-    assert res.exit_code == 0 and os.path.basename(orphan) in res.output, res.output
+    assert res.exit_code == 1 and os.path.basename(orphan) in res.output, res.output
+    assert f"FAIL {stray}: " in res.output and "1 of 4 datasets in" in res.output
+    res = runner.invoke(app, ["store", "migrate", store])
+    assert res.exit_code == 1 and f"FAIL {stray}: " in res.output, res.output
+    os.rmdir(stray)
+    (tmp_path / "plain").mkdir()  # neither a dataset nor a store: nothing to collect, exit 2
+    _one_line_exit_2(runner.invoke(app, ["store", "gc", str(tmp_path / "plain")]), "nothing to collect")
     assert not os.path.exists(orphan) and len(LogitsReader(uri)) == 7
     assert gc_dataset(uri, older_than_s=0) == []
     _one_line_exit_2(runner.invoke(app, ["store", "rm", store]), "not a dataset")
