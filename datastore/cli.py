@@ -380,9 +380,12 @@ def export_command(
 ) -> None:
     """Export a logits dataset for other trainers: axolotl KD columns, plain parquet, or a datasets dataset."""
     from datastore.interchange import export_dataset
+    from datastore.reader import LogitsReader
 
     n = export_dataset(uri, format, out, overwrite=overwrite)
-    typer.echo(f"exported {plural(n, 'sample')} from {uri} to {out} ({format})")
+    partial = "" if LogitsReader(uri).manifest.complete else (
+        "; the dataset is incomplete (its extract has not finished): these are the samples committed so far")
+    typer.echo(f"exported {plural(n, 'sample')} from {uri} to {out} ({format}){partial}")
 
 
 def import_command(

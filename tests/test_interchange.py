@@ -105,6 +105,16 @@ def test_hf_export_loads_from_disk(stored, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no cache or stage left beside it
 
 
+def test_export_of_an_incomplete_dataset_says_so(tmp_path):
+    partial = logits_uri(str(tmp_path / "store"), logits_id(meta()))
+    w = LogitsWriter(partial, meta(), shard_rows=2)  # two samples committed, the writer never closed
+    for i in range(2):
+        w.write(sample(i))
+    result = CliRunner().invoke(app, ["store", "export", partial, "--format", "parquet", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert "exported 2 samples" in result.output and "the dataset is incomplete" in result.output
+
+
 def test_export_errors_and_overwrite(stored, tmp_path):
     uri, _ = stored
     with pytest.raises(UserError, match=r"unknown export format 'csv': expected one of parquet, axolotl, hf"):

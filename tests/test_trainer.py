@@ -156,11 +156,19 @@ def test_bad_inputs_with_no_resume_delete_nothing_and_out_stays_apart_from_input
     damaged = tmp_path / "damaged"  # the targets with one shard gone: found only when the shards are read
     shutil.copytree(targets_uri, damaged)
     os.remove(next(damaged.glob("shard-*.parquet")))
-    for bad in (["--targets", str(tmp_path / "typo"), "--model", pivot_dir],
-                ["--targets", targets_uri, "--model", str(tmp_path / "typo")],
-                ["--targets", str(damaged), "--model", pivot_dir]):
+    from datastore.targets import TargetsReader, TargetsWriter
+
+    source = TargetsReader(targets_uri)  # two samples committed, the writer never closed: a fuse still running
+    partial = TargetsWriter(str(tmp_path / "partial"), source.manifest.meta, shard_rows=2)
+    for t in list(source.iter_samples())[:2]:
+        partial.write(t)
+    for bad, words in ((["--targets", str(tmp_path / "typo"), "--model", pivot_dir], "typo"),
+                       (["--targets", targets_uri, "--model", str(tmp_path / "typo")], "typo"),
+                       (["--targets", str(damaged), "--model", pivot_dir], "shard"),
+                       (["--targets", str(tmp_path / "partial"), "--model", pivot_dir],
+                        "incomplete targets dataset (2 samples committed, its fuse has not finished)")):
         r = _cli([*bad, "--out", str(run), "--no-resume", "--max-steps", "1"])
-        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and words in r.output, r.output
         assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     for out, words in ((pivot_dir, "is the --model directory"), (Path(pivot_dir) / "runs", "lies inside the --model"),
                        (targets_uri, "is the --targets directory")):

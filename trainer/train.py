@@ -329,7 +329,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         _check_resume_config(out, cfg)
     resume_dir = checkpoints[-1] if checkpoints else None
 
-    targets_meta = TargetsReader(cfg.targets).manifest.meta
+    targets_manifest = TargetsReader(cfg.targets).manifest
+    if not targets_manifest.complete:  # as fuse refuses incomplete logits: never train on part of a fusion
+        raise UserError(f"--targets {cfg.targets}: incomplete targets dataset ({plural(targets_manifest.num_samples, 'sample')} "
+                        "committed, its fuse has not finished): re-run that fuse, then train")
+    targets_meta = targets_manifest.meta
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_pivot(str(resume_dir or cfg.model), targets_meta)
     if cfg.gradient_checkpointing:
