@@ -119,11 +119,14 @@ class TargetsReport:
     candidates: list[str]  # pivot first, then its sources
     written: int = 0
     already_done: int = 0
+    # over the whole dataset: a resumed run counts what earlier runs fused too (`_count_whole_dataset`)
     winners: Counter = field(default_factory=Counter)
     ce_sum: dict[str, float] = field(default_factory=dict)  # summed per-sample CE of each candidate
 
     def mean_ce(self) -> dict[str, float]:
-        return {name: v / self.written for name, v in self.ce_sum.items()} if self.written else {}
+        """Mean per-sample CE of each candidate over the samples `winners` counts (the whole dataset)."""
+        n = self.written + self.already_done
+        return {name: v / n for name, v in self.ce_sum.items()} if n else {}
 
 
 @dataclass
@@ -534,7 +537,28 @@ def _fuse_into(pivot, sources, names, jobs, writers, report, vocab_map, align, f
     for w, tr in zip(writers, report.targets, strict=True):
         w.close()
         tr.already_done = len(w.done_ids) - tr.written
+        if tr.already_done:
+            _count_whole_dataset(tr)
     return report
+
+
+def _count_whole_dataset(tr: TargetsReport) -> None:
+    """Winners and summed CE of a resumed targets dataset over all its samples, from its ``winner`` and
+    ``ce`` columns, so that the report (and the dashboard) does not count only the samples the last run
+    fused. The per-source alignment statistics still cover this run's samples only."""
+    from datastore.targets import TargetsReader
+
+    reader = TargetsReader(tr.uri)
+    fsys, root = fs.resolve(tr.uri)
+    winners: Counter = Counter()
+    ce_sum: dict[str, float] = defaultdict(float)
+    for shard in reader.manifest.shards:
+        table = read_columns(fsys, root, shard, ["winner", "ce"])
+        winners.update(table.column("winner").to_pylist())
+        for row in table.column("ce").to_pylist():
+            for name, value in row:
+                ce_sum[name] += value
+    tr.winners, tr.ce_sum = winners, dict(ce_sum)
 
 
 def _input(reader: LogitsReader, name: str, role: str) -> _Input:

@@ -141,6 +141,13 @@ def test_pairwise_targets_are_pivot_shaped_distributions_and_mince_picks_the_low
     # resumable: a second run finds everything committed and writes nothing
     again = fuse_logits(logits["pivot"], [logits["source"]], out, progress=False)
     assert again.targets[0].written == 0 and again.targets[0].already_done == 8
+    # its report still counts the whole dataset (read back from the targets' winner and ce columns), not
+    # the samples this run fused: the saved report the dashboard shows is not emptied by a rerun
+    assert again.targets[0].winners == tr.winners
+    assert again.targets[0].mean_ce() == pytest.approx(tr.mean_ce(), rel=1e-12)
+    resaved = json.loads((Path(out) / "fusion_report.json").read_text())
+    assert resaved["targets"][0]["winners"] == saved["targets"][0]["winners"]
+    assert resaved["targets"][0]["mean_ce"] == pytest.approx(saved["targets"][0]["mean_ce"], rel=1e-12)
 
 
 def test_source_that_is_the_pivot_is_the_identity(logits, tmp_path):
