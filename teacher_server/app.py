@@ -6,11 +6,13 @@ Every `/v1/` request passes `_Gate` first, a pure ASGI middleware that authentic
 and caps the body before the route (or FastAPI's body parsing) reads a byte of it.
 
 Status codes: 400 a request that names something wrong (unknown teacher or dataset, k above max_k,
-invalid samples), 401 no or unknown token, 403 a read token asking to write or a team touching another
-team's job, 404 unknown job or route, 413 a body over `max_json_bytes`/`max_upload_bytes` or a dataset
-decoding to more than `max_decoded_bytes`, 422 a body that does not match the schema, 429 a team past its
-queue limit, 504 a `/v1/topk` that the teacher did not answer in time, 503 a teacher that cannot answer
-(its model failed to load).
+invalid samples, a filter value that is none of the accepted ones, a JSON body that is not UTF-8), 401 no
+or unknown token, 403 a read token asking to write or a team touching another team's job, 404 unknown job
+or route, 409 cancelling a job that already ended, 413 a body over `max_json_bytes`/`max_upload_bytes` or
+a dataset decoding to more than `max_decoded_bytes`, 422 a body that does not match the schema (strict
+types: `"k": true` or `"all_positions": "yes"` is refused, not converted), 429 a team past its queue
+limit, 500 a stored shard that is missing or damaged, 504 a `/v1/topk` that the teacher did not answer in
+time, 503 a teacher that cannot answer (its model failed to load).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from datastore.table import CorruptShard
 from teacher_server import metrics
 from teacher_server.auth import Authenticator, AuthError, Principal
 from teacher_server.config import ServiceConfig
-from teacher_server.jobs import JobService, QueueFull, UploadTooLarge
+from teacher_server.jobs import JobEnded, JobService, QueueFull, UploadTooLarge
 
 # ------------------------------------------------------------------------------------------ schemas
 
@@ -49,7 +51,8 @@ class ErrorBody(BaseModel):
 
 
 class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON `true` is no k, a string no boolean (lax mode would make them 1 and True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset: str = Field(min_length=1, max_length=64, description="dataset id from POST /v1/datasets")
     teacher: str = Field(min_length=1, max_length=64)
@@ -60,7 +63,7 @@ class JobRequest(BaseModel):
 
 
 class TopKRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     teacher: str = Field(min_length=1, max_length=64)
     samples: list[dict[str, Any]] = Field(min_length=1, description="samples as in a dataset line")
@@ -105,6 +108,10 @@ class JobOut(BaseModel):
     started: float | None
     finished: float | None
     existing: bool = False
+    #: on a submission only: the team's earlier done job for these settings whose logits dataset is no
+    #: longer in the store; this new job computes it again (`note` says so in words)
+    replaces: str | None = None
+    note: str | None = None
 
 
 class TopKSample(BaseModel):
@@ -125,6 +132,8 @@ class TopKOut(BaseModel):
 
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 422)}
+#: the content types whose bodies FastAPI parses as JSON (besides anything ending in +json)
+_JSON_TYPES = ("application/json",)
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -185,7 +194,7 @@ class _Gate:
         limit, key = (self.max_upload_bytes, "max_upload_bytes") if upload else (self.max_json_bytes, "max_json_bytes")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            return await self._too_large(f"{declared} bytes", limit, key)(scope, receive, send)
+            return await self._too_large(f"of {declared} bytes", limit, key)(scope, receive, send)
         if upload or method in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         body = bytearray()
@@ -195,9 +204,15 @@ class _Gate:
                 return None
             body += message.get("body", b"")
             if len(body) > limit:
-                return await self._too_large("more than that", limit, key)(scope, receive, send)
+                return await self._too_large("(sent without a Content-Length)", limit, key)(scope, receive, send)
             if not message.get("more_body", False):
                 break
+        if body and _is_json(headers.get("content-type", "")):
+            try:
+                body.decode(json.detect_encoding(bytes(body[:4])))
+            except UnicodeDecodeError as e:
+                return await _error(400, f"body: not UTF-8 JSON (byte 0x{body[e.start]:02x} at offset {e.start} is "
+                                         f"invalid); send a JSON object encoded as UTF-8")(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -211,7 +226,8 @@ class _Gate:
 
     @staticmethod
     def _too_large(size: str, limit: int, key: str) -> JSONResponse:
-        return _error(413, f"request body of {size} exceeds the limit of {limit} bytes ({key})",
+        """413 naming the limit in bytes and its config key; `size` tells what the body was ("of N bytes")."""
+        return _error(413, f"request body {size} exceeds the limit of {limit} bytes ({key})",
                       {"Connection": "close"})
 
 
@@ -219,11 +235,33 @@ def _error(status: int, message: str, headers: dict | None = None, **extra) -> J
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON (application/json, anything+json)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in _JSON_TYPES or media.endswith("+json")
+
+
+_JSON_NAMES = {"list": "an array", "str": "a string", "bytes": "bytes", "int": "a number", "float": "a number",
+               "bool": "a boolean", "NoneType": "null"}
+
+
+def _validation_message(exc: RequestValidationError, content_type: str | None = None) -> str:
+    """One line naming the fields that do not match the schema (the first three). A body that is not a
+    JSON object says what is expected: a JSON object, with `Content-Type: application/json` when the
+    request sent another type (its body was then not parsed as JSON at all)."""
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        loc = tuple(err.get("loc", ()))
+        if loc == ("body",) and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            if content_type and content_type.strip() and not _is_json(content_type):
+                parts.append(f"body: expected a JSON object sent with Content-Type: application/json, got "
+                             f"Content-Type: {content_type.split(';', 1)[0].strip()}")
+            else:
+                got = type(err.get("input")).__name__
+                parts.append(f"body: expected a JSON object, got {_JSON_NAMES.get(got, got)}")
+            continue
+        where = ".".join(str(p) for p in loc if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -318,6 +356,10 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     async def _queue_full(_req: Request, exc: QueueFull):
         return _error(429, str(exc), {"Retry-After": "30"})
 
+    @app.exception_handler(JobEnded)
+    async def _job_ended(_req: Request, exc: JobEnded):
+        return _error(409, str(exc), state=exc.job.state)
+
     @app.exception_handler(TeacherUnavailable)
     async def _unavailable(_req: Request, exc: TeacherUnavailable):
         return _error(503, str(exc))
@@ -327,8 +369,8 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
         return _error(504, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError):
-        return _error(422, _validation_message(exc))
+    async def _invalid(req: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc, req.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
@@ -388,22 +430,29 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
         job, created = service.submit(req.dataset, req.teacher, req.k, req.chat_template, req.max_length,
                                       req.all_positions, p.team)
         body = {**job.public(), "existing": not created}
+        if job.replaces:
+            body["replaces"] = job.replaces
+            body["note"] = (f"job {job.replaces} with these settings is done, but its logits dataset is no longer "
+                            f"in the store; queued job {job.id} to compute it again")
         return JSONResponse(body, status_code=201 if created else 200)
 
     @app.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=ERRORS)
-    def list_jobs(state: str | None = None, teacher: str | None = None, limit: int = 100,
-                  p: Principal = Depends(reader)):
-        """The team's recent jobs (every team's for an admin token)."""
+    def list_jobs(state: str | None = Query(None, max_length=32, description="queued, running, done, failed "
+                                                                               "or cancelled"),
+                  teacher: str | None = None, limit: int = 100, p: Principal = Depends(reader)):
+        """The team's recent jobs (every team's for an admin token); 400 for an unknown `state`."""
         return [j.public() for j in service.jobs(p, state, teacher, max(1, min(limit, 1000)))]
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
     def get_job(job_id: str = PathParam(max_length=64), p: Principal = Depends(reader)):
         return service.job(job_id, p).public()
 
-    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut,
+                responses={**ERRORS, 409: {"model": ErrorBody, "description": "the job already ended"}})
     def cancel_job(job_id: str = PathParam(max_length=64), p: Principal = Depends(writer)):
         """Cancel a queued or running job of the team (committed shards stay; resubmitting resumes them).
-        A running job stops within a few seconds: its worker watches for the cancellation while scoring."""
+        A running job stops within a few seconds: its worker watches for the cancellation while scoring.
+        A job that already ended (done, failed, cancelled) is left as it is: 409 naming its state."""
         return service.cancel(job_id, p).public()
 
     @app.get("/v1/jobs/{job_id}/manifest", tags=["jobs"], responses=ERRORS)
@@ -446,15 +495,29 @@ def create_app(config: ServiceConfig, start_workers: bool = True) -> FastAPI:
     return app
 
 
+def _shard_error(file: str, exc: Exception) -> str:
+    """The one line that ends a samples stream whose shard `file` failed to read, verify or decode."""
+    if isinstance(exc, CorruptShard):
+        return (f"stored shard {os.path.basename(exc.path)}: {exc.problem}; the stream ends here (the service's "
+                f"operators: `logitfuse store verify`)")
+    if not isinstance(exc, UserError):
+        traceback.print_exception(exc, file=sys.stderr)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"stored shard {file}: cannot be read ({text}); the stream ends here"
+
+
 def _store_routes(app: FastAPI, store: str, reader) -> None:
     """The store's catalog and its logits, for a team with a read token but no store credentials:
     ``GET /v1/logits`` (the catalog of `datastore.catalog`, filters teacher / dataset / kind),
     ``GET /v1/logits/{id}`` (one entry with its shards), ``GET /v1/logits/{id}/samples`` (every sample
     as NDJSON, streamed shard by shard, each shard verified first) and ``GET /v1/logits/{id}/samples/
-    {sample_id}`` (one sample, `datastore.catalog.sample_to_json`)."""
+    {sample_id}`` (one sample, `datastore.catalog.sample_to_json`). The stream checks every shard file's
+    presence and size first (500 before it starts); a shard that then fails to verify or decode ends it
+    with one line `{"error": ...}` naming the shard."""
     from fastapi.responses import StreamingResponse
 
     from datastore import catalog
+    from datastore import fs as store_fs
 
     def _uri(logits_id: str) -> str:
         entry = catalog.find(store, logits_id, "logits")
@@ -486,11 +549,18 @@ def _store_routes(app: FastAPI, store: str, reader) -> None:
         """Every sample of the dataset as NDJSON (one JSON object per line), streamed shard by shard."""
         from datastore.reader import LogitsReader
 
-        r = LogitsReader(_uri(logits_id))
+        uri = _uri(logits_id)
+        r = LogitsReader(uri)
+        _check_shard_files(uri, r.manifest.shards)  # a missing or truncated shard: 500 before the stream starts
 
         def lines():
             for shard in r.manifest.shards:
-                for sample in r.read_shard(shard):
+                try:
+                    samples = r.read_shard(shard)  # the whole shard verified and decoded before its first line
+                except Exception as e:  # noqa: BLE001 - the 200 is sent: end the stream with one error line
+                    yield (json.dumps({"error": _shard_error(shard.file, e)}) + "\n").encode()
+                    return
+                for sample in samples:
                     yield (json.dumps(catalog.sample_to_json(sample)) + "\n").encode()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -505,3 +575,18 @@ def _store_routes(app: FastAPI, store: str, reader) -> None:
             return catalog.sample_to_json(LogitsReader(_uri(logits_id)).get(sample_id))
         except KeyError:
             raise LookupError(f"logits dataset {logits_id} has no sample {sample_id!r}") from None
+
+    def _check_shard_files(uri: str, shards) -> None:
+        """Raise `CorruptShard` (500) for the first shard whose file is missing or not the size the
+        dataset's log records: file info only, no reading or hashing."""
+        import pyarrow.fs as pafs
+
+        filesystem, root = store_fs.resolve(uri)
+        for shard in shards:
+            path = store_fs.join(root, shard.file)
+            info = filesystem.get_file_info(path)
+            if info.type != pafs.FileType.File:
+                raise CorruptShard(path, "shard listed in the dataset log is missing")
+            if shard.bytes and info.size != shard.bytes:
+                raise CorruptShard(path, f"shard is {info.size} bytes, the dataset log records {shard.bytes} "
+                                         f"(truncated or replaced)")

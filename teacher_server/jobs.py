@@ -11,7 +11,8 @@ the rest for the teacher's worker (`teacher_server.worker`).
 
 Job states: queued -> running -> done | failed; queued/running -> cancelled. A server that dies leaves
 `running` jobs behind; the next start puts them back in the queue, and extraction's resume scores only
-the samples that are not committed yet.
+the samples that are not committed yet. One server at a time owns a state directory (`lock_state_dir`):
+a second one started on it refuses before it touches a job or a worker.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class Job:
     created: float
     started: float | None
     finished: float | None
+    #: set by `JobService.submit` only (not stored): the team's earlier done job for the same settings
+    #: whose logits dataset is gone from the store, which this new job computes again
+    replaces: str | None = None
 
     @property
     def eta_s(self) -> float | None:
@@ -205,17 +209,28 @@ class JobDB:
         d["all_positions"] = bool(d["all_positions"])
         return Job(**d)
 
-    def create_job(self, key: str, teacher: str, dataset_id: str, k: int, chat_template: str, max_length: int,
-                   all_positions: bool, team: str, samples_total: int,
-                   max_queued: int | None = None) -> tuple[Job, bool]:
-        """A new queued job, or the team's live/done job with the same key (second value: created?).
-        Raises `QueueFull` when the team already has `max_queued` queued jobs (checked in the same
-        transaction, so concurrent submissions cannot overshoot)."""
-        with self._tx(immediate=True) as db:
-            row = db.execute(
+    def find_job(self, key: str, team: str) -> Job | None:
+        """The team's newest queued, running or done job with this key (what a resubmission returns)."""
+        with self._tx() as db:
+            return self._job(db.execute(
                 "SELECT * FROM jobs WHERE key=? AND team=? AND state IN ('queued','running','done') "
                 "ORDER BY created DESC LIMIT 1",
                 (key, team),
+            ).fetchone())
+
+    def create_job(self, key: str, teacher: str, dataset_id: str, k: int, chat_template: str, max_length: int,
+                   all_positions: bool, team: str, samples_total: int,
+                   max_queued: int | None = None, stale: str | None = None) -> tuple[Job, bool]:
+        """A new queued job, or the team's live/done job with the same key (second value: created?).
+        `stale`: the id of a done job with this key not to return (its logits dataset is gone), so a new
+        one is queued unless another submission queued it meanwhile. Raises `QueueFull` when the team
+        already has `max_queued` queued jobs (checked in the same transaction, so concurrent submissions
+        cannot overshoot)."""
+        with self._tx(immediate=True) as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE key=? AND team=? AND state IN ('queued','running','done') AND id!=? "
+                "ORDER BY created DESC LIMIT 1",
+                (key, team, stale or ""),
             ).fetchone()
             if row is not None:
                 return self._job(row), False
@@ -359,6 +374,61 @@ class QueueFull(Exception):
     """A team has as many queued jobs as its limit allows (HTTP 429)."""
 
 
+class JobEnded(Exception):
+    """A cancellation of a job that already ended: done, failed or cancelled (HTTP 409)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        super().__init__(f"job {job.id} already ended (state {job.state}); only queued or running jobs can be "
+                         f"cancelled")
+
+
+#: the file in the state directory on which a running server holds an exclusive lock (`lock_state_dir`)
+LOCK_FILE = "serve.lock"
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def lock_state_dir(state_dir: str | Path) -> None:
+    """Take the state directory for this process for the rest of its life: an exclusive `flock` on
+    `STATE/serve.lock`, which the OS drops when the process exits (kill -9 included, so a crashed server
+    never blocks its restart). The lock's file descriptor is not inherited by the worker or validation
+    processes. A second server on the same state directory would put the first one's running jobs back
+    in the queue and kill its workers; it gets a `UserError` naming the directory and the pid of the
+    server that holds it instead. Taking the lock again in the process that holds it does nothing."""
+    import errno
+    import fcntl
+
+    from datastore.fs import check_local_directory
+
+    state = Path(state_dir)
+    check_local_directory(str(state), "state_dir")
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        path = state / LOCK_FILE
+        key = str(path.resolve())
+        if key in _HELD_LOCKS:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies; not inheritable (PEP 446)
+    except OSError as e:
+        raise UserError(f"state_dir {state}: cannot create its lock file ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(f"state_dir {state} is in use by another logitfuse serve (pid "
+                            f"{holder if holder.isdigit() else 'unknown'}); stop that server first, or give this "
+                            f"one another state_dir") from None
+        raise UserError(f"state_dir {state}: cannot lock {path.name} ({e.strerror or e})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = fd
+
+
 def _warm_up() -> None:
     """Runs in a fresh validation process: import what validating a Parquet upload needs."""
     import pyarrow.parquet  # noqa: F401
@@ -499,6 +569,20 @@ class DatasetStore:
         return chunks()
 
 
+def _logits_gone(uri: str | None) -> bool:
+    """Whether a done job's logits dataset is no longer in the store (`logitfuse store rm`, a deleted
+    directory). Only a dataset known to be absent counts: a store that cannot be read now, or a dataset
+    whose log is damaged, is not "gone"."""
+    if not uri:
+        return False
+    from datastore.catalog import dataset_kind
+
+    try:
+        return dataset_kind(uri) is None
+    except (UserError, OSError):
+        return False
+
+
 def _describe_model(model: str) -> dict:
     """Architecture facts from a local model's config.json (read here rather than through the HF backend,
     so the API process never imports torch)."""
@@ -569,8 +653,13 @@ class JobService:
         if ds is None:
             raise UserError(f"unknown dataset {dataset_id!r}: upload it first with POST /v1/datasets")
         key = job_key(dataset_id, t.name, k, template, length, all_positions, weights_stamp(t.model))
+        found = self.db.find_job(key, team)
+        stale = found if found is not None and found.state == "done" and _logits_gone(found.uri) else None
         job, created = self.db.create_job(key, t.name, dataset_id, k, template, length, all_positions, team,
-                                          ds.samples, max_queued=self.config.queue_limit(team))
+                                          ds.samples, max_queued=self.config.queue_limit(team),
+                                          stale=stale.id if stale else None)
+        if created and stale is not None:
+            job.replaces = stale.id
         if created and self.supervisor is not None:
             self.supervisor.job_queued(t.name)
         return job, created
@@ -588,14 +677,23 @@ class JobService:
 
     def jobs(self, principal: Principal, state: str | None = None, teacher: str | None = None,
              limit: int = 100) -> list[Job]:
-        """The principal's team's jobs (every team's with an admin token), newest first."""
+        """The principal's team's jobs (every team's with an admin token), newest first. Raises UserError
+        for a `state` that is none of `STATES`."""
+        if state is not None and state not in STATES:
+            raise UserError(f"state {state!r}: expected one of {', '.join(STATES)}")
         team = None if principal.scope == "admin" else principal.team
         return self.db.jobs(state, teacher, limit, team=team)
 
     def cancel(self, job_id: str, principal: Principal | None = None) -> Job:
-        """Cancel a queued or running job of the principal's team (AuthError(403) for another team's)."""
-        self.job(job_id, principal)
-        return self.db.cancel(job_id)
+        """Cancel a queued or running job of the principal's team (AuthError(403) for another team's,
+        `JobEnded` for a job that is already done, failed or cancelled, which stays as it is)."""
+        job = self.job(job_id, principal)
+        if job.state not in ACTIVE:
+            raise JobEnded(job)
+        job = self.db.cancel(job_id)
+        if job.state != "cancelled":  # it ended between the two reads
+            raise JobEnded(job)
+        return job
 
     def topk(self, teacher: str, samples: list[dict], k: int, chat_template: str | None,
              max_length: int | None, all_positions: bool, timeout: float = 300) -> list[dict]:

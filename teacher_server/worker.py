@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datastore.errors import UserError
 from datastore.words import plural
 from teacher_server.config import ServiceConfig, TeacherConfig
-from teacher_server.jobs import JobDB, die_with_parent
+from teacher_server.jobs import JobDB, die_with_parent, lock_state_dir
 
 POLL_S = 0.1
 #: how often a running job's worker checks whether the job was cancelled (seconds)
@@ -360,6 +360,10 @@ class Supervisor:
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        """Take the state directory (`lock_state_dir`: a `UserError` while another server holds it, before
+        anything is touched), kill what a killed server left behind, requeue its running jobs, and start
+        the supervising thread."""
+        lock_state_dir(os.path.dirname(self.db.path))  # `serve` took it already; this is for other callers
         for w in self.db.workers().values():  # leftovers of a server that was killed
             kill_group(w.get("pid"))
         n = self.db.requeue_running()

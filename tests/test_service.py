@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import cache_dir
 from typer.testing import CliRunner
 
 from clients.cli import app as cli_app
-from clients.client import TeacherClient, run_local_service
+from clients.client import ServiceError, TeacherClient, free_port, run_local_service
 from clients.corpus import chat_samples, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 WRITE_TOKEN, READ_TOKEN = "write-token-research", "read-token-viewers"
 TEACHER_STEPS = 40
@@ -53,7 +59,9 @@ def server(tmp_path_factory):
         tokens=[{"team": "research", "sha256": hashlib.sha256(WRITE_TOKEN.encode()).hexdigest(), "scope": "write"},
                 {"team": "viewers", "sha256": hashlib.sha256(READ_TOKEN.encode()).hexdigest(), "scope": "read"}],
     )
-    with run_local_service(cfg, log_path=root / "serve.log") as url:
+    path = root / "teachers.yaml"  # kept, so that a test can start a second server on the same config
+    path.write_text(yaml.safe_dump(cfg))
+    with run_local_service(path, log_path=root / "serve.log") as url:
         yield url, root
 
 
@@ -166,6 +174,26 @@ def test_bad_job_requests(server, http, good_dataset):
     _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "chat_template": "/etc/passwd"}), 400,
          "chat_template")
     _err(http.post("/v1/jobs", json={"dataset": "0123456789abcdef", "teacher": "tiny"}), 400, "unknown dataset")
+    # strict types: a JSON `true` is no k and "yes" no boolean (they made a job with k=1, all_positions=True)
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": True}), 422, "k: ", "valid integer")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "all_positions": "yes"}), 422,
+         "all_positions: ", "valid boolean")
+    _err(http.post("/v1/jobs", json={"dataset": did, "teacher": "tiny", "max_length": 64.0}), 422, "max_length: ",
+         "valid integer")
+    _err(http.post("/v1/topk", json={"teacher": "tiny", "samples": [{"id": "a", "text": "x"}], "k": True}), 422,
+         "k: ", "valid integer")
+    # a JSON object is expected, as UTF-8, sent as application/json
+    as_text = json.dumps({"dataset": did, "teacher": "tiny"}).encode()
+    _err(http.post("/v1/jobs", content=as_text, headers={"Content-Type": "text/plain"}), 422,
+         "body: expected a JSON object sent with Content-Type: application/json, got Content-Type: text/plain")
+    _err(http.post("/v1/jobs", json=["a list"]), 422, "body: expected a JSON object, got an array")
+    latin1 = '{"dataset": "caf\u00e9", "teacher": "tiny"}'.encode("latin-1")
+    _err(http.post("/v1/jobs", content=latin1, headers={"Content-Type": "application/json"}), 400,
+         f"body: not UTF-8 JSON (byte 0xe9 at offset {latin1.index(0xE9)} is invalid)")
+    # list filters name what they accept
+    _err(http.get("/v1/jobs", params={"state": "bogus"}), 400, "state 'bogus': expected one of queued, running, "
+         "done, failed, cancelled")
+    assert http.get("/v1/jobs", params={"state": "done"}).status_code == 200
     _err(http.get("/v1/jobs/does-not-exist"), 404, "does-not-exist")
     _err(http.delete("/v1/jobs/does-not-exist"), 404, "does-not-exist")
     _err(http.get("/v1/jobs/does-not-exist/manifest"), 404)
@@ -202,6 +230,10 @@ def test_job_end_to_end_and_resubmission(server, good_dataset):
         assert done["samples_done"] == done["samples_total"] == done["samples_scored"] == 24 and done["errors"] == []
         again = client.submit(ds["id"], "tiny", k=5)
         assert again["id"] == job["id"] and again["existing"] is True
+        # a job that ended cannot be cancelled: 409 naming its state, the job unchanged (was: 200)
+        r = httpx.delete(f"{url}/v1/jobs/{job['id']}", headers={"Authorization": f"Bearer {WRITE_TOKEN}"})
+        _err(r, 409, f"job {job['id']} already ended (state done)")
+        assert r.json()["state"] == "done" and client.job(job["id"]) == done
         manifest = client.manifest(job["id"])
         assert manifest["complete"] and sum(s["rows"] for s in manifest["shards"]) == 24
         assert len(manifest["shards"]) == 3  # shard_rows 8
@@ -238,10 +270,167 @@ def test_submit_command_and_cancel(server, tmp_path):
         assert many["tiny"]["state"] == "done" and many["tiny"]["samples_done"] == 10
         ds = client.upload(data)
         job = client.submit(ds["id"], "tiny", k=2)
-        cancelled = client.cancel(job["id"])
-        assert cancelled["state"] in ("cancelled", "done")
+        try:
+            cancelled = client.cancel(job["id"])["state"]
+        except ServiceError as e:  # it finished first: 409, left done
+            assert e.status == 409 and "already ended (state done)" in e.message, e
+            cancelled = "done"
+        assert cancelled in ("cancelled", "done")
         final = client.wait(job["id"], progress=False, timeout=120)
-        assert final["state"] == cancelled["state"]
+        assert final["state"] == cancelled
+
+
+def test_done_job_whose_logits_were_removed_is_computed_again(server, tmp_path):
+    """`logitfuse store rm` of a done job's logits: resubmitting the same settings queues the work again
+    (was: 200 `existing: true` with the deleted URI, then /manifest 404)."""
+    url, root = server
+    data = write_jsonl(chat_samples(6, seed=77), tmp_path / "rm.jsonl")
+    with TeacherClient(url, WRITE_TOKEN) as client:
+        did = client.upload(data)["id"]
+        first = client.wait(client.submit(did, "tiny", k=3)["id"], progress=False, timeout=300)
+        assert first["state"] == "done", first
+        rm = CliRunner().invoke(cli_app, ["store", "rm", first["uri"]])
+        assert rm.exit_code == 0 and not Path(first["uri"]).exists(), rm.output
+        r = httpx.post(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {WRITE_TOKEN}"},
+                       json={"dataset": did, "teacher": "tiny", "k": 3})
+        assert r.status_code == 201, r.text
+        again = r.json()
+        assert again["existing"] is False and again["id"] != first["id"] and again["replaces"] == first["id"]
+        assert again["state"] in ("queued", "running") and "no longer in the store" in again["note"]
+        redone = client.wait(again["id"], progress=False, timeout=300)
+        assert redone["state"] == "done" and redone["uri"] == first["uri"], redone
+        assert redone["samples_done"] == redone["samples_scored"] == 6
+        assert sum(s["rows"] for s in client.manifest(again["id"])["shards"]) == 6
+        # the dataset is back: the next submission is the new job, existing
+        third = client.submit(did, "tiny", k=3)
+        assert third["id"] == again["id"] and third["existing"] is True and "replaces" not in third
+        assert client.job(first["id"])["state"] == "done"  # the old job's record stays as it was
+
+
+def _serve_once(config: Path, port: int) -> subprocess.CompletedProcess:
+    """`logitfuse serve` that is expected to refuse at once (a timeout fails the test)."""
+    return subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--config", str(config), "--port", str(port)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(out: subprocess.CompletedProcess, *words: str) -> str:
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (out.returncode, lines)
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_second_server_on_the_same_state_dir_refuses_before_touching_anything(server, tmp_path):
+    """A second `logitfuse serve` on the same config used to requeue the running jobs and SIGKILL the live
+    server's workers, even when it then failed to bind its port (exit 3). Now it refuses first."""
+    from teacher_server.jobs import JobDB
+
+    url, root = server
+    port = int(url.rsplit(":", 1)[1])
+    state = root / "state"
+    db = JobDB(state / "jobs.sqlite")
+    worker = db.workers()["tiny"]
+    assert worker["state"] == "ready" and worker["pid"], worker
+    server_pid = _ppid(worker["pid"])
+    assert (state / "serve.lock").read_text().strip() == str(server_pid)
+    # a job the live server is running (another team's, so no other test sees it)
+    ghost, _ = db.create_job("ghost-key", "tiny", "ghost-dataset", 1, "model", 8, False, "ghost-team", 1)
+    with sqlite3.connect(db.path) as con:
+        con.execute("UPDATE jobs SET state='running', attempts=1 WHERE id=?", (ghost.id,))
+    try:
+        for second_port in (port, free_port()):  # its own port or the live one: the state dir is named first
+            out = _serve_once(root / "teachers.yaml", second_port)
+            _one_line_error(out, f"state_dir {state} is in use by another logitfuse serve (pid {server_pid})")
+            assert "resuming" not in out.stderr
+        after = db.job(ghost.id)
+        assert (after.state, after.attempts) == ("running", 1)
+        assert db.workers()["tiny"] == worker  # same worker, same pid, not marked stopped
+        assert Path(f"/proc/{worker['pid']}").exists() and _ppid(worker["pid"]) == server_pid
+        assert httpx.get(f"{url}/healthz").json()["teachers"] == {"tiny": "ready"}
+    finally:
+        db.cancel(ghost.id)
+
+    # another state dir, the live server's port: refused before the jobs left running there are resumed
+    cfg = yaml.safe_load((root / "teachers.yaml").read_text())
+    cfg["state_dir"] = str(tmp_path / "state")
+    other = JobDB(tmp_path / "state" / "jobs.sqlite")
+    left, _ = other.create_job("left-key", "tiny", "d", 1, "model", 8, False, "research", 1)
+    with sqlite3.connect(other.path) as con:
+        con.execute("UPDATE jobs SET state='running', attempts=1 WHERE id=?", (left.id,))
+    (tmp_path / "teachers.yaml").write_text(yaml.safe_dump(cfg))
+    out = _serve_once(tmp_path / "teachers.yaml", port)
+    _one_line_error(out, f"cannot listen on 127.0.0.1:{port}: the port is already in use")
+    assert (other.job(left.id).state, other.job(left.id).attempts) == ("running", 1)
+    assert httpx.get(f"{url}/healthz").json()["teachers"] == {"tiny": "ready"}
+
+
+def test_serve_refuses_a_store_or_state_dir_that_is_a_file(tmp_path):
+    """`store:` naming a file made every client request a 400 and every job fail; now `serve` refuses."""
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    cases = [({"store": str(a_file)}, [], f"store {a_file}: a file is there, not a directory"),
+             ({"store": str(a_file / "sub")}, [], f"store {a_file / 'sub'}: {a_file} is a file, not a directory"),
+             ({}, ["--store", str(a_file)], f"--store {a_file}: a file is there"),
+             ({"state_dir": str(a_file)}, [], f"state_dir {a_file}: a file is there, not a directory")]
+    for extra, args, words in cases:
+        cfg = {**service_config(tmp_path, [teacher_entry("tiny", tmp_path / "no-model")]), **extra}
+        path = tmp_path / "teachers.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out = CliRunner().invoke(cli_app, ["serve", "--config", str(path), "--port", str(free_port()), *args])
+        lines = [line for line in out.output.splitlines() if line.strip()]
+        assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.output
+        assert words in lines[0], (words, lines[0])
+    assert not (tmp_path / "state" / "jobs.sqlite").exists()  # refused before the job database is opened
+
+
+def test_samples_stream_of_a_damaged_dataset(tmp_path):
+    """`GET /v1/logits/{id}/samples` over a truncated shard was 200, then a dropped connection. Now: a
+    missing or truncated shard is a 500 naming it before the stream starts; a shard of the right size whose
+    bytes changed ends the stream with one `{"error": ...}` line naming it."""
+    from fastapi.testclient import TestClient
+
+    from datastore import LogitsReader, LogitsWriter, logits_id, logits_uri
+    from teacher_server.app import create_app
+    from teacher_server.config import parse_config
+    from tests.test_datastore import meta, sample
+
+    store = str(tmp_path / "store")
+    lid = logits_id(meta())
+    uri = logits_uri(store, lid)
+    with LogitsWriter(uri, meta(), shard_rows=3) as w:
+        for i in range(7):
+            w.write(sample(i))
+    shards = LogitsReader(uri).manifest.shards
+    second = Path(uri) / shards[1].file
+    good = second.read_bytes()
+    cfg = parse_config(service_config(tmp_path, [teacher_entry("tiny", tmp_path / "no-model")]))
+    with TestClient(create_app(cfg, start_workers=False)) as client:
+        def stream():
+            r = client.get(f"/v1/logits/{lid}/samples")
+            return r, [json.loads(line) for line in r.text.splitlines()]
+
+        r, lines = stream()
+        assert r.status_code == 200 and [x["id"] for x in lines] == [f"sample-{i:03d}" for i in range(7)]
+        second.write_bytes(good[: len(good) // 2])  # truncated after the commit
+        r, _ = stream()
+        _err(r, 500, shards[1].file, f"is {len(good) // 2} bytes, the dataset log records {len(good)}")
+        r = client.get(f"/v1/logits/{lid}/samples/sample-004")  # the single-sample route, as before
+        _err(r, 500, shards[1].file)
+        second.unlink()
+        _err(client.get(f"/v1/logits/{lid}/samples"), 500, shards[1].file, "missing")
+        altered = bytearray(good)
+        altered[100] ^= 0xFF  # same size, other bytes: found only when the shard is read, mid-stream
+        second.write_bytes(bytes(altered))
+        r, lines = stream()
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        assert [x.get("id") for x in lines[:3]] == ["sample-000", "sample-001", "sample-002"] and len(lines) == 4
+        assert set(lines[3]) == {"error"} and shards[1].file in lines[3]["error"], lines[3]
+        assert "sha256" in lines[3]["error"] and "store verify" in lines[3]["error"]
 
 
 # ------------------------------------------------------------------------------------------ config

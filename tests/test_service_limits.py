@@ -170,7 +170,12 @@ def test_body_is_never_read_before_auth_and_is_capped(api):
     assert grown < 30, f"the API process grew by {grown:.0f} MB"
     r = httpx.post(f"{url}/v1/jobs", headers={**_auth("a-write"), "Content-Length": str(2 * MB)},
                    content=b" " * (2 * MB))
-    _err(r, 413, "limit of 1048576 bytes (max_json_bytes)")
+    _err(r, 413, "request body of 2097152 bytes exceeds the limit of 1048576 bytes (max_json_bytes)")
+    # chunked, no length: the message names the limit in bytes (was "request body of more than that ...")
+    r = httpx.post(f"{url}/v1/jobs", headers={**_auth("a-write"), "Content-Type": "application/json"},
+                   content=iter([b" " * MB, b" " * MB]))
+    assert "content-length" not in r.request.headers
+    _err(r, 413, "request body (sent without a Content-Length) exceeds the limit of 1048576 bytes (max_json_bytes)")
     _err(httpx.post(f"{url}/v1/topk", content=b"{}"), 401, "bearer")
 
 
@@ -276,6 +281,10 @@ def test_teams_own_their_jobs_and_queue_limits(api, tmp_path):
     # an admin token sees and cancels every team's jobs
     assert {j["team"] for j in call("ops-admin", "GET", "/v1/jobs").json()} == {"team-a", "team-b"}
     assert call("ops-admin", "DELETE", f"/v1/jobs/{job}").json()["state"] == "cancelled"
+    again = _err(call("a-write", "DELETE", f"/v1/jobs/{job}"), 409, f"job {job} already ended (state cancelled)")
+    assert again["state"] == "cancelled" and call("a-read", "GET", f"/v1/jobs/{job}").json()["state"] == "cancelled"
+    _err(call("a-read", "GET", "/v1/jobs", params={"state": "bogus"}), 400, "expected one of queued, running")
+    assert [j["id"] for j in call("a-read", "GET", "/v1/jobs", params={"state": "cancelled"}).json()] == [job]
     assert call("a-write", "POST", "/v1/jobs", json={"dataset": did, "teacher": "tiny", "k": 3}).status_code == 201
     _err(call("a-read", "DELETE", f"/v1/jobs/{job}"), 403, "write token")
 

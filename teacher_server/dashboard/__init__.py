@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from teacher_server.auth import Authenticator, AuthError, Principal
 from teacher_server.dashboard import charts, data
+from teacher_server.jobs import JobEnded
 
 HERE = Path(__file__).parent
 COOKIE = "logitfuse_token"
@@ -276,6 +277,8 @@ def mount_dashboard(app: FastAPI, service, auth: Authenticator) -> None:
             return JSONResponse({"error": e.message}, status_code=e.status)
         except LookupError as e:
             return JSONResponse({"error": str(e.args[0]) if e.args else "not found"}, status_code=404)
+        except JobEnded as e:  # it finished before the click: say so on the page, nothing changes
+            return RedirectResponse("/jobs?" + urlencode({"message": str(e)}), status_code=303)
         return RedirectResponse("/jobs?" + urlencode({"message": f"job {job_id} cancelled"}), status_code=303)
 
     route("/jobs/{job_id}/cancel", cancel, methods=("POST",))
