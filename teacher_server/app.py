@@ -194,6 +194,8 @@ class _Gate:
         limit, key = (self.max_upload_bytes, "max_upload_bytes") if upload else (self.max_json_bytes, "max_json_bytes")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
+            if int(declared) <= DRAIN_BYTES:  # read and drop it: a close with unread bytes resets the
+                await _drain(receive)  # connection, and the client may never see the 413
             return await self._too_large(f"of {declared} bytes", limit, key)(scope, receive, send)
         if upload or method in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
@@ -229,6 +231,19 @@ class _Gate:
         """413 naming the limit in bytes and its config key; `size` tells what the body was ("of N bytes")."""
         return _error(413, f"request body {size} exceeds the limit of {limit} bytes ({key})",
                       {"Connection": "close"})
+
+
+#: a body refused for its declared size is still read (and dropped, a chunk at a time) up to this many
+#: bytes before the 413 goes out, so that the client reads the answer instead of a connection reset
+DRAIN_BYTES = 8 * 2**20
+
+
+async def _drain(receive) -> None:
+    """Read the request body to its end, keeping none of it."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:

@@ -646,8 +646,10 @@ class JobService:
 
     def submit(self, dataset_id: str, teacher: str, k: int, chat_template: str | None, max_length: int | None,
                all_positions: bool, team: str) -> tuple[Job, bool]:
-        """Queue a job for `team` (or return the team's existing one for the same settings). Raises
-        UserError for bad settings or an unknown dataset, `QueueFull` past the team's queue limit."""
+        """Queue a job for `team` (or return the team's existing one for the same settings, unless that one
+        is done and its logits dataset is no longer in the store: then a new job computes it again, its
+        `replaces` naming the old one). Raises UserError for bad settings or an unknown dataset,
+        `QueueFull` past the team's queue limit."""
         t, template, length = self.check_settings(teacher, k, chat_template, max_length)
         ds = self.db.dataset(dataset_id)
         if ds is None:
